@@ -36,16 +36,17 @@ class RunState(StrEnum):
 TERMINAL_STATES = frozenset({RunState.SUCCEEDED, RunState.FAILED, RunState.CANCELLED, RunState.TIMED_OUT})
 
 # The one place that says which moves are legal. A resume takes a finished-but-resumable run back to preparing
-# (a new execution is started), which then goes to running as usual.
+# (a new execution is started), which then goes to running as usual; jobs/ sends a resumed run back to queued first,
+# so that it waits for a GPU slot like any other run.
 TRANSITIONS: dict[RunState, frozenset[RunState]] = {
     RunState.QUEUED: frozenset({RunState.PREPARING, RunState.CANCELLED, RunState.FAILED}),
     RunState.PREPARING: frozenset({RunState.RUNNING, RunState.FAILED, RunState.CANCELLED, RunState.SUCCEEDED,
                                    RunState.TIMED_OUT}),
     RunState.RUNNING: frozenset({RunState.SUCCEEDED, RunState.FAILED, RunState.CANCELLED, RunState.TIMED_OUT}),
     RunState.SUCCEEDED: frozenset(),
-    RunState.CANCELLED: frozenset({RunState.PREPARING}),
-    RunState.FAILED: frozenset({RunState.PREPARING}),
-    RunState.TIMED_OUT: frozenset({RunState.PREPARING}),
+    RunState.CANCELLED: frozenset({RunState.PREPARING, RunState.QUEUED}),
+    RunState.FAILED: frozenset({RunState.PREPARING, RunState.QUEUED}),
+    RunState.TIMED_OUT: frozenset({RunState.PREPARING, RunState.QUEUED}),
 }
 
 
@@ -116,6 +117,8 @@ class Run:
             self.error = ""
         elif dst is RunState.RUNNING and self.started_at is None:
             self.started_at = now
+        elif dst is RunState.QUEUED:
+            self.finished_at = None
         elif dst.terminal:
             self.finished_at = now
 
