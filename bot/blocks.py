@@ -1,0 +1,331 @@
+"""Block Kit builders: pure functions from runs and events to Slack message dicts ({"text", "blocks"}).
+
+Every builder keeps within Slack's limits: at most 50 blocks, 3,000 characters of section text, 40,000 of text.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+from bot.grammar import GENERAL_USAGE, USAGE, ParseError
+from jobs.domain import Run, RunState
+
+MAX_BLOCKS = 50
+MAX_SECTION = 3000
+MAX_TEXT = 40000
+CANCEL_ACTION = "run_cancel"
+BAR_WIDTH = 20
+LOG_LINES = 20
+
+STATE_EMOJI = {
+    RunState.QUEUED: ":hourglass_flowing_sand:",
+    RunState.PREPARING: ":package:",
+    RunState.RUNNING: ":arrows_counterclockwise:",
+    RunState.SUCCEEDED: ":white_check_mark:",
+    RunState.FAILED: ":x:",
+    RunState.CANCELLED: ":no_entry_sign:",
+    RunState.TIMED_OUT: ":alarm_clock:",
+}
+
+Message = dict[str, Any]
+
+
+# ---- small pieces ------------------------------------------------------------------------------------------------
+
+def escape(text: str) -> str:
+    """Slack's mrkdwn escaping, so that user-given text cannot form mentions or links."""
+    return str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def truncate(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def section(text: str) -> dict[str, Any]:
+    return {"type": "section", "text": {"type": "mrkdwn", "text": truncate(text, MAX_SECTION)}}
+
+
+def fields(pairs: Iterable[tuple[str, str]]) -> dict[str, Any]:
+    # Slack allows 10 fields of 2,000 characters each.
+    items = [{"type": "mrkdwn", "text": truncate(f"*{k}*\n{v}", 2000)} for k, v in pairs][:10]
+    return {"type": "section", "fields": items}
+
+
+def context(text: str) -> dict[str, Any]:
+    return {"type": "context", "elements": [{"type": "mrkdwn", "text": truncate(text, MAX_SECTION)}]}
+
+
+def code_block(lines: list[str], limit: int = MAX_SECTION) -> str:
+    """The last lines that fit in one section as a code block; earlier ones are dropped, not the newest."""
+    fence = "```"
+    budget = limit - 2 * len(fence) - 2
+    kept: list[str] = []
+    used = 0
+    for line in reversed(lines):
+        line = line.replace(fence, "`\u200b``")  # a fence inside the log would end the block early
+        line = truncate(line, 500)
+        if used + len(line) + 1 > budget:
+            break
+        kept.append(line)
+        used += len(line) + 1
+    kept.reverse()
+    return f"{fence}\n" + ("\n".join(kept) or "(no log lines)") + f"\n{fence}"
+
+
+def message(text: str, blocks: list[dict[str, Any]]) -> Message:
+    return {"text": truncate(text, MAX_TEXT), "blocks": blocks[:MAX_BLOCKS]}
+
+
+def progress_bar(step: int, total: int, width: int = BAR_WIDTH) -> str:
+    if total <= 0:
+        return "░" * width
+    frac = min(max(step / total, 0.0), 1.0)
+    filled = int(round(frac * width))
+    return "█" * filled + "░" * (width - filled) + f" {frac:.0%}"
+
+
+def format_duration(seconds: float | None) -> str:
+    if seconds is None or seconds < 0:
+        return "—"
+    seconds = int(round(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    if h:
+        return f"{h}h {m:02d}m"
+    if m:
+        return f"{m}m {s:02d}s"
+    return f"{s}s"
+
+
+def format_loss(loss: float | None) -> str:
+    return "—" if loss is None else f"{loss:.4f}"
+
+
+def _params(run: Run) -> str:
+    names = {"epochs": "epochs", "lr": "lr", "max_steps": "max steps"}
+    parts = [f"{names.get(k, k)} {v:g}" if isinstance(v, float) else f"{names.get(k, k)} {v}"
+             for k, v in sorted(run.params.items()) if v is not None]
+    return ", ".join(parts) or "defaults"
+
+
+def _state_line(run: Run) -> str:
+    return f"{STATE_EMOJI.get(run.state, '')} {run.state.value.replace('_', ' ')}"
+
+
+# ---- the run card (the thread's root message, edited in place) -------------------------------------------------
+
+def render_run_card(run: Run, position: int | None = None) -> Message:
+    """The run's card. `position` is its 1-based place in line while queued (None otherwise)."""
+    title = f"*{escape(run.display_name)}*: fine-tuning requested by <@{run.requester}>"
+    blocks: list[dict[str, Any]] = [
+        section(title),
+        fields([
+            ("Model", f"`{escape(run.model)}`"),
+            ("Dataset", f"`{escape(run.dataset)}`"),
+            ("State", _state_line(run)),
+            ("Settings", escape(_params(run))),
+        ]),
+    ]
+    if run.state is RunState.QUEUED:
+        place = f"number {position} in line" if position else "waiting for a free GPU slot"
+        blocks.append(context(f":busts_in_silhouette: Queued: {place}."))
+    if run.total_steps or run.step:
+        line = (f"`{progress_bar(run.step, run.total_steps)}`  step {run.step}/{run.total_steps or '?'}"
+                f"  ·  loss {format_loss(run.loss)}")
+        if not run.state.terminal:
+            line += f"  ·  ETA {format_duration(run.eta_s)}"
+        blocks.append(section(line))
+    if run.state is RunState.SUCCEEDED and run.adapter_path:
+        blocks.append(context(f"Adapter: `{escape(run.adapter_path)}`"))
+    if run.state in (RunState.FAILED, RunState.TIMED_OUT) and run.error:
+        blocks.append(context(f"Error: {escape(truncate(run.error, 500))}"))
+    if run.state is RunState.CANCELLED and run.cancelled_by:
+        blocks.append(context(f"Cancelled by <@{run.cancelled_by}>."))
+    if not run.state.terminal:
+        blocks.append({
+            "type": "actions",
+            "block_id": f"run_actions:{run.id}",
+            "elements": [{
+                "type": "button",
+                "action_id": CANCEL_ACTION,
+                "text": {"type": "plain_text", "text": "Cancel"},
+                "style": "danger",
+                "value": run.id,
+                "confirm": {
+                    "title": {"type": "plain_text", "text": f"Cancel {run.id}?"},
+                    "text": {"type": "mrkdwn", "text": "The training stops; checkpoints stay, and "
+                                                       f"`/finetune resume {run.id}` continues from the last one."},
+                    "confirm": {"type": "plain_text", "text": "Cancel the run"},
+                    "deny": {"type": "plain_text", "text": "Keep it"},
+                },
+            }],
+        })
+    step = f", step {run.step}/{run.total_steps}" if run.total_steps else ""
+    text = f"{run.id}: {run.state.value.replace('_', ' ')}{step} (requested by <@{run.requester}>)"
+    return message(text, blocks)
+
+
+# ---- thread messages ---------------------------------------------------------------------------------------------
+
+def render_started(run: Run, execution_id: str = "", links: dict[str, str] | None = None) -> Message:
+    text = f":rocket: {run.id} started" + (f" (execution `{escape(execution_id)}`)" if execution_id else "") + "."
+    blocks = [section(text)]
+    if links:
+        blocks.append(context("  ·  ".join(f"<{url}|{escape(name)}>" for name, url in links.items())))
+    return message(text, blocks)
+
+
+def render_succeeded(run: Run, metrics: dict[str, Any], adapter: str) -> Message:
+    final = metrics.get("train_loss", metrics.get("final_loss", run.loss))
+    head = f":white_check_mark: <@{run.requester}> {run.id} finished: final loss {format_loss(_num(final))}."
+    pairs = [("Steps", f"{run.step}/{run.total_steps}" if run.total_steps else str(run.step))]
+    evals = {k: v for k, v in metrics.items() if k.startswith("eval") and _num(v) is not None}
+    for k, v in sorted(evals.items())[:6]:
+        pairs.append((k.replace("_", " "), f"{_num(v):.4f}"))
+    if run.started_at is not None and run.finished_at is not None:
+        pairs.append(("Took", format_duration(run.finished_at - run.started_at)))
+    blocks = [section(head), fields(pairs)]
+    if adapter:
+        blocks.append(section(f"Adapter: `{escape(adapter)}`"))
+    text = f"{run.id} finished: final loss {format_loss(_num(final))}; adapter {adapter or '(none)'}"
+    return message(f"<@{run.requester}> {text}", blocks)
+
+
+def render_failed(run: Run, error: str, log_tail: list[str]) -> Message:
+    head = f":x: <@{run.requester}> {run.id} failed: {escape(truncate(error or 'no reason given', 1500))}"
+    blocks = [section(head)]
+    tail = list(log_tail)[-LOG_LINES:]
+    if tail:
+        blocks.append(section(f"Last {len(tail)} log lines:\n" + code_block(tail, MAX_SECTION - 30)))
+    blocks.append(context(f"`/finetune logs {run.id} --tail 100` shows more; "
+                          f"`/finetune resume {run.id}` continues from the last checkpoint."))
+    return message(f"<@{run.requester}> {run.id} failed: {truncate(error or 'no reason given', 1500)}", blocks)
+
+
+def render_cancelled(run: Run, by: str) -> Message:
+    who = f"<@{by}>" if by else "someone"
+    text = f":no_entry_sign: {run.id} was cancelled by {who}."
+    blocks = [section(text), context(f"`/finetune resume {run.id}` continues from the last checkpoint.")]
+    return message(text, blocks)
+
+
+def render_timed_out(run: Run, checkpoint_step: int | None) -> Message:
+    ck = f" The last checkpoint is at step {checkpoint_step}." if checkpoint_step else ""
+    text = f":alarm_clock: <@{run.requester}> {run.id} ran out of time.{ck}"
+    return message(text, [section(text), context(f"`/finetune resume {run.id}` continues from there.")])
+
+
+def render_notice(run: Run, text: str) -> Message:
+    return message(f"{run.id}: {truncate(text, 2000)}", [section(escape(text))])
+
+
+# ---- ephemeral replies -------------------------------------------------------------------------------------------
+
+HELP_LINES = {
+    "help": "this help; `/finetune help SUBCOMMAND` for one subcommand",
+    "run": "queue a QLoRA fine-tuning run; the dataset is checked before anything is queued",
+    "status": "one run in detail, or the runs queued and running",
+    "list": "the latest runs",
+    "logs": "the last log lines of a run",
+    "cancel": "stop a run (its requester or an admin)",
+    "resume": "continue a failed, cancelled or timed-out run from its last checkpoint",
+    "deploy": "deploy a finished run's adapter to the inference endpoint (after approval)",
+    "secret": "store a secret for the training job in Key Vault (admins)",
+    "provision": "create the Azure fine-tuning job and/or the inference app (admins)",
+}
+
+
+def render_help(topic: str | None = None) -> Message:
+    if topic:
+        text = f"`{USAGE[topic]}`\n{HELP_LINES[topic]}."
+        return message(text, [section(text)])
+    lines = "\n".join(f"• `{USAGE[k]}`: {v}" for k, v in HELP_LINES.items())
+    text = f"*tuneops* fine-tunes models for this team.\n{lines}"
+    return message("tuneops help: " + GENERAL_USAGE, [section(text)])
+
+
+def render_parse_error(err: ParseError) -> Message:
+    text = f":warning: {err.message}\nUsage: `{err.usage}`"
+    return message(text, [section(text)])
+
+
+def render_refusal(reason: str) -> Message:
+    text = f":no_entry: {reason}"
+    return message(text, [section(text)])
+
+
+def render_problem(text: str) -> Message:
+    """A user-facing problem (a rejected run, an unknown run id): what was wrong and what to do."""
+    body = f":warning: {text}"
+    return message(body, [section(body)])
+
+
+def render_info(text: str) -> Message:
+    return message(text, [section(text)])
+
+
+def render_queued_reply(run: Run, position: int | None) -> Message:
+    place = f", number {position} in line" if position else ""
+    text = (f":inbox_tray: Queued *{run.id}*{place}. Its card is in the channel; progress goes into its thread.")
+    return message(text, [section(text)])
+
+
+def render_status(run: Run, position: int | None = None, now: float | None = None) -> Message:
+    """`now` (default: the run's last update) is when a still-running run's running time is measured to."""
+    card = render_run_card(run, position)
+    blocks = [b for b in card["blocks"] if b.get("type") != "actions"]  # buttons do not belong in a private reply
+    extra = []
+    if run.started_at is not None:
+        end = run.finished_at if run.finished_at is not None else (now if now is not None else run.updated_at)
+        extra.append(f"running time {format_duration(end - run.started_at)}")
+    if run.last_checkpoint_step:
+        extra.append(f"last checkpoint at step {run.last_checkpoint_step}")
+    if run.execution_id:
+        extra.append(f"execution `{escape(run.execution_id)}`")
+    if extra:
+        blocks.append(context(" · ".join(extra)))
+    return message(card["text"], blocks)
+
+
+def run_line(run: Run, position: int | None = None) -> str:
+    bits = [f"*{escape(run.display_name)}*", _state_line(run), f"<@{run.requester}>", f"`{escape(run.model)}`"]
+    if run.state is RunState.QUEUED and position:
+        bits.append(f"#{position} in line")
+    elif run.total_steps:
+        bits.append(f"step {run.step}/{run.total_steps}, loss {format_loss(run.loss)}")
+    return " · ".join(bits)
+
+
+def render_run_list(runs: list[Run], positions: dict[str, int] | None = None, title: str = "Latest runs",
+                    empty: str = "No runs yet. `/finetune run --dataset datasets/train.jsonl` starts one.") -> Message:
+    positions = positions or {}
+    if not runs:
+        return message(empty, [section(empty)])
+    lines = [run_line(r, positions.get(r.id)) for r in runs]
+    blocks = [section(f"*{escape(title)}*")]
+    # Several lines per section keeps long lists well under the 50-block limit.
+    chunk: list[str] = []
+    for line in lines:
+        if chunk and len("\n".join(chunk + [line])) > MAX_SECTION:
+            blocks.append(section("\n".join(chunk)))
+            chunk = []
+        chunk.append(line)
+    if chunk:
+        blocks.append(section("\n".join(chunk)))
+    text = f"{title}: " + ", ".join(f"{r.id} {r.state.value}" for r in runs)
+    return message(text, blocks)
+
+
+def render_logs(run: Run, lines: list[str]) -> Message:
+    head = f"Last {len(lines)} log lines of *{run.id}* ({run.state.value.replace('_', ' ')}):"
+    if not lines:
+        text = f"{run.id} has no log lines yet."
+        return message(text, [section(text)])
+    return message(f"Logs of {run.id}", [section(head), section(code_block(lines))])
+
+
+def _num(value: Any) -> float | None:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None

@@ -1,0 +1,467 @@
+"""A local stand-in for Slack: its Web API and response_url endpoints (server side), and signed requests as Slack
+sends them to an app (client side). Used by the tests, the demo and the benchmarks; needs no Slack account.
+
+Server: `SlackStandIn(token).start()` runs an aiohttp server on 127.0.0.1 in its own thread and event loop (usable
+from sync tests, async tests and scripts alike), records every call, and answers like Slack, including its limits
+(50 blocks, 3,000 characters a section, `invalid_auth` without the right bearer token, optional per-channel
+chat.postMessage rate with 429 + Retry-After).
+Client: `slash_command_body`, `block_actions_body` and `signed_headers` build what Slack POSTs to the app.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import math
+import threading
+import time
+import uuid
+from collections import defaultdict, deque
+from dataclasses import dataclass, field
+from typing import Any, Callable
+from urllib.parse import urlencode
+
+from aiohttp import web
+from slack_sdk.signature import SignatureVerifier
+
+MAX_BLOCKS = 50
+MAX_SECTION = 3000
+MAX_TEXT = 40000
+
+
+@dataclass
+class Call:
+    method: str                      # Web API method, or "response_url" / "upload"
+    params: dict[str, Any]
+    time: float
+    status: int = 200
+    response: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == 200 and bool(self.response.get("ok"))
+
+
+@dataclass
+class Message:
+    channel: str
+    ts: str
+    text: str
+    blocks: list[dict[str, Any]]
+    thread_ts: str | None = None
+    reply_broadcast: bool = False
+    edits: list[dict[str, Any]] = field(default_factory=list)   # earlier versions, oldest first
+
+
+class SlackStandIn:
+    """Answers like Slack's Web API. `rate_per_channel`: chat.postMessage allowed per second per channel
+    (None: unlimited). `on_call(call)` is invoked in the server thread after each call is recorded."""
+
+    def __init__(self, token: str = "xoxb-standin-token", *, rate_per_channel: float | None = None,
+                 team_id: str = "T0STANDIN", bot_user_id: str = "U0TUNEOPS", bot_id: str = "B0TUNEOPS",
+                 on_call: Callable[[Call], None] | None = None):
+        self.token = token
+        self.rate_per_channel = rate_per_channel
+        self.team_id, self.bot_user_id, self.bot_id = team_id, bot_user_id, bot_id
+        self.on_call = on_call
+        self.calls: list[Call] = []
+        self.messages: dict[str, dict[str, Message]] = defaultdict(dict)   # channel -> ts -> message
+        self.ephemeral: list[dict[str, Any]] = []
+        self.responses: dict[str, list[dict[str, Any]]] = defaultdict(list)  # response_url key -> payloads
+        self.files: dict[str, dict[str, Any]] = {}
+        self.views: dict[str, dict[str, Any]] = {}
+        self._sent: dict[str, deque[float]] = defaultdict(deque)
+        self._ts = itertools.count(1)
+        self._cond = threading.Condition()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+
+    # ---- lifecycle ----------------------------------------------------------------------------------------------
+
+    def start(self) -> SlackStandIn:
+        ready = threading.Event()
+        errors: list[BaseException] = []
+
+        def serve():
+            loop = asyncio.new_event_loop()
+            self._loop = loop
+            asyncio.set_event_loop(loop)
+            try:
+                loop.run_until_complete(self._setup())
+            except BaseException as e:  # reported to the starting thread
+                errors.append(e)
+                ready.set()
+                return
+            ready.set()
+            loop.run_forever()
+            loop.run_until_complete(self._runner.cleanup())
+            loop.close()
+
+        self._thread = threading.Thread(target=serve, name="slack-standin", daemon=True)
+        self._thread.start()
+        ready.wait(10)
+        if errors:
+            raise errors[0]
+        return self
+
+    def stop(self) -> None:
+        if self._loop and self._thread:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(10)
+            self._thread = None
+
+    def __enter__(self) -> SlackStandIn:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    async def _setup(self) -> None:
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_route("*", "/api/{method}", self._api)
+        app.router.add_post("/response/{key}", self._response_url)
+        app.router.add_post("/upload/{file_id}", self._upload)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def api_url(self) -> str:
+        """What SLACK_API_URL should be set to."""
+        return f"{self.base_url}/api/"
+
+    def response_url(self, key: str | None = None) -> str:
+        return f"{self.base_url}/response/{key or uuid.uuid4().hex[:12]}"
+
+    # ---- looking at what happened -------------------------------------------------------------------------------
+
+    def calls_to(self, method: str) -> list[Call]:
+        with self._cond:
+            return [c for c in self.calls if c.method == method]
+
+    def wait_for(self, predicate: Callable[[], Any], timeout: float = 10.0) -> Any:
+        """Wait until `predicate()` is truthy (re-checked after every call); return its value, or None on timeout."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                value = predicate()
+                if value:
+                    return value
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                self._cond.wait(min(left, 0.2))
+
+    def thread(self, channel: str, thread_ts: str) -> list[Message]:
+        """The replies in a thread, oldest first (the root message not included)."""
+        with self._cond:
+            msgs = [m for m in self.messages[channel].values() if m.thread_ts == thread_ts and m.ts != thread_ts]
+        return sorted(msgs, key=lambda m: float(m.ts))
+
+    def root_messages(self, channel: str) -> list[Message]:
+        with self._cond:
+            msgs = [m for m in self.messages[channel].values() if not m.thread_ts]
+        return sorted(msgs, key=lambda m: float(m.ts))
+
+    # ---- the server ---------------------------------------------------------------------------------------------
+
+    def _record(self, call: Call) -> None:
+        with self._cond:
+            self.calls.append(call)
+            self._cond.notify_all()
+        if self.on_call:
+            try:
+                self.on_call(call)
+            except Exception:  # an observer's bug must not break the server
+                pass
+
+    async def _api(self, request: web.Request) -> web.Response:
+        method = request.match_info["method"]
+        params = await _read_params(request)
+        now = time.time()
+        auth = request.headers.get("Authorization", "")
+        if auth != f"Bearer {self.token}":
+            body = {"ok": False, "error": "not_authed" if not auth else "invalid_auth"}
+            self._record(Call(method, params, now, 200, body))
+            return web.json_response(body)
+        handler = getattr(self, "_m_" + method.replace(".", "_"), None)
+        if handler is None:
+            body = {"ok": False, "error": "unknown_method"}
+            self._record(Call(method, params, now, 200, body))
+            return web.json_response(body)
+        retry_after = self._throttle(method, params, now)
+        if retry_after:
+            body = {"ok": False, "error": "ratelimited"}
+            self._record(Call(method, params, now, 429, body))
+            return web.json_response(body, status=429, headers={"Retry-After": str(retry_after)})
+        with self._cond:
+            body = handler(params)
+        self._record(Call(method, params, now, 200, body))
+        return web.json_response(body)
+
+    def _throttle(self, method: str, params: dict[str, Any], now: float) -> int:
+        """Seconds to wait (Slack's Retry-After), or 0 when this chat.postMessage may go through."""
+        if method != "chat.postMessage" or not self.rate_per_channel:
+            return 0
+        window = max(1.0, 1.0 / self.rate_per_channel)
+        capacity = max(1, round(self.rate_per_channel * window))
+        sent = self._sent[str(params.get("channel", ""))]
+        while sent and sent[0] <= now - window:
+            sent.popleft()
+        if len(sent) >= capacity:
+            return max(1, math.ceil(sent[0] + window - now))
+        sent.append(now)
+        return 0
+
+    async def _response_url(self, request: web.Request) -> web.Response:
+        key = request.match_info["key"]
+        try:
+            payload = await request.json()
+        except (json.JSONDecodeError, ValueError):
+            self._record(Call("response_url", {"key": key}, time.time(), 400, {"ok": False}))
+            return web.Response(status=400, text="invalid_payload")
+        problem = _check_message(payload)
+        if problem:
+            self._record(Call("response_url", {"key": key, **payload}, time.time(), 400, {"ok": False,
+                                                                                        "error": problem}))
+            return web.Response(status=400, text=problem)
+        with self._cond:
+            self.responses[key].append(payload)
+        self._record(Call("response_url", {"key": key, **payload}, time.time(), 200, {"ok": True}))
+        return web.Response(text="ok")
+
+    async def _upload(self, request: web.Request) -> web.Response:
+        file_id = request.match_info["file_id"]
+        data = await request.read()
+        with self._cond:
+            f = self.files.get(file_id)
+            if f is not None:
+                f["content"] = data
+        status = 200 if f is not None else 404
+        self._record(Call("upload", {"file_id": file_id, "bytes": len(data)}, time.time(), status,
+                          {"ok": f is not None}))
+        return web.Response(status=status, text=f"OK - {len(data)}" if f is not None else "not found")
+
+    def _next_ts(self) -> str:
+        # Slack's ts: seconds.micro-ish; unique and increasing within this server.
+        return f"{int(time.time())}.{next(self._ts):06d}"
+
+    # ---- the Web API methods (called with self._cond held) ------------------------------------------------------
+
+    def _m_auth_test(self, p):
+        return {"ok": True, "url": "https://standin.slack.com/", "team": "Stand-in", "user": "tuneops",
+                "team_id": self.team_id, "user_id": self.bot_user_id, "bot_id": self.bot_id,
+                "is_enterprise_install": False}
+
+    def _m_chat_postMessage(self, p):
+        channel = p.get("channel")
+        if not channel:
+            return {"ok": False, "error": "channel_not_found"}
+        problem = _check_message(p)
+        if problem:
+            return {"ok": False, "error": problem}
+        thread_ts = p.get("thread_ts") or None
+        if thread_ts and thread_ts not in self.messages[channel]:
+            return {"ok": False, "error": "thread_not_found"}
+        ts = self._next_ts()
+        msg = Message(channel, ts, p.get("text", ""), _blocks(p), thread_ts, _flag(p.get("reply_broadcast")))
+        self.messages[channel][ts] = msg
+        return {"ok": True, "channel": channel, "ts": ts,
+                "message": {"type": "message", "text": msg.text, "ts": ts, "bot_id": self.bot_id}}
+
+    def _m_chat_update(self, p):
+        channel, ts = p.get("channel"), p.get("ts")
+        msg = self.messages.get(channel, {}).get(ts)
+        if msg is None:
+            return {"ok": False, "error": "message_not_found"}
+        problem = _check_message(p)
+        if problem:
+            return {"ok": False, "error": problem}
+        msg.edits.append({"text": msg.text, "blocks": msg.blocks})
+        msg.text, msg.blocks = p.get("text", ""), _blocks(p)
+        return {"ok": True, "channel": channel, "ts": ts, "text": msg.text}
+
+    def _m_chat_postEphemeral(self, p):
+        if not p.get("channel") or not p.get("user"):
+            return {"ok": False, "error": "user_not_in_channel" if p.get("channel") else "channel_not_found"}
+        problem = _check_message(p)
+        if problem:
+            return {"ok": False, "error": problem}
+        ts = self._next_ts()
+        self.ephemeral.append({**p, "blocks": _blocks(p), "message_ts": ts})
+        return {"ok": True, "message_ts": ts}
+
+    def _m_views_open(self, p):
+        view = _json_field(p.get("view"))
+        if not p.get("trigger_id") or not isinstance(view, dict):
+            return {"ok": False, "error": "invalid_arguments"}
+        view_id = "V" + uuid.uuid4().hex[:10].upper()
+        self.views[view_id] = view
+        return {"ok": True, "view": {"id": view_id, **view}}
+
+    def _m_views_update(self, p):
+        view = _json_field(p.get("view"))
+        view_id = p.get("view_id")
+        if view_id not in self.views or not isinstance(view, dict):
+            return {"ok": False, "error": "not_found"}
+        self.views[view_id] = view
+        return {"ok": True, "view": {"id": view_id, **view}}
+
+    def _m_files_getUploadURLExternal(self, p):
+        if not p.get("filename") or not str(p.get("length", "")).isdigit():
+            return {"ok": False, "error": "invalid_arguments"}
+        file_id = "F" + uuid.uuid4().hex[:10].upper()
+        self.files[file_id] = {"id": file_id, "name": p["filename"], "length": int(p["length"]), "content": None}
+        return {"ok": True, "upload_url": f"{self.base_url}/upload/{file_id}", "file_id": file_id}
+
+    def _m_files_completeUploadExternal(self, p):
+        files = _json_field(p.get("files"))
+        if not isinstance(files, list) or not files:
+            return {"ok": False, "error": "invalid_arguments"}
+        done = []
+        for f in files:
+            stored = self.files.get(f.get("id"))
+            if stored is None or stored["content"] is None:
+                return {"ok": False, "error": "file_not_found"}
+            stored.update(title=f.get("title") or stored["name"], channel=p.get("channel_id"),
+                          thread_ts=p.get("thread_ts"), initial_comment=p.get("initial_comment"))
+            done.append({"id": stored["id"], "title": stored["title"], "name": stored["name"]})
+        return {"ok": True, "files": done}
+
+    def _m_conversations_info(self, p):
+        channel = p.get("channel")
+        if not channel:
+            return {"ok": False, "error": "channel_not_found"}
+        return {"ok": True, "channel": {"id": channel, "name": f"channel-{channel.lower()}", "is_member": True,
+                                        "is_private": channel.startswith("G")}}
+
+    def _m_users_info(self, p):
+        user = p.get("user")
+        if not user:
+            return {"ok": False, "error": "user_not_found"}
+        return {"ok": True, "user": {"id": user, "name": user.lower(), "real_name": f"Person {user}",
+                                     "tz": "Europe/Berlin", "is_bot": False}}
+
+
+# ---- helpers of the server ---------------------------------------------------------------------------------------
+
+async def _read_params(request: web.Request) -> dict[str, Any]:
+    params: dict[str, Any] = dict(request.query)
+    if request.can_read_body:
+        if request.content_type == "application/json":
+            try:
+                body = await request.json()
+            except (json.JSONDecodeError, ValueError):
+                body = {}
+            if isinstance(body, dict):
+                params.update(body)
+        else:
+            form = await request.post()
+            params.update({k: v for k, v in form.items() if isinstance(v, str)})
+    return params
+
+
+def _json_field(value: Any) -> Any:
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            return None
+    return value
+
+
+def _blocks(p: dict[str, Any]) -> list[dict[str, Any]]:
+    blocks = _json_field(p.get("blocks")) if p.get("blocks") is not None else []
+    return blocks if isinstance(blocks, list) else []
+
+
+def _flag(value: Any) -> bool:
+    return value in (True, "true", "1", 1)
+
+
+def _check_message(p: dict[str, Any]) -> str | None:
+    """Slack's checks of a message: some text or blocks, at most 50 blocks, 3,000 characters a section text."""
+    blocks = _json_field(p.get("blocks")) if p.get("blocks") is not None else None
+    if blocks is None and not p.get("text") and not p.get("attachments") and not p.get("delete_original"):
+        return "no_text"
+    if blocks is not None:
+        if not isinstance(blocks, list) or len(blocks) > MAX_BLOCKS:
+            return "invalid_blocks"
+        for b in blocks:
+            if not isinstance(b, dict) or "type" not in b:
+                return "invalid_blocks"
+            text = b.get("text")
+            if isinstance(text, dict) and len(text.get("text", "")) > MAX_SECTION:
+                return "invalid_blocks"
+    if len(str(p.get("text", ""))) > MAX_TEXT:
+        return "msg_too_long"
+    return None
+
+
+# ---- what Slack sends to an app ----------------------------------------------------------------------------------
+
+def slash_command_body(text: str, *, user_id: str = "U0ALICE", channel_id: str = "C0TRAIN",
+                       response_url: str, trigger_id: str | None = None, command: str = "/finetune",
+                       team_id: str = "T0STANDIN", user_name: str = "alice") -> str:
+    """The form-encoded body of a slash command, as Slack POSTs it."""
+    return urlencode({
+        "token": "deprecated-verification-token",
+        "team_id": team_id,
+        "team_domain": "standin",
+        "channel_id": channel_id,
+        "channel_name": f"channel-{channel_id.lower()}",
+        "user_id": user_id,
+        "user_name": user_name,
+        "command": command,
+        "text": text,
+        "api_app_id": "A0TUNEOPS",
+        "is_enterprise_install": "false",
+        "response_url": response_url,
+        "trigger_id": trigger_id or f"{int(time.time())}.{uuid.uuid4().int % 10**12}.{uuid.uuid4().hex}",
+    })
+
+
+def block_actions_body(*, action_id: str, value: str, user_id: str = "U0ALICE", channel_id: str = "C0TRAIN",
+                       message_ts: str = "", response_url: str, team_id: str = "T0STANDIN",
+                       block_id: str = "actions") -> str:
+    """The form-encoded body of a button click (interactivity), as Slack POSTs it: payload=<json>."""
+    payload = {
+        "type": "block_actions",
+        "team": {"id": team_id, "domain": "standin"},
+        "user": {"id": user_id, "username": user_id.lower(), "team_id": team_id},
+        "api_app_id": "A0TUNEOPS",
+        "token": "deprecated-verification-token",
+        "container": {"type": "message", "message_ts": message_ts, "channel_id": channel_id,
+                      "is_ephemeral": False},
+        "trigger_id": f"{int(time.time())}.{uuid.uuid4().int % 10**12}.{uuid.uuid4().hex}",
+        "channel": {"id": channel_id, "name": f"channel-{channel_id.lower()}"},
+        "message": {"type": "message", "ts": message_ts, "text": ""},
+        "response_url": response_url,
+        "actions": [{"type": "button", "action_id": action_id, "block_id": block_id, "value": value,
+                     "action_ts": f"{time.time():.6f}"}],
+    }
+    return urlencode({"payload": json.dumps(payload)})
+
+
+def signed_headers(signing_secret: str, body: str, *, timestamp: int | None = None, retry_num: int | None = None,
+                   content_type: str = "application/x-www-form-urlencoded") -> dict[str, str]:
+    """Headers Slack sends with a request: X-Slack-Request-Timestamp and X-Slack-Signature (v0 HMAC-SHA256)."""
+    ts = str(int(time.time()) if timestamp is None else timestamp)
+    headers = {
+        "Content-Type": content_type,
+        "X-Slack-Request-Timestamp": ts,
+        "X-Slack-Signature": SignatureVerifier(signing_secret).generate_signature(timestamp=ts, body=body),
+    }
+    if retry_num is not None:
+        headers["X-Slack-Retry-Num"] = str(retry_num)
+        headers["X-Slack-Retry-Reason"] = "http_timeout"
+    return headers
