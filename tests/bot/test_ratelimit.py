@@ -1,0 +1,152 @@
+"""The per-channel budget against a real redis-server: shared across clients and processes, per channel, 429-aware."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+
+from bot.ratelimit import ChannelBudget
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# Sleep wake-ups on a busy 2-core box run late by tens of milliseconds; a late wake-up can only shorten the gap
+# to the next message, so spacing is asserted with this much slack and the total span with little.
+SLACK_S = 0.07
+
+
+def gaps(stamps: list[float]) -> list[float]:
+    s = sorted(stamps)
+    return [b - a for a, b in zip(s, s[1:])]
+
+
+@pytest.fixture
+async def clients(redis_url):
+    made = [aioredis.Redis.from_url(redis_url) for _ in range(2)]
+    yield made
+    for c in made:
+        await c.aclose()
+
+
+async def test_two_clients_share_one_channel_budget(clients):
+    rate, n = 10.0, 6
+    budgets = [ChannelBudget(c, rate_per_s=rate) for c in clients]
+    stamps: dict[int, list[float]] = {0: [], 1: []}
+
+    async def post(i):
+        for _ in range(n):
+            await budgets[i].acquire("C1")
+            stamps[i].append(time.monotonic())
+
+    await asyncio.gather(post(0), post(1))
+    every = stamps[0] + stamps[1]
+    assert len(every) == 2 * n
+    assert min(gaps(every)) >= 1 / rate - SLACK_S, gaps(every)
+    assert max(every) - min(every) >= (2 * n - 1) / rate - SLACK_S
+    # Both clients posted all along: the budget interleaved them rather than one running after the other.
+    assert min(stamps[1]) < max(stamps[0]) and min(stamps[0]) < max(stamps[1])
+
+
+CHILD = textwrap.dedent("""
+    import asyncio, json, sys, time
+    import redis.asyncio as aioredis
+    from bot.ratelimit import ChannelBudget
+
+    async def main(url, start_at, n, rate):
+        r = aioredis.Redis.from_url(url)
+        budget = ChannelBudget(r, rate_per_s=rate)
+        await r.ping()
+        await asyncio.sleep(max(0.0, start_at - time.time()))
+        stamps = []
+        for _ in range(n):
+            await budget.acquire("C-shared")
+            stamps.append(time.time())
+        await r.aclose()
+        print(json.dumps(stamps))
+
+    asyncio.run(main(sys.argv[1], float(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])))
+""")
+
+
+async def test_two_processes_are_spaced_by_the_shared_budget(redis_url):
+    rate, n = 5.0, 5
+    start_at = time.time() + 3.0  # both children start posting at the same moment
+    procs = [await asyncio.create_subprocess_exec(sys.executable, "-c", CHILD, redis_url, str(start_at), str(n),
+                                                  str(rate), cwd=ROOT, stdout=asyncio.subprocess.PIPE,
+                                                  stderr=asyncio.subprocess.PIPE)
+             for _ in range(2)]
+    outs = [await p.communicate() for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err.decode()
+    per_proc = [json.loads(out) for out, _ in outs]
+    every = per_proc[0] + per_proc[1]
+    assert len(every) == 2 * n
+    assert min(gaps(every)) >= 1 / rate - SLACK_S, gaps(every)
+    assert max(every) - min(every) >= (2 * n - 1) / rate - SLACK_S
+    assert min(per_proc[1]) < max(per_proc[0]) and min(per_proc[0]) < max(per_proc[1])
+
+
+async def test_channels_do_not_block_each_other(clients):
+    rate, n = 5.0, 5
+    budget = ChannelBudget(clients[0], rate_per_s=rate)
+    stamps: dict[str, list[float]] = {"A": [], "B": []}
+
+    async def post(channel):
+        for _ in range(n):
+            await budget.acquire(channel)
+            stamps[channel].append(time.monotonic())
+
+    t0 = time.monotonic()
+    await asyncio.gather(post("A"), post("B"))
+    elapsed = time.monotonic() - t0
+    for channel in "AB":
+        assert min(gaps(stamps[channel])) >= 1 / rate - SLACK_S
+    # One channel's n messages take (n-1) intervals; were the channels one budget, 2n-1.
+    assert elapsed < (n - 1) / rate + 0.5 < (2 * n - 1) / rate
+
+
+async def test_a_penalty_delays_the_channel_and_its_waiters(clients):
+    budget = ChannelBudget(clients[0], rate_per_s=10.0)
+    other = ChannelBudget(clients[1], rate_per_s=10.0)
+    await budget.acquire("C1")
+    # A waiter that reserved its slot before the 429 arrived must not post inside the pause either.
+    waiter = asyncio.create_task(budget.acquire("C1"))
+    await asyncio.sleep(0.01)
+    t0 = time.monotonic()
+    await other.penalize("C1", 1.0)
+    await waiter
+    assert time.monotonic() - t0 >= 1.0 - 0.02
+    t1 = time.monotonic()
+    await budget.acquire("C1")
+    assert time.monotonic() - t1 >= 0.1 - SLACK_S  # and the queue goes on at the usual spacing
+    # Another channel is not paused.
+    t2 = time.monotonic()
+    await budget.acquire("C2")
+    assert time.monotonic() - t2 < 0.05
+
+
+async def test_penalty_bounds_and_bad_values(clients):
+    budget = ChannelBudget(clients[0], rate_per_s=2.0)
+    await budget.penalize("C1", float("nan"))  # a garbled Retry-After still pauses one interval
+    t0 = time.monotonic()
+    await budget.acquire("C1")
+    assert time.monotonic() - t0 >= 0.5 - 0.02
+    await budget.penalize("C9", 10_000_000)
+    ttl = await clients[0].pttl("tuneops:rl:C9:pause")
+    assert 0 < ttl <= 3600_000 + 60_000
+    with pytest.raises(ValueError, match="rate_per_s"):
+        ChannelBudget(clients[0], rate_per_s=0)
+
+
+async def test_keys_expire_and_hold_no_message_content(clients):
+    budget = ChannelBudget(clients[0], rate_per_s=1.0, prefix="t:rl:")
+    await budget.acquire("C7")
+    keys = sorted(k.decode() for k in await clients[0].keys("*"))
+    assert keys == ["t:rl:C7:next"]
+    assert 0 < await clients[0].pttl("t:rl:C7:next") <= 61_000 + 1000
