@@ -1,0 +1,86 @@
+"""Runs one attempt of a run's trainer and records its pid and exit status in the run folder.
+
+`python -m jobs.launch --dir runs/ft-0001 --attempt 1 -- python -m payload.train --config runs/ft-0001/run.json`
+Only a parent can wait for a process; writing the exit status to a file lets any worker, on any host that sees the
+folder, know how the trainer ended. The local executor starts it in a session of its own, with stdout to the log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from jobs.procs import start_time
+
+
+def pid_file(run_dir: Path, attempt: int) -> Path:
+    return run_dir / f"attempt-{attempt}.pid"
+
+
+def exit_file(run_dir: Path, attempt: int) -> Path:
+    return run_dir / f"attempt-{attempt}.exit"
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Readers see the old file or the whole new one, never a half-written one."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_pid(run_dir: Path, attempt: int, pid: int) -> None:
+    write_atomic(pid_file(run_dir, attempt), f"{pid} {start_time(pid)}\n")
+
+
+def read_pid(run_dir: Path, attempt: int) -> tuple[int, str] | None:
+    try:
+        parts = pid_file(run_dir, attempt).read_text(encoding="utf-8").split()
+        return int(parts[0]), (parts[1] if len(parts) > 1 else "")
+    except (FileNotFoundError, ValueError, IndexError):
+        return None
+
+
+def read_exit(run_dir: Path, attempt: int) -> int | None:
+    try:
+        return int(exit_file(run_dir, attempt).read_text(encoding="utf-8").strip())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jobs.launch", description=__doc__.splitlines()[0])
+    parser.add_argument("--dir", required=True, type=Path, help="the run folder")
+    parser.add_argument("--attempt", required=True, type=int)
+    parser.add_argument("command", nargs=argparse.REMAINDER, help="-- followed by the trainer's command line")
+    args = parser.parse_args(argv)
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        parser.error("give the trainer's command after --")
+
+    write_pid(args.dir, args.attempt, os.getpid())
+    # A stop signals the whole process group, trainer included: the launcher outlives the trainer to record how it
+    # ended instead of dying first.
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, lambda *_: None)
+    try:
+        child = subprocess.Popen(command)
+    except OSError as e:
+        print(f"[tuneops] cannot start the trainer {command[0]!r}: {e.strerror}", flush=True)
+        write_atomic(exit_file(args.dir, args.attempt), "127\n")
+        return 127
+    while True:
+        try:
+            code = child.wait()
+            break
+        except InterruptedError:
+            continue
+    write_atomic(exit_file(args.dir, args.attempt), f"{code}\n")
+    return code if code >= 0 else 128 - code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""The tuneops RQ worker: runs the jobs tasks, with RQ's scheduler for the monitor ticks' `enqueue_in`.
+
+`python -m jobs.worker [--burst]` (the CLI's `tuneops worker` calls `run_worker`). On start it puts runs that a dead
+worker left behind back on track before taking jobs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+import redis
+from rq import Worker
+from rq.scheduler import RQScheduler
+
+from jobs import tasks
+from jobs.settings import JobSettings, SettingsError, redact_url
+
+log = logging.getLogger(__name__)
+
+# RQ's default is ten minutes; a scheduler that died must be replaced sooner than that for ticks to go on.
+MAINTENANCE_INTERVAL_S = 30
+
+
+def break_stale_scheduler_lock(conn: redis.Redis, queue_name: str = tasks.QUEUE_NAME) -> bool:
+    """Free the queue's scheduler lock when the scheduler holding it is dead.
+
+    RQ's lock outlives a killed scheduler by a minute, and no `enqueue_in` job runs meanwhile; a new worker would sit
+    idle while runs wait for their next monitor tick. Returns True when a lock was freed.
+    """
+    key = RQScheduler.get_locking_key(queue_name)
+    with conn.pipeline() as pipe:
+        try:
+            pipe.watch(key)
+            holder = pipe.get(key)
+            if holder is None or not tasks.process_gone(conn, f"rq:scheduler:{holder.decode()}"):
+                pipe.unwatch()
+                return False
+            pipe.multi()
+            pipe.delete(key)
+            pipe.execute()
+        except redis.WatchError:
+            return False
+    log.warning("freed the scheduler lock of queue %s: its scheduler (%s) is gone", queue_name, holder.decode())
+    return True
+
+
+class TuneopsWorker(Worker):
+    """RQ's worker, which also replaces a dead scheduler of another worker during its maintenance."""
+
+    def run_maintenance_tasks(self):
+        try:
+            break_stale_scheduler_lock(self.connection)
+        except redis.RedisError:
+            log.exception("could not check the scheduler lock")
+        super().run_maintenance_tasks()
+
+
+def run_worker(settings: JobSettings, burst: bool = False) -> None:
+    """Run an RQ worker with the scheduler on the tuneops queue until stopped (or, with burst, until it is empty)."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    tasks.configure(settings)
+    conn = tasks.rq_connection(settings)
+    break_stale_scheduler_lock(conn)
+    # Runs a dead worker left behind are put back on track before this one takes jobs; the chain repeats it.
+    tasks.reconcile_once(settings)
+    tasks.ensure_reconcile(settings)
+    worker = TuneopsWorker([tasks.get_queue(settings)], connection=conn, maintenance_interval=MAINTENANCE_INTERVAL_S)
+    worker.work(burst=burst, with_scheduler=True, logging_level="INFO")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jobs.worker", description=__doc__.splitlines()[0])
+    parser.add_argument("--burst", action="store_true", help="quit when the queue is empty")
+    args = parser.parse_args(argv)
+    try:
+        settings = JobSettings.from_env()
+    except SettingsError as e:
+        print(e, file=sys.stderr)
+        return 2
+    try:
+        run_worker(settings, burst=args.burst)
+    except redis.ConnectionError as e:
+        print(f"cannot reach Redis at {redact_url(settings.redis_url)}: {e}; start redis-server or set REDIS_URL", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
