@@ -5,6 +5,7 @@ Every builder keeps within Slack's limits: at most 50 blocks, 3,000 characters o
 
 from __future__ import annotations
 
+import re
 from typing import Any, Iterable
 
 from bot.grammar import GENERAL_USAGE, USAGE, ParseError
@@ -28,6 +29,7 @@ STATE_EMOJI = {
 }
 
 Message = dict[str, Any]
+_USER_ID = re.compile(r"^[UW][A-Z0-9]{2,}$")
 
 
 # ---- small pieces ------------------------------------------------------------------------------------------------
@@ -140,7 +142,7 @@ def render_run_card(run: Run, position: int | None = None) -> Message:
     if run.state in (RunState.FAILED, RunState.TIMED_OUT) and run.error:
         blocks.append(context(f"Error: {escape(truncate(run.error, 500))}"))
     if run.state is RunState.CANCELLED and run.cancelled_by:
-        blocks.append(context(f"Cancelled by <@{run.cancelled_by}>."))
+        blocks.append(context(f"Cancelled by {mention(run.cancelled_by)}."))
     if not run.state.terminal:
         blocks.append({
             "type": "actions",
@@ -202,8 +204,13 @@ def render_failed(run: Run, error: str, log_tail: list[str]) -> Message:
     return message(f"<@{run.requester}> {run.id} failed: {truncate(error or 'no reason given', 1500)}", blocks)
 
 
+def mention(who: str) -> str:
+    """`<@U…>` for a Slack user id; anything else (e.g. "an admin via the CLI") as plain, escaped text."""
+    return f"<@{who}>" if _USER_ID.match(who or "") else (escape(who) or "someone")
+
+
 def render_cancelled(run: Run, by: str) -> Message:
-    who = f"<@{by}>" if by else "someone"
+    who = mention(by)
     text = f":no_entry_sign: {run.id} was cancelled by {who}."
     blocks = [section(text), context(f"`/finetune resume {run.id}` continues from the last checkpoint.")]
     return message(text, blocks)
@@ -216,7 +223,9 @@ def render_timed_out(run: Run, checkpoint_step: int | None) -> Message:
 
 
 def render_notice(run: Run, text: str) -> Message:
-    return message(f"{run.id}: {truncate(text, 2000)}", [section(escape(text))])
+    """A notice from jobs/ may mention people (`<@U…>`) but never the whole channel."""
+    text = re.sub(r"<!(channel|here|everyone)[^>]*>", r"@\1", str(text))
+    return message(f"{run.id}: {truncate(text, 2000)}", [section(f":information_source: {text}")])
 
 
 # ---- ephemeral replies -------------------------------------------------------------------------------------------

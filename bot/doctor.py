@@ -1,0 +1,161 @@
+"""`tuneops doctor`: checks the configuration, Redis, Slack (auth.test), the workers and the backend, and says plainly
+what is missing and what to do. Exit code 0 only when everything needed is there."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    ok: bool
+    detail: str
+
+
+def check_config(env: Mapping[str, str]):
+    """(Check, BotSettings or None, JobSettings or None)."""
+    from bot.settings import BotSettings
+    from jobs.settings import JobSettings, SettingsError
+
+    try:
+        settings = BotSettings.from_env(env)
+        mode = "Socket Mode" if settings.socket_mode else "HTTP mode"
+        return Check("configuration", True, f"complete ({mode}, {settings.jobs.backend} backend)"), settings, \
+            settings.jobs
+    except SettingsError as e:
+        problems = getattr(e, "problems", None) or str(e).splitlines()
+        try:
+            jobs = JobSettings.from_env(env)
+        except SettingsError:
+            jobs = None
+        return Check("configuration", False, "\n".join(problems)), None, jobs
+
+
+def check_redis(jobs) -> Check:
+    import redis
+
+    url = jobs.redis_url if jobs else os.environ.get("REDIS_URL", "redis://localhost:6379/0")
+    try:
+        client = redis.Redis.from_url(url, socket_connect_timeout=3, socket_timeout=3)
+        client.ping()
+        version = client.info("server").get("redis_version", "?")
+        client.close()
+    except redis.RedisError as e:
+        return Check("Redis", False, f"nothing answers at REDIS_URL ({_safe_url(url)}): {e}. Start redis-server "
+                                     "(apt-get install redis-server) or point REDIS_URL at a running one.")
+    return Check("Redis", True, f"Redis {version} answers at {_safe_url(url)}")
+
+
+def check_slack(env: Mapping[str, str], settings) -> Check:
+    from slack_sdk import WebClient
+    from slack_sdk.errors import SlackApiError, SlackClientError
+
+    token = settings.slack_bot_token if settings else env.get("SLACK_BOT_TOKEN", "")
+    if not token:
+        return Check("Slack", False, "cannot call auth.test without SLACK_BOT_TOKEN (see above).")
+    base = settings.slack_api_url if settings else (env.get("SLACK_API_URL") or "https://slack.com/api/")
+    try:
+        resp = WebClient(token=token, base_url=base, timeout=10).auth_test()
+    except SlackApiError as e:
+        error = e.response.get("error", "error")
+        return Check("Slack", False, f"auth.test refused the token ({error}): copy the Bot User OAuth Token "
+                                     "(xoxb-...) again from the app's OAuth & Permissions page, and reinstall "
+                                     "the app to the workspace if its scopes changed.")
+    except (SlackClientError, OSError) as e:
+        return Check("Slack", False, f"cannot reach {base} ({type(e).__name__}): check the network or SLACK_API_URL.")
+    return Check("Slack", True, f"authenticated as @{resp.get('user')} in {resp.get('team')} ({resp.get('team_id')})")
+
+
+def check_workers(jobs) -> Check:
+    import redis
+    from rq import Worker
+
+    from jobs import tasks
+
+    try:
+        workers = Worker.all(queue=tasks.get_queue(jobs))
+    except redis.RedisError:
+        return Check("workers", False, "cannot list workers: Redis is not reachable (see above).")
+    if not workers:
+        return Check("workers", False, "no worker listens on the run queue, so runs would wait forever: start "
+                                       "`tuneops worker` (one or more).")
+    return Check("workers", True, f"{len(workers)} worker(s) on queue '{tasks.QUEUE_NAME}'")
+
+
+def check_backend(jobs) -> list[Check]:
+    if jobs.backend != "local":
+        ws = Path(jobs.workspace)
+        found = [p for p in ("infra/finetuning.config.json", "infra/inference.config.json") if (ws / p).is_file()]
+        detail = (f"found {', '.join(found)}" if found else "no infra/*.config.json in the workspace")
+        return [Check("backend", bool(found), f"aca: {detail}. This doctor does not check Azure itself "
+                                              "(credentials, the job, the file share).")]
+    checks = []
+    ws = Path(jobs.workspace)
+    if not ws.is_dir():
+        checks.append(Check("workspace", False, f"TUNEOPS_WORKSPACE={ws} does not exist: create it, with datasets/ "
+                                                "for the JSONL files and model-cache/ for the models."))
+        return checks
+    checks.append(Check("workspace", True, str(ws)))
+    model = ws / jobs.default_model
+    candidates = [model, ws / "model-cache" / jobs.default_model]
+    if any((c / "config.json").is_file() for c in candidates):
+        checks.append(Check("default model", True, jobs.default_model))
+    else:
+        checks.append(Check("default model", False, f"TUNEOPS_DEFAULT_MODEL={jobs.default_model} has no config.json "
+                                                    f"under {model}: put the model there (nothing is downloaded at "
+                                                    "run time), or set TUNEOPS_DEFAULT_MODEL to one that is."))
+    probe = subprocess.run([jobs.python, "-c", f"import {jobs.train_module}"], capture_output=True, text=True,
+                           timeout=120)
+    if probe.returncode == 0:
+        checks.append(Check("trainer", True, f"{jobs.python} imports {jobs.train_module}"))
+    else:
+        last = (probe.stderr.strip().splitlines() or ["(no output)"])[-1]
+        checks.append(Check("trainer", False, f"{jobs.python} cannot import {jobs.train_module}: {last}. Install the "
+                                              "payload there (pip install -e '.[payload]') or set TUNEOPS_PYTHON."))
+    return checks
+
+
+def run_checks(env: Mapping[str, str] = os.environ) -> list[Check]:
+    config, settings, jobs = check_config(env)
+    checks = [config]
+    redis_check = check_redis(jobs)
+    checks.append(redis_check)
+    checks.append(check_slack(env, settings))
+    if jobs is not None:
+        if redis_check.ok:
+            checks.append(check_workers(jobs))
+        checks.extend(check_backend(jobs))
+    return checks
+
+
+def _safe_url(url: str) -> str:
+    from bot.redact import redact
+
+    return redact(url)
+
+
+def main(env: Mapping[str, str] = os.environ) -> int:
+    checks = run_checks(env)
+    for c in checks:
+        mark = "ok " if c.ok else "MISSING"
+        lines = c.detail.splitlines() or [""]
+        print(f"[{mark:7}] {c.name}: {lines[0]}")
+        for line in lines[1:]:
+            print(f"{'':10}{c.name}: {line}")
+    failed = [c.name for c in checks if not c.ok]
+    if failed:
+        print(f"\n{len(failed)} thing(s) to fix: {', '.join(failed)}.")
+        return 1
+    print("\nEverything tuneops needs is there.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,11 @@
+"""Events API listeners: a mention of the bot gets a pointer to the slash command."""
+
+from __future__ import annotations
+
+from slack_bolt.async_app import AsyncApp
+
+from bot.listeners.events.app_mention import app_mention
+
+
+def register(app: AsyncApp) -> None:
+    app.event("app_mention")(app_mention)

@@ -1,0 +1,52 @@
+"""What the listeners share: calling jobs.service off the event loop, private answers, and turning failures into
+messages a person can act on (never a stack trace)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
+
+import redis
+
+from bot import blocks
+from bot.runtime import BotRuntime
+from jobs.service import RunRejected
+
+log = logging.getLogger("bot.listeners")
+T = TypeVar("T")
+
+REDIS_DOWN = ("tuneops cannot reach its Redis right now, so nothing was changed. Try again in a minute; if it "
+              "persists, an admin can run `tuneops doctor`.")
+OUR_FAULT = ("Something went wrong on tuneops' side ({what}); it is logged. `/finetune list` shows what state the "
+             "runs are in; try again, or ask an admin to look at the bot's log.")
+
+
+async def call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """jobs.service is synchronous (quick Redis calls): run it in a thread so the event loop keeps acking."""
+    return await asyncio.to_thread(fn, *args, **kwargs)
+
+
+def log_refusal(what: str, user: str, channel: str, reason: str) -> None:
+    log.warning("refused %s for user %s in channel %s: %s", what, user, channel, reason)
+
+
+async def answer(rt: BotRuntime, response_url: str, message: dict[str, Any]) -> None:
+    await rt.gateway.respond(response_url, message)
+
+
+@contextlib.asynccontextmanager
+async def answering_errors(rt: BotRuntime, response_url: str, what: str) -> AsyncIterator[None]:
+    """Whatever goes wrong inside becomes a private answer: a rejection says what to do, our errors are logged."""
+    try:
+        yield
+    except RunRejected as e:
+        await answer(rt, response_url, blocks.render_problem(str(e)))
+    except redis.exceptions.ConnectionError:
+        log.exception("%s: Redis is unreachable", what)
+        await answer(rt, response_url, blocks.render_problem(REDIS_DOWN))
+    except Exception:
+        log.exception("%s failed", what)
+        await answer(rt, response_url, blocks.render_problem(OUR_FAULT.format(what=what)))

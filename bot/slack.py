@@ -1,0 +1,119 @@
+"""The Slack gateway: the one wrapper every message to Slack goes through.
+
+It redacts secrets from all text and blocks (bot.redact), waits on the per-channel posting budget (bot.ratelimit)
+before channel messages, and honours a 429's Retry-After. Handlers and the notifier never call the Web API directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from slack_sdk.errors import SlackApiError
+from slack_sdk.web.async_client import AsyncWebClient
+from slack_sdk.webhook.async_client import AsyncWebhookClient
+
+from bot.ratelimit import ChannelBudget
+from bot.redact import Redactor
+from bot.redact import redactor as default_redactor
+
+log = logging.getLogger(__name__)
+
+MAX_RATE_LIMIT_RETRIES = 5
+
+
+class SlackGateway:
+    def __init__(self, client: AsyncWebClient, budget: ChannelBudget | None = None,
+                 redactor: Redactor = default_redactor, max_retries: int = MAX_RATE_LIMIT_RETRIES):
+        self.client = client
+        self.budget = budget
+        self.redactor = redactor
+        self.max_retries = max_retries
+
+    def clean(self, message: dict[str, Any]) -> dict[str, Any]:
+        """The message with every string redacted: for what handlers return in an ack."""
+        return self.redactor.redact_obj(message)
+
+    async def _call(self, method: str, channel: str | None, budgeted: bool, **kwargs: Any) -> Any:
+        api = getattr(self.client, method)
+        for attempt in range(self.max_retries + 1):
+            if budgeted and channel and self.budget is not None:
+                await self.budget.acquire(channel)
+            try:
+                return await api(**kwargs)
+            except SlackApiError as e:
+                if e.response.status_code != 429 or attempt == self.max_retries:
+                    raise
+                retry_after = _retry_after(e.response.headers)
+                log.info("Slack rate-limited %s in %s; waiting %.1fs", method, channel or "-", retry_after)
+                if channel and self.budget is not None:
+                    # Every process sharing the budget now holds back from this channel, not just this caller.
+                    await self.budget.penalize(channel, retry_after)
+                if not (budgeted and channel and self.budget is not None):
+                    await asyncio.sleep(retry_after)
+        raise AssertionError("unreachable")
+
+    async def post_message(self, channel: str, message: dict[str, Any], *, thread_ts: str | None = None,
+                           reply_broadcast: bool = False) -> str:
+        """Post into a channel (or a thread); returns the message's ts."""
+        body = self.clean(message)
+        kwargs: dict[str, Any] = {"channel": channel, **body}
+        if thread_ts:
+            kwargs["thread_ts"] = thread_ts
+            if reply_broadcast:
+                kwargs["reply_broadcast"] = True
+        resp = await self._call("chat_postMessage", channel, True, **kwargs)
+        return resp["ts"]
+
+    async def update_message(self, channel: str, ts: str, message: dict[str, Any]) -> None:
+        await self._call("chat_update", channel, False, channel=channel, ts=ts, **self.clean(message))
+
+    async def post_ephemeral(self, channel: str, user: str, message: dict[str, Any]) -> None:
+        await self._call("chat_postEphemeral", channel, False, channel=channel, user=user, **self.clean(message))
+
+    async def respond(self, response_url: str, message: dict[str, Any], *, replace_original: bool = False) -> bool:
+        """Answer through a command's or a button's response_url, privately. False when Slack refused it (logged)."""
+        body = {"response_type": "ephemeral", "replace_original": replace_original, **self.clean(message)}
+        resp = await AsyncWebhookClient(response_url).send_dict(body)
+        if resp.status_code != 200:
+            log.warning("response_url answered %s: %s", resp.status_code, self.redactor(str(resp.body))[:200])
+            return False
+        return True
+
+    async def open_view(self, trigger_id: str, view: dict[str, Any]) -> str:
+        resp = await self._call("views_open", None, False, trigger_id=trigger_id, view=self.clean(view))
+        return resp["view"]["id"]
+
+    async def update_view(self, view_id: str, view: dict[str, Any]) -> None:
+        await self._call("views_update", None, False, view_id=view_id, view=self.clean(view))
+
+    async def upload_file(self, channel: str, content: bytes, filename: str, *, title: str = "",
+                          thread_ts: str | None = None, initial_comment: str = "") -> str:
+        """Share a file in a channel or thread (files.getUploadURLExternal, upload, files.completeUploadExternal)."""
+        kwargs: dict[str, Any] = {"channel": channel, "content": content, "filename": filename,
+                                  "title": self.redactor(title or filename)}
+        if thread_ts:
+            kwargs["thread_ts"] = thread_ts
+        if initial_comment:
+            kwargs["initial_comment"] = self.redactor(initial_comment)
+        resp = await self._call("files_upload_v2", channel, True, **kwargs)
+        return resp["file"]["id"]
+
+    async def auth_test(self) -> dict[str, Any]:
+        resp = await self._call("auth_test", None, False)
+        return dict(resp.data)
+
+
+def _retry_after(headers: Any) -> float:
+    value = None
+    for key in ("Retry-After", "retry-after"):
+        if headers and key in headers:
+            value = headers[key]
+            break
+    if isinstance(value, list):
+        value = value[0] if value else None
+    try:
+        return max(float(value), 0.0)
+    except (TypeError, ValueError):
+        return 1.0

@@ -1,0 +1,229 @@
+"""The Bolt app over real HTTP with Slack-signed requests: signatures, retries, refusals, bad input, private answers.
+
+No worker runs here: a queued run stays queued, which is all these tests need.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+import aiohttp
+import pytest
+
+from jobs import service, store
+from tests.bot.conftest import SIGNING_SECRET
+from tests.standins.slack import signed_headers, slash_command_body
+
+
+def runs(bot) -> list:
+    return service.list_runs(bot.settings.jobs)
+
+
+def answers(slack, key: str, n: int = 1, timeout: float = 10.0) -> list[dict]:
+    got = slack.wait_for(lambda: len(slack.responses[key]) >= n and slack.responses[key], timeout)
+    assert got, f"no answer on response_url {key}; calls: {[c.method for c in slack.calls]}"
+    return list(got)
+
+
+def text_of(payload: dict | str) -> str:
+    return json.dumps(payload, ensure_ascii=False) if not isinstance(payload, str) else payload
+
+
+async def test_healthz(bot):
+    async with aiohttp.ClientSession() as s:
+        async with s.get(bot.url + "/healthz") as r:
+            assert r.status == 200 and (await r.json())["redis"] == "ok"
+
+
+@pytest.mark.parametrize("case", ["missing", "wrong", "stale"])
+async def test_bad_signatures_get_401_and_start_nothing(bot, slack, case):
+    body = slash_command_body("run --dataset datasets/chat.jsonl", response_url=slack.response_url("sig"))
+    if case == "missing":
+        headers = {"Content-Type": "application/x-www-form-urlencoded"}
+    elif case == "wrong":
+        headers = signed_headers("not-the-signing-secret", body)
+    else:
+        headers = signed_headers(SIGNING_SECRET, body, timestamp=int(time.time()) - 5 * 60 - 30)
+    status, _ = await bot.post(body, headers)
+    assert status == 401
+    time.sleep(0.3)
+    assert runs(bot) == []
+    assert slack.responses["sig"] == []
+    # and a correctly signed copy of the same body is accepted, so the 401s were about the signature
+    status, _ = await bot.post(body, signed_headers(SIGNING_SECRET, body))
+    assert status == 200
+
+
+async def test_a_retried_delivery_starts_one_run(bot, slack):
+    key = "retry"
+    body = slash_command_body("run --dataset datasets/chat.jsonl --max-steps 2", response_url=slack.response_url(key),
+                              trigger_id="1111.2222.abcdef")
+    first = await bot.post(body, signed_headers(SIGNING_SECRET, body))
+    again = await bot.post(body, signed_headers(SIGNING_SECRET, body, retry_num=1))
+    third = await bot.post(body, signed_headers(SIGNING_SECRET, body, retry_num=2))
+    assert first[0] == again[0] == third[0] == 200
+    assert "Checking" in first[1] and again[1] == "" and third[1] == ""  # retries are acked at once, with nothing
+    [queued] = answers(slack, key)
+    assert "Queued *ft-0001*" in text_of(queued)
+    time.sleep(0.5)
+    assert [r.id for r in runs(bot)] == ["ft-0001"]
+    assert len(slack.responses[key]) == 1
+    # the notifier posts exactly one card for it
+    assert slack.wait_for(lambda: slack.root_messages("C0TRAIN"), 10)
+    time.sleep(0.5)
+    assert len(slack.root_messages("C0TRAIN")) == 1
+
+
+async def test_a_refused_user_and_a_refused_channel(redis_url, bot_env, slack, caplog):
+    from tests.bot.conftest import BotClient
+
+    bot_env.update(TUNEOPS_ALLOWED_CHANNELS="C0TRAIN", TUNEOPS_ALLOWED_USERS="U0ALICE")
+    async for bot in _serve(bot_env, slack):
+        caplog.set_level(logging.WARNING, logger="bot.listeners")
+        status, ack, _ = await bot.command("run --dataset datasets/chat.jsonl", user="U0MALLORY")
+        assert status == 200
+        assert "not on the list of people" in ack and "TUNEOPS_ALLOWED_USERS" in ack
+        status, ack, _ = await bot.command("list", channel="C0RANDOM")
+        assert status == 200
+        assert "not enabled in this channel" in ack and "<#C0TRAIN>" in ack
+        assert runs(bot) == []
+        refusals = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+        assert any("U0MALLORY" in m and "run" in m for m in refusals)
+        assert any("C0RANDOM" in m and "list" in m for m in refusals)
+        # the allowed person in the allowed channel gets through
+        status, ack, key = await bot.command("list")
+        assert "No runs yet" in text_of(answers(slack, key)[0])
+
+
+async def _serve(env, slack):
+    """The `bot` fixture's work for a test that changes the environment first."""
+    from aiohttp import web
+
+    from bot.server import build_web_app, make_bot
+    from bot.settings import BotSettings
+    from tests.bot.conftest import BotClient
+    from tests.conftest import free_port
+
+    settings = BotSettings.from_env(env)
+    app, runtime, notifier = make_bot(settings)
+    runner = web.AppRunner(build_web_app(app, runtime, notifier=notifier), access_log=None)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    client = BotClient(f"http://127.0.0.1:{port}", slack)
+    client.settings = settings
+    try:
+        yield client
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_malformed_dataset_is_refused_before_queueing_with_file_and_line(bot, slack, workspace):
+    good = (workspace / "datasets" / "chat.jsonl").read_text().splitlines()
+    bad = [good[0], "{not json", json.dumps({"messages": []}), good[1], json.dumps({"colour": "blue"})]
+    (workspace / "datasets" / "bad.jsonl").write_text("\n".join(bad) + "\n")
+    status, ack, key = await bot.command("run --dataset datasets/bad.jsonl")
+    assert status == 200 and "Checking `datasets/bad.jsonl`" in ack
+    reply = text_of(answers(slack, key)[0])
+    assert "datasets/bad.jsonl:2" in reply and "datasets/bad.jsonl:3" in reply and "datasets/bad.jsonl:5" in reply
+    assert str(workspace) not in reply  # paths as the person knows them, not the server's
+    assert runs(bot) == []
+    assert store.run_events(store.connect(bot.settings.jobs)) == []
+    assert slack.calls_to("chat.postMessage") == []
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("frobnicate", ["is not a /finetune subcommand", "Usage: `/finetune help | run"]),
+    ("run --epochs lots", ["`--epochs` takes a number", "Usage: `/finetune run"]),
+    ("run --dataset ../../etc/passwd", ["leaves the workspace"]),
+    ("cancel", ["`cancel` needs a run id"]),
+    ("logs 42", ["`42` is not a run id"]),
+    ("x" * 1200, ["1,200 characters"]),
+    ("help", ["/finetune run [--model M]", "/finetune logs RUN"]),
+])
+async def test_bad_input_and_help_are_answered_in_the_ack(bot, slack, text, expected):
+    status, ack, key = await bot.command(text)
+    assert status == 200
+    payload = json.loads(ack)
+    for words in expected:
+        assert words in text_of(payload), text_of(payload)
+    assert "Traceback" not in ack
+    assert runs(bot) == []
+
+
+async def test_rejections_from_the_service_are_answered_privately(bot, slack):
+    # no --dataset; an unknown run for each command that takes one; a missing model
+    _, _, key = await bot.command("run")
+    assert "needs a dataset" in text_of(answers(slack, key)[0])
+    _, _, key = await bot.command("run --dataset datasets/nope.jsonl")
+    assert "datasets/nope.jsonl not found" in text_of(answers(slack, key)[0])
+    _, _, key = await bot.command("run --dataset datasets/chat.jsonl --model model-cache/huge")
+    assert "not found" in text_of(answers(slack, key)[0])
+    for text in ("status ft-0099", "logs ft-0099", "cancel ft-0099", "resume ft-0099"):
+        _, _, key = await bot.command(text)
+        assert "There is no run ft-0099" in text_of(answers(slack, key)[0]), text
+    assert runs(bot) == []
+
+
+async def test_status_list_and_cancel_of_a_queued_run(bot, slack):
+    _, _, key = await bot.command("run --dataset datasets/chat.jsonl --name first")
+    answers(slack, key)
+    _, _, key = await bot.command("run --dataset datasets/chat.jsonl --max-steps 3", user="U0BOB")
+    answers(slack, key)
+    _, _, key = await bot.command("list")
+    listing = text_of(answers(slack, key)[0])
+    assert "ft-0002" in listing and "ft-0001 (first)" in listing and "#2 in line" in listing
+    _, _, key = await bot.command("status ft-0002")
+    status = text_of(answers(slack, key)[0])
+    assert "number 2 in line" in status and "max steps 3" in status and "run_cancel" not in status
+    _, _, key = await bot.command("status")
+    assert "Queued and running" in text_of(answers(slack, key)[0])
+    # Bob may not cancel Alice's run; Alice may
+    _, _, key = await bot.command("cancel ft-0001", user="U0BOB")
+    assert "only they or an admin" in text_of(answers(slack, key)[0])
+    _, _, key = await bot.command("cancel ft-0001")
+    assert "Cancelling ft-0001" in text_of(answers(slack, key)[0])
+    assert service.get_run(bot.settings.jobs, "ft-0001").state == "cancelled"
+    # the thread says by whom, and the card lost its Cancel button
+    run = service.get_run(bot.settings.jobs, "ft-0001")
+
+    def cancelled_reply():
+        run_now = service.get_run(bot.settings.jobs, "ft-0001")
+        if not run_now.thread_ts:
+            return None
+        return [m for m in slack.thread("C0TRAIN", run_now.thread_ts) if "cancelled by <@U0ALICE>" in m.text]
+
+    assert slack.wait_for(cancelled_reply, 10)
+    run = service.get_run(bot.settings.jobs, "ft-0001")
+    card = slack.messages["C0TRAIN"][run.card_ts]
+    assert "run_cancel" not in text_of(card.blocks) and "cancelled" in card.text
+    _, _, key = await bot.command("cancel ft-0001")
+    assert "already been cancelled" in text_of(answers(slack, key)[0])
+
+
+async def test_commands_of_later_features_say_what_they_need(bot, slack):
+    status, ack, _ = await bot.command("deploy ft-0001")
+    assert "`deploy` needs TUNEOPS_BACKEND=aca" in ack and "`local` backend" in ack
+    # provision and secrets are for admins; none is configured here
+    status, ack, _ = await bot.command("provision")
+    assert "none is configured" in ack
+
+
+async def test_provision_for_an_admin_says_what_it_needs(redis_url, bot_env, slack):
+    bot_env.update(TUNEOPS_ADMINS="U0ADMIN")
+    async for bot in _serve(bot_env, slack):
+        _, ack, _ = await bot.command("provision inference", user="U0ADMIN")
+        assert "provision` needs TUNEOPS_BACKEND=aca and infra/inference.config.json" in ack
+        _, ack, _ = await bot.command("secret set HF_TOKEN", user="U0ADMIN")
+        assert "Key Vault" in ack
+
+
+async def test_secrets_in_replies_are_redacted(bot, slack, workspace):
+    token = "hf_" + "A1b2C3d4E5" * 4
+    (workspace / "datasets" / "leak.jsonl").write_text(f'{{"text": "{token}"\n')
+    _, _, key = await bot.command("run --dataset datasets/leak.jsonl")
+    reply = text_of(answers(slack, key)[0])
+    assert "leak.jsonl:1" in reply
+    assert token not in text_of(slack.calls)
