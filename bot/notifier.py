@@ -8,6 +8,7 @@ changes go out at once.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ log = logging.getLogger(__name__)
 
 GROUP = "tuneops-bot"
 PROGRESS_INTERVAL_S = 5.0
+SHOWN_CACHE = 10_000
 # Kinds that change what the card shows (besides "progress", which is throttled).
 CARD_KINDS = {"queued", "state", "started", "succeeded", "failed", "cancelled", "timed_out"}
 _USER_ID_PREFIXES = ("U", "W")
@@ -55,6 +57,7 @@ class Notifier:
         self.block_ms = block_ms
         self.clock = clock
         self.throttle = _Throttle(progress_interval_s)
+        self._shown: dict[str, str] = {}  # run id -> the card last sent to Slack
         self._stop = asyncio.Event()
         self._task: asyncio.Task | None = None
 
@@ -166,12 +169,18 @@ class Notifier:
         if run.state is RunState.QUEUED:
             position = await asyncio.to_thread(service.queue_position, self.settings, run.id)
         card = blocks.render_run_card(run, position)
+        shown = json.dumps(card, sort_keys=True)
         if run.card_ts:
-            await self.gateway.update_message(run.channel, run.card_ts, card)
+            # Several events of one batch often describe the same card (state, then started): edit it once.
+            if self._shown.get(run.id) != shown:
+                await self.gateway.update_message(run.channel, run.card_ts, card)
         else:
             ts = await self.gateway.post_message(run.channel, card)
             await asyncio.to_thread(service.set_thread, self.settings, run.id, run.channel, ts)
             run.thread_ts = run.card_ts = ts
+        if len(self._shown) >= SHOWN_CACHE:
+            self._shown.clear()
+        self._shown[run.id] = shown
         self.throttle.last[run.id] = self.clock()
         self.throttle.dirty.discard(run.id)
         return run

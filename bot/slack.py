@@ -35,7 +35,8 @@ class SlackGateway:
         """The message with every string redacted: for what handlers return in an ack."""
         return self.redactor.redact_obj(message)
 
-    async def _call(self, method: str, channel: str | None, budgeted: bool, **kwargs: Any) -> Any:
+    async def _call(self, method: str, channel: str | None, budgeted: bool, /, **kwargs: Any) -> Any:
+        """Call `method` with kwargs; `channel` is the one whose posting budget applies when `budgeted`."""
         api = getattr(self.client, method)
         for attempt in range(self.max_retries + 1):
             if budgeted and channel and self.budget is not None:

@@ -1,0 +1,149 @@
+"""The notifier against a real Redis event stream and the Slack stand-in: card, thread, throttling, at-least-once."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import redis.asyncio as aioredis
+from slack_sdk.web.async_client import AsyncWebClient
+
+from bot.notifier import GROUP, Notifier, Transient
+from bot.ratelimit import ChannelBudget
+from bot.slack import SlackGateway
+from jobs import service, store
+from jobs.domain import Run, RunEvent, RunState
+from jobs.settings import JobSettings
+from tests.conftest import free_port
+from tests.standins.slack import SlackStandIn
+
+TOKEN = "xoxb-notifier-test"
+
+
+class Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def slack():
+    with SlackStandIn(token=TOKEN) as s:
+        yield s
+
+
+@pytest.fixture
+async def setup(redis_url, slack, tmp_path):
+    settings = JobSettings.from_env({"REDIS_URL": redis_url, "TUNEOPS_WORKSPACE": str(tmp_path),
+                                     "TUNEOPS_PYTHON": sys.executable})
+    r = aioredis.from_url(redis_url)
+    client = AsyncWebClient(token=TOKEN, base_url=slack.api_url)
+    gateway = SlackGateway(client, ChannelBudget(r, rate_per_s=100))
+    clock = Clock()
+    notifier = Notifier(settings, gateway, progress_interval_s=5.0, block_ms=50, clock=clock)
+    yield settings, notifier, clock, client
+    await r.aclose()
+
+
+def new_run(settings, **kw) -> Run:
+    conn = store.connect(settings)
+    run = Run(id=store.new_run_id(conn), requester="U0ALICE", channel="C0TRAIN", model="model-cache/tiny",
+              dataset="datasets/chat.jsonl", params={"max_steps": 10}, **kw)
+    store.create_run(conn, run, lambda pos: [RunEvent(run.id, "queued", {"position": pos})])
+    return run
+
+
+def change(settings, run_id: str, fn, *events) -> None:
+    def step(run: Run):
+        fn(run)
+        return [RunEvent(run_id, kind, data) for kind, data in events]
+
+    store.update_run(store.connect(settings), run_id, step)
+
+
+def pending(settings) -> int:
+    return store.connect(settings).xpending(store.EVENT_STREAM, GROUP)["pending"]
+
+
+async def test_card_then_throttled_progress_then_thread_messages(setup, slack):
+    settings, notifier, clock, _ = setup
+    run = new_run(settings)
+    assert await notifier.step() == 1
+    [card] = slack.root_messages("C0TRAIN")
+    assert "number 1 in line" in json.dumps(card.blocks)
+    recorded = service.get_run(settings, run.id)
+    assert recorded.thread_ts == recorded.card_ts == card.ts
+
+    change(settings, run.id, lambda r: r.transition(RunState.PREPARING), ("state", {"state": "preparing"}))
+    change(settings, run.id, lambda r: r.transition(RunState.RUNNING), ("state", {"state": "running"}),
+           ("started", {"execution_id": "ft-0001/attempt-1", "links": {}}))
+    await notifier.step()
+    assert len(card.edits) == 1 and "running" in card.text  # three events, one card: one edit
+    [started] = slack.thread("C0TRAIN", card.ts)
+    assert "started" in started.text and "ft-0001/attempt-1" in started.text
+
+    # progress: the first edit goes out at once only when its interval has passed; the rest wait for the flush
+    edits = len(card.edits)
+    for step in (1, 2, 3):
+        change(settings, run.id, lambda r, s=step: setattr(r, "step", s) or setattr(r, "total_steps", 10),
+               ("progress", {"step": step, "total_steps": 10}))
+    await notifier.step()
+    assert len(card.edits) == edits  # within 5 s of the last edit: held back
+    clock.now += 5.1
+    await notifier.step()
+    assert len(card.edits) == edits + 1 and "step 3/10" in card.text  # one edit with the latest numbers
+
+    lines = [f"log line {i}" for i in range(40)]
+    change(settings, run.id, lambda r: (r.transition(RunState.FAILED), setattr(r, "error", "exit code 1")),
+           ("state", {"state": "failed"}), ("failed", {"error": "exit code 1", "log_tail": lines}))
+    await notifier.step()
+    assert "failed" in card.text and "run_cancel" not in json.dumps(card.blocks)
+    failed = slack.thread("C0TRAIN", card.ts)[-1]
+    assert failed.reply_broadcast and "<@U0ALICE>" in failed.text
+    body = json.dumps(failed.blocks)
+    assert "log line 39" in body and "log line 20" in body and "log line 19" not in body
+    assert pending(settings) == 0
+
+
+async def test_an_event_stays_pending_until_slack_accepts_it(setup, slack):
+    settings, notifier, clock, client = setup
+    real = client.base_url
+    client.base_url = f"http://127.0.0.1:{free_port()}/api/"  # nothing listens there
+    run = new_run(settings)
+    with pytest.raises(Transient):
+        await notifier.step()
+    assert pending(settings) == 1 and slack.calls_to("chat.postMessage") == []
+    assert service.get_run(settings, run.id).card_ts == ""
+    client.base_url = real
+    assert await notifier.step() == 1
+    assert pending(settings) == 0 and len(slack.root_messages("C0TRAIN")) == 1
+
+
+async def test_a_refusal_by_slack_is_logged_and_does_not_block_later_events(setup, slack, caplog):
+    settings, notifier, _, client = setup
+    client.token = "xoxb-revoked"
+    new_run(settings)
+    assert await notifier.step() == 1  # dropped: trying again would be refused again
+    assert "invalid_auth" in caplog.text
+    client.token = TOKEN
+    new_run(settings)
+    assert await notifier.step() == 1
+    assert pending(settings) == 0 and len(slack.root_messages("C0TRAIN")) == 1
+
+
+async def test_a_requeued_run_keeps_its_card(setup, slack):
+    settings, notifier, _, _ = setup
+    run = new_run(settings)
+    await notifier.step()
+    change(settings, run.id, lambda r: (r.transition(RunState.CANCELLED), setattr(r, "cancelled_by", "U0BOB")),
+           ("state", {"state": "cancelled"}), ("cancelled", {"by": "U0BOB"}))
+    change(settings, run.id, lambda r: r.transition(RunState.QUEUED), ("queued", {"position": 1}),
+           ("notice", {"text": "Resumed by <@U0ALICE>"}))
+    await notifier.step()
+    [card] = slack.root_messages("C0TRAIN")
+    texts = [m.text for m in slack.thread("C0TRAIN", card.ts)]
+    assert texts[0].endswith("cancelled by <@U0BOB>.") and "Resumed by <@U0ALICE>" in texts[1]
+    assert "queued" in card.text and "run_cancel" in json.dumps(card.blocks)
