@@ -1,0 +1,669 @@
+"""QLoRA fine-tuning of one run: `python -m payload.train --config run.json`.
+
+Reads the run config and the dataset, checks the data before any model is loaded, trains a LoRA adapter on a
+4-bit NF4 base with the transformers Trainer, resumes by itself from the newest complete checkpoint, and writes
+`<output_dir>/adapter/`, `metrics.json` and the progress events (stdout and `events.jsonl`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+import traceback
+import warnings
+from pathlib import Path
+from typing import Any
+
+from payload import checkpoints as ckpts
+from payload import data
+from payload.config import ConfigError, TrainConfig, load_config
+from payload.modelpath import ModelNotFound, hub_failure, resolve_model
+from payload.events import PREFIX, EventWriter, encode, make_event
+
+log = logging.getLogger("payload.train")
+
+CHECKPOINTS_DIR = "checkpoints"
+ADAPTER_DIR = "adapter"
+METRICS_FILE = "metrics.json"
+ERROR_LOG = "error.log"
+OOM_HINT = "out of memory: lower micro_batch_size or max_seq_length (or turn gradient_checkpointing on) and resume"
+
+
+class TrainError(Exception):
+    """A failure the run's owner can fix; its message is the one line shown to them."""
+
+
+class Interrupted(Exception):
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.signum = signum
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Small pure helpers
+# ---------------------------------------------------------------------------------------------------------------
+
+def plan_steps(n_items: int, micro_batch_size: int, grad_accum: int, num_epochs: float, max_steps: int) -> int:
+    """Optimizer steps the run will take, computed as the Trainer does (batches are not dropped)."""
+    batches = math.ceil(n_items / micro_batch_size)
+    per_epoch = max(batches // grad_accum + int(batches % grad_accum > 0), 1)
+    return max_steps if max_steps > 0 else math.ceil(num_epochs * per_epoch)
+
+
+def cpu_budget() -> int:
+    """Cores this process may really use: its CPU affinity, capped by a cgroup CPU quota (containers)."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:
+        n = os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            n = min(n, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, n)
+
+
+def pick_threads(n_params: int, budget: int, configured: int = 0) -> int:
+    """CPU threads for torch. Matrices of a small model are too small for intra-op parallelism to pay, and spinning
+    OpenMP threads collapse (5x slower, measured on 2 shared cores) when other processes share the cores."""
+    if configured:
+        return configured
+    if n_params < 100_000_000:
+        return 1
+    return budget
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _peak_memory(device: str) -> tuple[float, str]:
+    import torch
+
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20, "cuda_max_allocated"
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process_max_rss"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Stop on SIGTERM at a step boundary, with a checkpoint
+# ---------------------------------------------------------------------------------------------------------------
+
+class StopSignal:
+    """SIGTERM (ACA stop or replica timeout) or SIGINT: inside the training loop the Trainer finishes the step and
+    saves a checkpoint; anywhere else the run stops at once. SIGKILL needs no handling: checkpoints are atomic."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self.in_training = False
+
+    def install(self) -> None:
+        for s in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(s, self._handle)
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+        if not self.in_training:
+            raise Interrupted(signum, f"stopped by {signal.Signals(signum).name} before training; "
+                                      "start the run again to continue")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------------------------
+
+def read_dataset(cfg: TrainConfig) -> data.ReadResult:
+    """Read and check the dataset; the first problem (and how many more there are) is the error."""
+    result = data.read_records(cfg.dataset)
+    if result.errors:
+        more = f" (and {len(result.errors) - 1} more; run `python -m payload.validate {cfg.dataset}`)" \
+            if len(result.errors) > 1 else ""
+        raise TrainError(result.errors[0] + more)
+    return result
+
+
+def prepare_data(cfg: TrainConfig, result: data.ReadResult, tokenizer) -> dict[str, Any]:
+    """Split, tokenize and pack checked records. Raises TrainError when nothing trainable is left."""
+    if result.format == "messages" and data.ensure_chat_template(tokenizer):
+        log.warning("the tokenizer has no chat template; using a plain '### role:' template")
+    train_recs, eval_recs = data.split_records(result.records, cfg.eval_split, cfg.seed)
+    train_ex = data.tokenize_records(train_recs, tokenizer, cfg.max_seq_length)
+    eval_ex = data.tokenize_records(eval_recs, tokenizer, cfg.max_seq_length)
+    truncated = sum(e.truncated for e in train_ex + eval_ex)
+    empty = [e for e in train_ex if e.trainable_tokens == 0]
+    if truncated:
+        log.warning("%d examples are longer than max_seq_length (%d tokens) and are cut; %d of them lose every "
+                    "answer token and are left out", truncated, cfg.max_seq_length, len(empty))
+    train_ex = [e for e in train_ex if e.trainable_tokens > 0]
+    eval_ex = [e for e in eval_ex if e.trainable_tokens > 0]
+    if not train_ex:
+        raise TrainError(f"{cfg.dataset}: no example has an answer token within max_seq_length "
+                         f"({cfg.max_seq_length}); raise max_seq_length")
+    if cfg.packing:
+        train_items = data.build_packs(train_ex, cfg.max_seq_length)
+        eval_items = data.build_packs(eval_ex, cfg.max_seq_length)
+    else:
+        train_items, eval_items = data.single_examples(train_ex), data.single_examples(eval_ex)
+    batches = [[len(x["input_ids"]) for x in train_items[i:i + cfg.micro_batch_size]]
+               for i in range(0, len(train_items), cfg.micro_batch_size)]
+    return {
+        "format": result.format, "train_records": train_recs, "eval_records": eval_recs,
+        "train_examples": train_ex, "eval_examples": eval_ex, "train_items": train_items, "eval_items": eval_items,
+        "truncated": truncated,
+        "tokens_per_epoch": sum(len(e.input_ids) for e in train_ex),
+        "trainable_tokens_per_epoch": sum(e.trainable_tokens for e in train_ex),
+        # Packs go through the padding-free collator, which computes no padding at all; the plain path pads.
+        "padding_waste": data.padding_waste(batches, padded=not cfg.packing),
+        "pack_fill": data.pack_fill(train_ex, cfg.max_seq_length) if cfg.packing else None,
+    }
+
+
+def load_tokenizer(model_ref: str, local: bool, base_model: str):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(model_ref, token=None if local else os.environ.get("HF_TOKEN") or None)
+    except Exception as e:  # noqa: BLE001 - every loader failure becomes one line naming the model
+        if not local:
+            raise TrainError(str(hub_failure(base_model, e))) from None
+        raise TrainError(f"base_model '{base_model}': cannot load its tokenizer: {str(e).splitlines()[0][:200]}") \
+            from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def pick_compute_dtype(cfg: TrainConfig, device: str):
+    import torch
+
+    name = cfg.compute_dtype
+    if name == "auto":
+        name = "bf16" if device == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if name == "fp16" and device != "cuda":
+        raise TrainError("compute_dtype 'fp16' needs a GPU; use 'auto' or 'fp32' on a CPU")
+    return name, {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+
+
+def load_model(cfg: TrainConfig, model_ref: str, local: bool, device: str, dtype):
+    """The base model (4-bit NF4 with double quantization unless turned off), ready for k-bit training."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    kwargs: dict[str, Any] = {"dtype": dtype, "device_map": {"": 0} if device == "cuda" else "cpu"}
+    if cfg.load_in_4bit:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=cfg.bnb_4bit_quant_type,
+            bnb_4bit_use_double_quant=cfg.bnb_4bit_use_double_quant,
+            bnb_4bit_compute_dtype=dtype,
+        )
+    if not local:
+        kwargs["token"] = os.environ.get("HF_TOKEN") or None
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_ref, **kwargs)
+    except Exception as e:  # noqa: BLE001
+        if _is_oom(e):
+            raise
+        if not local:
+            raise TrainError(str(hub_failure(cfg.base_model, e))) from None
+        raise TrainError(f"base_model '{cfg.base_model}': cannot load the model: {str(e).splitlines()[0][:200]}") \
+            from None
+    # Packed batches need use_cache=False: with a cache transformers does not build the block-diagonal mask.
+    model.config.use_cache = False
+    return model
+
+
+def add_lora(cfg: TrainConfig, model):
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    gc_kwargs = {"use_reentrant": False}
+    if cfg.load_in_4bit:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing,
+                                                gradient_checkpointing_kwargs=gc_kwargs)
+    elif cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
+        model.enable_input_require_grads()
+    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=cfg.target_modules, bias="none", task_type="CAUSAL_LM")
+    try:
+        return get_peft_model(model, lora)
+    except ValueError as e:
+        raise TrainError(f"bad value for 'target_modules': {str(e).splitlines()[0][:200]}") from None
+
+
+def quantization_summary(model, cfg: TrainConfig, dtype_name: str) -> dict[str, Any]:
+    """What the model really runs: the 4-bit layers found in it, their quantization type and compute dtype."""
+    summary: dict[str, Any] = {"load_in_4bit": cfg.load_in_4bit, "compute_dtype": dtype_name}
+    if not cfg.load_in_4bit:
+        return summary
+    import bitsandbytes as bnb
+
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    states = [getattr(m.weight, "quant_state", None) for m in layers]
+    summary.update({
+        "linear4bit_layers": len(layers),
+        "quant_types": sorted({s.quant_type for s in states if s is not None}),
+        "double_quant": bool(states) and all(s is not None and s.nested for s in states),
+        "weight_storage": sorted({str(m.weight.dtype).replace("torch.", "") for m in layers}),
+        "layer_compute_dtype": sorted({str(m.compute_dtype).replace("torch.", "") for m in layers
+                                       if getattr(m, "compute_dtype", None) is not None}),
+        "bitsandbytes": bnb.__version__,
+    })
+    return summary
+
+
+def make_callback(cfg: TrainConfig, events: EventWriter, stop: StopSignal, total_steps: int):
+    from transformers import TrainerCallback
+
+    ckpt_root = Path(cfg.output_dir) / CHECKPOINTS_DIR
+
+    class ProgressCallback(TrainerCallback):
+        """Progress events, checkpoint markers and rotation, and stopping on SIGTERM."""
+
+        def __init__(self):
+            self.t0 = time.monotonic()
+            self.step0 = 0
+            self.tokens0 = 0
+            self.losses: list[tuple[int, float]] = []
+            self.evals: list[tuple[int, float]] = []
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.t0, self.step0, self.tokens0 = time.monotonic(), state.global_step, state.num_input_tokens_seen
+            if state.max_steps != total_steps:
+                log.warning("the Trainer plans %d steps, %d were announced", state.max_steps, total_steps)
+
+        def on_step_end(self, args, state, control, **kw):
+            if stop.signum is not None:
+                control.should_save = True
+                control.should_training_stop = True
+            if state.global_step >= state.max_steps:
+                control.should_save = True   # the last step always leaves a checkpoint: a restart need not retrain
+            if control.should_save:
+                target = ckpt_root / f"{ckpts.PREFIX}{state.global_step}"
+                # A leftover of an interrupted save at this step is useless and must not mix with the new files.
+                if ckpts.discard_incomplete(target):
+                    log.warning("removed the incomplete %s before saving over it", target.name)
+
+        def on_save(self, args, state, control, **kw):
+            path = ckpt_root / f"{ckpts.PREFIX}{state.global_step}"
+            ckpts.mark_complete(path, state.global_step)
+            for old in ckpts.rotate(ckpt_root, cfg.save_total_limit):
+                log.info("removed old checkpoint %s", old.name)
+            events.emit("checkpoint", step=state.global_step, path=str(path))
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if not logs or "loss" not in logs:
+                return
+            elapsed = max(time.monotonic() - self.t0, 1e-9)
+            done = max(state.global_step - self.step0, 1)
+            loss = float(logs["loss"])
+            self.losses.append((state.global_step, loss))
+            events.emit(
+                "step", step=state.global_step, total_steps=state.max_steps, epoch=round(state.epoch or 0.0, 4),
+                loss=round(loss, 5), lr=float(logs.get("learning_rate", 0.0)),
+                tokens_per_s=round((state.num_input_tokens_seen - self.tokens0) / elapsed, 1),
+                eta_s=round(elapsed / done * (state.max_steps - state.global_step), 1),
+            )
+
+        def on_evaluate(self, args, state, control, metrics=None, **kw):
+            if metrics and "eval_loss" in metrics:
+                self.evals.append((state.global_step, float(metrics["eval_loss"])))
+                events.emit("eval", step=state.global_step, eval_loss=round(float(metrics["eval_loss"]), 5))
+
+    return ProgressCallback()
+
+
+def eval_loss(model, items: list[dict], collator, batch_size: int, device: str) -> float | None:
+    """Token-weighted mean loss over the answer tokens of `items` (None when there are none)."""
+    import torch
+
+    total = 0.0
+    count = 0
+    model.eval()
+    with torch.no_grad():
+        for i in range(0, len(items), batch_size):
+            batch = {k: v.to(device) for k, v in collator(items[i:i + batch_size]).items()}
+            n = int((batch["labels"][..., 1:] != data.IGNORE_INDEX).sum())
+            if n == 0:
+                continue
+            out = model(**batch, use_cache=False)
+            total += float(out.loss) * n
+            count += n
+    return total / count if count else None
+
+
+def generate(model, tokenizer, prompt_ids: list[int], max_new_tokens: int, device: str) -> str:
+    import torch
+
+    ids = torch.tensor([prompt_ids], device=device)
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             do_sample=False, use_cache=True, pad_token_id=tokenizer.pad_token_id,
+                             eos_token_id=tokenizer.eos_token_id)
+    return tokenizer.decode(out[0, len(prompt_ids):], skip_special_tokens=True).strip()
+
+
+def final_evaluation(cfg: TrainConfig, model, tokenizer, prepared: dict, collator, device: str) -> dict[str, Any]:
+    """Eval loss of the base model against the fine-tuned one on the held-out split, and both generations for a
+    few held-out prompts: the evidence an approver looks at before a deploy."""
+    items = prepared["eval_items"]
+    result: dict[str, Any] = {"eval_examples": len(prepared["eval_examples"])}
+    if not items:
+        return result
+    result["eval_loss"] = eval_loss(model, items, collator, cfg.micro_batch_size, device)
+    with model.disable_adapter():
+        result["base_eval_loss"] = eval_loss(model, items, collator, cfg.micro_batch_size, device)
+    generations = []
+    for rec in prepared["eval_records"][: cfg.eval_generations]:
+        prompt_ids, reference = data.prompt_for_generation(rec, tokenizer)
+        prompt_ids = prompt_ids[-(cfg.max_seq_length - 1):]
+        entry = {"line": rec.line, "prompt": tokenizer.decode(prompt_ids, skip_special_tokens=True),
+                 "reference": reference}
+        entry["fine_tuned"] = generate(model, tokenizer, prompt_ids, cfg.max_new_tokens, device)
+        with model.disable_adapter():
+            entry["base"] = generate(model, tokenizer, prompt_ids, cfg.max_new_tokens, device)
+        generations.append(entry)
+    result["generations"] = generations
+    return result
+
+
+def save_adapter(model, tokenizer, out_dir: Path) -> Path:
+    """Write the adapter and tokenizer next to their final place, then swap them in, so that a reader never sees
+    a half-written adapter."""
+    final = out_dir / ADAPTER_DIR
+    tmp = out_dir / (ADAPTER_DIR + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        if not (tmp / name).is_file():
+            raise TrainError(f"no adapter was written: {name} is missing in {tmp}")
+    old = out_dir / (ADAPTER_DIR + ".old")
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _wandb_enabled(cfg: TrainConfig) -> bool:
+    if not (cfg.report_to_wandb and os.environ.get("WANDB_API_KEY")):
+        return False
+    import importlib.util
+
+    if importlib.util.find_spec("wandb") is None:
+        log.warning("WANDB_API_KEY is set but the wandb package is not installed; not reporting to W&B")
+        return False
+    return True
+
+
+def run(cfg: TrainConfig, events: EventWriter, stop: StopSignal) -> dict[str, Any]:
+    """Train one run end to end; returns the metrics also written to metrics.json."""
+    t_start = time.monotonic()
+    out_dir = Path(cfg.output_dir)
+    ckpt_root = out_dir / CHECKPOINTS_DIR
+
+    # 1. Data and tokenizer, before any model is loaded.
+    records = read_dataset(cfg)
+    try:
+        model_ref, local = resolve_model(cfg.base_model)
+    except ModelNotFound as e:
+        raise TrainError(str(e)) from None
+    import torch
+
+    configured_threads = cfg.num_threads or int(os.environ.get("OMP_NUM_THREADS") or 0)
+    torch.set_num_threads(configured_threads or cpu_budget())
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype_name, dtype = pick_compute_dtype(cfg, device)
+    tokenizer = load_tokenizer(model_ref, local, cfg.base_model)
+    prepared = prepare_data(cfg, records, tokenizer)
+    total_steps = plan_steps(len(prepared["train_items"]), cfg.micro_batch_size, cfg.gradient_accumulation_steps,
+                             cfg.num_epochs, cfg.max_steps)
+
+    # 2. Where to resume from: the newest complete checkpoint; incomplete newer ones are skipped, not deleted.
+    resume, skipped = ckpts.newest_complete(ckpt_root)
+    for c in skipped:
+        log.warning("skipping %s: %s", c.path.name, c.reason)
+    resumed_from = resume.step if resume else 0
+    if resume:
+        log.info("resuming from %s", resume.path.name)
+    events.emit("start", total_steps=total_steps, run_id=cfg.run_id, base_model=cfg.base_model, device=device,
+                examples=len(prepared["train_records"]) + len(prepared["eval_records"]),
+                train_examples=len(prepared["train_examples"]), eval_examples=len(prepared["eval_examples"]),
+                sequences=len(prepared["train_items"]), tokens_per_epoch=prepared["tokens_per_epoch"],
+                resumed_from_step=resumed_from, resumed_from=str(resume.path) if resume else None,
+                skipped_checkpoints=[f"{c.path.name}: {c.reason}" for c in skipped])
+
+    # 3. Model: 4-bit base + LoRA adapter.
+    from transformers import PrinterCallback, Trainer, TrainingArguments, set_seed
+
+    set_seed(cfg.seed)
+    model = load_model(cfg, model_ref, local, device, dtype)
+    model = add_lora(cfg, model)
+    quant = quantization_summary(model, cfg, dtype_name)
+    if cfg.load_in_4bit and not quant.get("linear4bit_layers"):
+        raise TrainError("4-bit loading was asked for but the model has no 4-bit layers; set load_in_4bit false")
+    trainable, total_params = model.get_nb_trainable_parameters()
+    threads = pick_threads(total_params, cpu_budget(), configured_threads)
+    torch.set_num_threads(threads)
+
+    # 4. Train.
+    collator = data.PaddingFreeCollator() if cfg.packing else data.PaddedCollator(tokenizer.pad_token_id)
+    has_eval = bool(prepared["eval_items"])
+    args = TrainingArguments(
+        output_dir=str(ckpt_root),
+        per_device_train_batch_size=cfg.micro_batch_size,
+        per_device_eval_batch_size=cfg.micro_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        learning_rate=cfg.learning_rate,
+        num_train_epochs=cfg.num_epochs,
+        max_steps=cfg.max_steps,
+        lr_scheduler_type=cfg.lr_scheduler_type,
+        warmup_steps=cfg.warmup_ratio,             # a float below 1 is a ratio of the total steps
+        max_grad_norm=cfg.max_grad_norm,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
+        bf16=dtype_name == "bf16",
+        fp16=dtype_name == "fp16",
+        use_cpu=device == "cpu",
+        logging_steps=cfg.logging_steps,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=None,                     # rotation is ours: it must never drop the last complete one
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=cfg.save_steps if has_eval else None,
+        prediction_loss_only=True,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        report_to=["wandb"] if _wandb_enabled(cfg) else "none",
+        run_name=cfg.run_id or None,
+        disable_tqdm=True,
+        remove_unused_columns=False,
+        label_names=["labels"],
+        include_num_input_tokens_seen="all",
+        dataloader_num_workers=0,
+    )
+    callback = make_callback(cfg, events, stop, total_steps)
+    trainer = Trainer(model=model, args=args, train_dataset=prepared["train_items"],
+                      eval_dataset=prepared["eval_items"] if has_eval else None,
+                      data_collator=collator, callbacks=[callback])
+    trainer.remove_callback(PrinterCallback)       # our events are the log; its dict lines would repeat them
+    stop.in_training = True
+    try:
+        output = trainer.train(resume_from_checkpoint=str(resume.path) if resume else None)
+    finally:
+        stop.in_training = False
+    if stop.signum is not None:
+        name = signal.Signals(stop.signum).name
+        raise Interrupted(stop.signum, f"stopped by {name} at step {trainer.state.global_step} "
+                                       f"(checkpoint-{trainer.state.global_step} saved); start the run again "
+                                       "to resume")
+    train_runtime = float(output.metrics.get("train_runtime", 0.0))
+    tokens_this_run = trainer.state.num_input_tokens_seen - callback.tokens0
+
+    # 5. Adapter, evaluation, metrics.
+    adapter = save_adapter(model, tokenizer, out_dir)
+    evaluation = final_evaluation(cfg, model, tokenizer, prepared, collator, device)
+    if evaluation.get("eval_loss") is not None:
+        events.emit("eval", step=trainer.state.global_step, eval_loss=round(evaluation["eval_loss"], 5),
+                    base_eval_loss=round(evaluation["base_eval_loss"], 5), final=True)
+    peak, peak_kind = _peak_memory(device)
+    metrics = {
+        "run_id": cfg.run_id,
+        "base_model": cfg.base_model,
+        "device": device,
+        "torch_threads": threads if device == "cpu" else None,
+        "quantization": quant,
+        "lora": {"r": cfg.lora_r, "alpha": cfg.lora_alpha, "dropout": cfg.lora_dropout,
+                 "target_modules": cfg.target_modules, "trainable_params": trainable, "total_params": total_params},
+        "steps": trainer.state.global_step,
+        "total_steps": total_steps,
+        "epochs": round(trainer.state.epoch or 0.0, 4),
+        "resumed_from_step": resumed_from,
+        "train_loss": output.training_loss if tokens_this_run else None,
+        "first_loss": callback.losses[0][1] if callback.losses else None,
+        "last_loss": callback.losses[-1][1] if callback.losses else None,
+        "loss_history": callback.losses,
+        "eval_history": callback.evals,
+        "eval_loss": evaluation.get("eval_loss"),
+        "base_eval_loss": evaluation.get("base_eval_loss"),
+        "eval_examples": evaluation["eval_examples"],
+        "generations": evaluation.get("generations", []),
+        "train_examples": len(prepared["train_examples"]),
+        "truncated_examples": prepared["truncated"],
+        "tokens_per_epoch": prepared["tokens_per_epoch"],
+        "trainable_tokens_per_epoch": prepared["trainable_tokens_per_epoch"],
+        "tokens_seen": trainer.state.num_input_tokens_seen,
+        "tokens_this_run": tokens_this_run,
+        "train_runtime_s": round(train_runtime, 3),
+        "tokens_per_s": round(tokens_this_run / train_runtime, 1) if train_runtime > 0 else None,
+        "duration_s": round(time.monotonic() - t_start, 3),
+        "peak_memory_mb": round(peak, 1),
+        "peak_memory_kind": peak_kind,
+        "packing": cfg.packing,
+        "padding_waste": round(prepared["padding_waste"], 4),
+        "pack_fill": None if prepared["pack_fill"] is None else round(prepared["pack_fill"], 4),
+        "adapter": str(adapter),
+    }
+    _write_json_atomic(out_dir / METRICS_FILE, metrics)
+    events.emit("done", adapter=str(adapter), metrics={k: metrics[k] for k in (
+        "steps", "train_loss", "first_loss", "last_loss", "eval_loss", "base_eval_loss", "tokens_per_s",
+        "duration_s", "peak_memory_mb", "padding_waste")})
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------------------------
+
+def _is_oom(err: BaseException) -> bool:
+    try:
+        import torch
+
+        if isinstance(err, torch.OutOfMemoryError):
+            return True
+    except ImportError:
+        pass
+    text = str(err)
+    return isinstance(err, MemoryError) or (isinstance(err, RuntimeError) and (
+        "out of memory" in text.lower() or "can't allocate memory" in text))
+
+
+def _fallback_output_dir(config_path: str) -> str | None:
+    """The output_dir of a config that failed validation, when it can still be read, so the error event lands
+    where the watcher looks."""
+    try:
+        raw = json.loads(Path(config_path).read_text(encoding="utf-8"))
+        out = raw.get("output_dir") if isinstance(raw, dict) else None
+        return out if isinstance(out, str) and out.strip() else None
+    except (OSError, ValueError):
+        return None
+
+
+def _fail(message: str, events: EventWriter | None, code: int = 1) -> int:
+    one_line = " ".join(message.split())
+    if events is not None:
+        try:
+            events.emit("error", message=one_line)
+        except OSError:
+            print(PREFIX + encode(make_event("error", message=one_line)), flush=True)
+    else:
+        print(PREFIX + encode(make_event("error", message=one_line)), flush=True)
+    print(f"error: {one_line}", file=sys.stderr, flush=True)
+    return code
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore", category=FutureWarning)   # library deprecation notes, not run problems
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    for name in ("transformers", "peft", "accelerate", "bitsandbytes", "httpx", "huggingface_hub"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m payload.train", description=__doc__.splitlines()[0])
+    ap.add_argument("--config", required=True, help="run config (JSON or YAML)")
+    args = ap.parse_args(argv)
+    _quiet_libraries()
+    stop = StopSignal()
+    stop.install()
+
+    events: EventWriter | None = None
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as e:
+        out = _fallback_output_dir(args.config)
+        try:
+            events = EventWriter(out) if out else None
+        except OSError:
+            events = None
+        return _fail(str(e), events)
+    try:
+        events = EventWriter(cfg.output_dir)
+    except OSError as e:
+        return _fail(f"output_dir '{cfg.output_dir}': cannot write there: {e.strerror}", None)
+
+    try:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
+        run(cfg, events, stop)
+        return 0
+    except TrainError as e:
+        return _fail(str(e), events)
+    except Interrupted as e:
+        return _fail(str(e), events, 128 + e.signum)
+    except BaseException as e:  # noqa: BLE001 - the boundary: one line for people, the traceback in a file
+        if isinstance(e, KeyboardInterrupt):
+            return _fail("interrupted", events, 130)
+        if isinstance(e, SystemExit):
+            raise
+        if _is_oom(e):
+            return _fail(OOM_HINT, events)
+        path = Path(cfg.output_dir) / ERROR_LOG
+        try:
+            path.write_text(traceback.format_exc(), encoding="utf-8")
+        except OSError:
+            traceback.print_exc()
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+        return _fail(f"internal error: {type(e).__name__}: {first} (details in {path})", events)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
