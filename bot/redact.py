@@ -35,32 +35,39 @@ SECRET_SUFFIXES = ("_TOKEN", "_SECRET", "_PASSWORD", "_API_KEY", "_ACCESS_KEY", 
 # reader still sees what was there ("AccountKey=***", "Bearer ***"). None of them matches "*", so a mask is
 # never matched again.
 _B64 = r"A-Za-z0-9+/="
-PATTERNS: tuple[re.Pattern[str], ...] = (
+# (triggers, pattern): a pattern is only run on text that holds one of its triggers (lower case), which keeps the
+# common case - a log line with no secret in it - cheap.
+_RULES: tuple[tuple[tuple[str, ...] | None, re.Pattern[str]], ...] = (
     # Hugging Face tokens: hf_ + 34 letters/digits (older ones are a little shorter).
-    re.compile(r"hf_[A-Za-z0-9]{30,}"),
+    (("hf_",), re.compile(r"hf_[A-Za-z0-9]{30,}")),
     # Slack tokens: bot, user, app-level, refresh, config.
-    re.compile(r"xox[abeprs]-[A-Za-z0-9][A-Za-z0-9-]{8,}"),
-    re.compile(r"xapp-[A-Za-z0-9][A-Za-z0-9-]{8,}"),
+    (("xox",), re.compile(r"xox[abeprs]-[A-Za-z0-9][A-Za-z0-9-]{8,}")),
+    (("xapp-",), re.compile(r"xapp-[A-Za-z0-9][A-Za-z0-9-]{8,}")),
     # Azure connection strings (case does not matter to Azure either).
-    re.compile(r"(?i)(?:Account|SharedAccess)Key\s*=\s*(?P<v>[^;\s\"'&<>,*]+)"),
+    (("key",), re.compile(r"(?i)(?:Account|SharedAccess)Key\s*=\s*(?P<v>[^;\s\"'&<>,*]+)")),
     # The signature of a SAS URL or token; the rest of a SAS (sv=, se=, sp=) is not secret.
-    re.compile(r"(?i)sig=(?P<v>[A-Za-z0-9%+/=_-]+)"),
+    (("sig=",), re.compile(r"(?i)sig=(?P<v>[A-Za-z0-9%+/=_-]+)")),
     # A bearer token: must hold a digit or a symbol, or be long, so that "bearer responsibilities" stays prose.
-    re.compile(r"(?i)bearer\s+(?P<v>(?=[A-Za-z.]*[0-9_~+/=-])[A-Za-z0-9._~+/=-]{8,}|[A-Za-z0-9._~+/=-]{20,})"),
+    (("bearer",),
+     re.compile(r"(?i)bearer\s+(?P<v>(?=[A-Za-z.]*[0-9_~+/=-])[A-Za-z0-9._~+/=-]{8,}|[A-Za-z0-9._~+/=-]{20,})")),
     # W&B API keys are 40 hex digits. A run of 40 or more also catches a key glued to other hex digits; the cost is
     # that full git commit ids and sha256 digests are masked too (short ids like 3f2a9c1 are not).
-    re.compile(r"[0-9a-fA-F]{40,}"),
+    (None, re.compile(r"[0-9a-fA-F]{40,}")),
     # NAME_TOKEN=value, NAME_SECRET: value ... as printed by env dumps and config echoes.
-    re.compile(r"\b[A-Z][A-Z0-9_]*(?:TOKEN|SECRET|PASSWORD|PASSWD|API_KEY|ACCESS_KEY|ACCOUNT_KEY)\b[\"']?\s*[=:]\s*"
-               r"[\"']?(?P<v>[^\s\"'*,;&<>]{5,}[^\s\"'*,;&<>.])"),
+    (("token", "secret", "passw", "api_key", "access_key", "account_key"),
+     re.compile(r"\b[A-Z][A-Z0-9_]*(?:TOKEN|SECRET|PASSWORD|PASSWD|API_KEY|ACCESS_KEY|ACCOUNT_KEY)\b[\"']?\s*[=:]\s*"
+                r"[\"']?(?P<v>[^\s\"'*,;&<>]{5,}[^\s\"'*,;&<>.])")),
     # "access_token": "...", "password": "..." in JSON bodies.
-    re.compile(r"(?i)\"(?:access_token|refresh_token|id_token|client_secret|api_key|apikey|password|secret|token)\""
-               r"\s*:\s*\"(?P<v>[^\"*]{6,})\""),
+    (("token", "secret", "password", "api_key", "apikey"),
+     re.compile(r"(?i)\"(?:access_token|refresh_token|id_token|client_secret|api_key|apikey|password|secret|token)\""
+                r"\s*:\s*\"(?P<v>[^\"*]{6,})\"")),
     # Passwords in URLs: scheme://user:password@host
-    re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s/:@*]*:(?P<v>[^\s/@*]{3,})@"),
+    (("://",), re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s/:@*]*:(?P<v>[^\s/@*]{3,})@")),
     # PEM private keys, whole blocks; a block cut off before its END line is masked to the end of the text.
-    re.compile(r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----(?:.*?-----END [A-Z0-9 ]*PRIVATE KEY-----|.*)", re.S),
+    (("private key-----",),
+     re.compile(r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----(?:.*?-----END [A-Z0-9 ]*PRIVATE KEY-----|.*)", re.S)),
 )
+PATTERNS: tuple[re.Pattern[str], ...] = tuple(p for _, p in _RULES)
 # The tail of a key whose BEGIN line went into an earlier message: its END line and the base64 lines above it.
 _PEM_END = re.compile(r"-----END [A-Z0-9 ]*PRIVATE KEY-----")
 _PEM_BODY_LINE = re.compile(rf"^\s*[{_B64}]*\s*$|^(?:Proc-Type|DEK-Info):.*$")
@@ -179,7 +186,10 @@ class Redactor:
         literal = self._literal
         if literal is not None:
             spans.extend((m.start(), m.start() + len(m.group(1))) for m in literal.finditer(text))
-        for pattern in PATTERNS:
+        low = text.lower()
+        for triggers, pattern in _RULES:
+            if triggers is not None and not any(t in low for t in triggers):
+                continue
             for m in pattern.finditer(text):
                 if "v" in pattern.groupindex and m.group("v") is not None:
                     spans.append(m.span("v"))
