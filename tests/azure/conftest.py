@@ -1,0 +1,109 @@
+"""Fixtures for the Azure backend tests: the local Azure stand-in over TLS, seed-format config files pointing at it,
+the real SDK clients with a static token (the edge of the world), a workspace, and settings on the session's Redis."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from jobs.aca.clients import AzureClients, install_clients, reset_clients
+from jobs.aca.config import AcaConfig, load_aca_config
+from jobs.settings import JobSettings
+from tests.standins.azure import ACCOUNT_KEY, AzureStandIn, StaticTokenCredential, standin_config
+
+ENV_STORAGE = "tuneopsstorage"
+SHARE = "tuneopsshare"
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+@pytest.fixture
+def standin(tmp_path):
+    s = AzureStandIn(tmp_path / "azure").start()
+    s.add_env_storage("tuneops-env", ENV_STORAGE, SHARE)
+    yield s
+    s.stop()
+
+
+def make_clients(cfg: AcaConfig) -> AzureClients:
+    # Short timeouts and backoffs keep fault tests quick; the policies are the SDKs' own.
+    return AzureClients(cfg, StaticTokenCredential(), retry_total=3, retry_backoff_factor=0.05,
+                        retry_backoff_max=0.5, read_timeout=2.0, connection_timeout=2.0, storage_backoff=0.05,
+                        upload_concurrency=4)
+
+
+@dataclass
+class Aca:
+    standin: AzureStandIn
+    infra: Path
+    cfg: AcaConfig
+    clients: AzureClients
+    env: dict[str, str]
+
+    def reload(self, **extra) -> Aca:
+        """Rewrite the config with `extra` keys and get fresh clients for it."""
+        standin_config(self.standin, self.infra, extra=extra)
+        cfg = load_aca_config(self.env)
+        clients = make_clients(cfg)
+        install_clients(clients)
+        return Aca(self.standin, self.infra, cfg, clients, self.env)
+
+
+@pytest.fixture
+def aca(standin, tmp_path, monkeypatch) -> Aca:
+    infra = tmp_path / "infra"
+    standin_config(standin, infra)
+    env = {"TUNEOPS_INFRA_DIR": str(infra), "TUNEOPS_AZURE_CA_BUNDLE": str(standin.ca_path),
+           "TUNEOPS_STORAGE_KEY": ACCOUNT_KEY}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    cfg = load_aca_config(env)
+    clients = make_clients(cfg)
+    install_clients(clients)
+    yield Aca(standin, infra, cfg, clients, env)
+    reset_clients()
+
+
+@pytest.fixture
+def workspace(tmp_path, tiny_model, example_dataset) -> Path:
+    ws = tmp_path / "ws"
+    (ws / "datasets").mkdir(parents=True)
+    (ws / "model-cache").mkdir()
+    shutil.copy(example_dataset, ws / "datasets" / "train.jsonl")
+    (ws / "model-cache" / "tiny").symlink_to(tiny_model, target_is_directory=True)
+    return ws
+
+
+@pytest.fixture
+def settings(redis_url, workspace, monkeypatch, tmp_path):
+    from jobs import tasks
+
+    # The sync's local hash cache goes under the test's folder, not the user's ~/.cache.
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    s = JobSettings(redis_url=redis_url, backend="aca", workspace=workspace, monitor_interval_s=0.2,
+                    python=sys.executable)
+    tasks.configure(s)
+    yield s
+    tasks.configure(None)
+
+
+def run_worker_burst(settings: JobSettings) -> None:
+    """Run the queued jobs in this process with RQ's own worker class (no fork, so the installed clients serve)."""
+    from rq import SimpleWorker
+
+    from jobs import tasks
+
+    SimpleWorker([tasks.get_queue(settings)], connection=tasks.rq_connection(settings)).work(burst=True)
