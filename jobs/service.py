@@ -59,8 +59,9 @@ def resolve_model(workspace: Path, model: str) -> str:
     trainer). Returns the value for the run config."""
     rel = _relative_path(model, "--model")
     for candidate in (rel, PurePosixPath("model-cache") / rel):
-        full = _inside(workspace, candidate)
-        if full.is_dir():
+        # No link check here, unlike datasets: model-cache entries are often links to a shared cache, put there by
+        # whoever runs the workspace; the name itself cannot leave the workspace (checked above).
+        if (workspace / candidate).is_dir():
             return str(candidate)
     text = str(rel)
     if HUB_ID_RE.match(text) and rel.parts[0] != "model-cache":

@@ -75,12 +75,13 @@ class JobSettings:
                 if max_running < 1:
                     raise ValueError
             except ValueError:
-                problems.append(f"TUNEOPS_MAX_RUNNING={raw!r} must be a whole number of at least 1 (GPU runs at once)")
+                problems.append(f"TUNEOPS_MAX_RUNNING={raw!r} is not a whole number of at least 1: set it to how many "
+                                "GPU runs may go at once (default 2)")
 
         default_model = text("TUNEOPS_DEFAULT_MODEL", cls.default_model)
         if default_model.startswith("/") or ".." in Path(default_model).parts:
-            problems.append(f"TUNEOPS_DEFAULT_MODEL={default_model!r} must be a folder relative to the workspace "
-                            "(model-cache/NAME) or a hub id (org/name)")
+            problems.append(f"TUNEOPS_DEFAULT_MODEL={default_model!r} leads outside the workspace: give a folder "
+                            "relative to the workspace (model-cache/NAME) or a hub id (org/name)")
 
         monitor_interval_s = cls.monitor_interval_s
         raw = env.get("TUNEOPS_MONITOR_INTERVAL", "").strip()
@@ -90,7 +91,8 @@ class JobSettings:
                 if not 0.1 <= monitor_interval_s <= 600:
                     raise ValueError
             except ValueError:
-                problems.append(f"TUNEOPS_MONITOR_INTERVAL={raw!r} must be a number of seconds between 0.1 and 600")
+                problems.append(f"TUNEOPS_MONITOR_INTERVAL={raw!r} is not a number between 0.1 and 600: set it to how "
+                                "many seconds pass between two looks at a running run (default 2)")
 
         python = text("TUNEOPS_PYTHON", cls.python)
         if not Path(python).is_file():
@@ -99,7 +101,8 @@ class JobSettings:
 
         train_module = text("TUNEOPS_TRAIN_MODULE", cls.train_module)
         if not all(part.isidentifier() for part in train_module.split(".")):
-            problems.append(f"TUNEOPS_TRAIN_MODULE={train_module!r} is not a Python module name (like payload.train)")
+            problems.append(f"TUNEOPS_TRAIN_MODULE={train_module!r} is not a Python module name: give a dotted "
+                            "name like payload.train")
 
         overrides: dict[str, Any] = {}
         raw = env.get("TUNEOPS_TRAIN_OVERRIDES", "").strip()

@@ -55,7 +55,7 @@ _rq_clients: dict[str, redis.Redis] = {}
 _rq_lock = threading.Lock()
 
 
-def configure(settings: JobSettings) -> None:
+def configure(settings: JobSettings | None) -> None:
     """Set the settings tasks use in this process (the worker calls it; forked job processes inherit it)."""
     global _settings
     _settings = settings

@@ -1,0 +1,170 @@
+"""Fixtures for the jobs tests: a workspace per test, settings pointing at the session's Redis, and real RQ worker
+processes (`python -m jobs.worker`) that a test can start, SIGKILL and replace. Nothing is left running afterwards."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from jobs import store
+from jobs.domain import RunEvent
+from jobs.settings import JobSettings
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent.parent
+FAST = {"save_steps": 2, "eval_generations": 0}
+
+
+def wait_for(predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.1):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def session_members(sid: int) -> list[int]:
+    """Live processes of session `sid` (a worker, its scheduler and its job processes, which change group)."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            raw = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = raw[raw.rfind(")") + 2:].split()
+        if fields[0] not in ("Z", "X") and fields[3] == str(sid):
+            out.append(int(entry.name))
+    return out
+
+
+def trainer_groups(workspace: Path) -> list[int]:
+    """Process groups of every training launch in the workspace (the launcher's pid is its group id)."""
+    groups = []
+    for pid_file in workspace.glob("runs/*/attempt-*.pid"):
+        groups.append(int(pid_file.read_text().split()[0]))
+    return groups
+
+
+@pytest.fixture
+def workspace(tmp_path, tiny_model, example_dataset) -> Path:
+    ws = tmp_path / "ws"
+    (ws / "datasets").mkdir(parents=True)
+    (ws / "model-cache").mkdir()
+    shutil.copy(example_dataset, ws / "datasets" / "train.jsonl")
+    (ws / "model-cache" / "tiny").symlink_to(tiny_model, target_is_directory=True)
+    yield ws
+    # Never leave a trainer behind, whatever the test did.
+    for pgid in trainer_groups(ws):
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+@pytest.fixture
+def fake_trainer(monkeypatch):
+    """Let trainers started from this process (and its workers) import tests/jobs/fake_train.py."""
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")])))
+    monkeypatch.setenv("FAKE_STEP_S", "0.05")
+
+
+@pytest.fixture
+def settings(redis_url, workspace):
+    """Settings for the fake trainer; tests of the real trainer replace train_module."""
+    from jobs import tasks
+
+    s = JobSettings(redis_url=redis_url, workspace=workspace, max_running=2, monitor_interval_s=0.5,
+                    python=sys.executable, train_module="fake_train", train_overrides=FAST)
+    tasks.configure(s)  # for tasks called in this process
+    yield s
+    tasks.configure(None)
+
+
+def settings_env(settings: JobSettings) -> dict[str, str]:
+    import json
+
+    return {
+        "REDIS_URL": settings.redis_url,
+        "TUNEOPS_BACKEND": settings.backend,
+        "TUNEOPS_WORKSPACE": str(settings.workspace),
+        "TUNEOPS_MAX_RUNNING": str(settings.max_running),
+        "TUNEOPS_DEFAULT_MODEL": settings.default_model,
+        "TUNEOPS_MONITOR_INTERVAL": str(settings.monitor_interval_s),
+        "TUNEOPS_PYTHON": settings.python,
+        "TUNEOPS_TRAIN_MODULE": settings.train_module,
+        "TUNEOPS_TRAIN_OVERRIDES": json.dumps(dict(settings.train_overrides)),
+    }
+
+
+class Workers:
+    """Real `python -m jobs.worker` processes, each in a session of its own so that a test can kill one outright."""
+
+    def __init__(self, tmp_path: Path):
+        self.tmp_path = tmp_path
+        self.procs: list[subprocess.Popen] = []
+
+    def start(self, settings: JobSettings, **env: str) -> subprocess.Popen:
+        full_env = {**os.environ, **settings_env(settings), **env}
+        log = open(self.tmp_path / f"worker-{len(self.procs)}.log", "wb")
+        proc = subprocess.Popen([sys.executable, "-m", "jobs.worker"], cwd=ROOT, env=full_env, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        log.close()
+        self.procs.append(proc)
+        return proc
+
+    def kill(self, proc: subprocess.Popen) -> None:
+        """SIGKILL the worker and everything of its session (its scheduler, a job in flight), as a crash would."""
+        for pid in session_members(proc.pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.wait(10)
+        wait_for(lambda: not session_members(proc.pid), 10, "the killed worker's processes to go")
+
+    def stop_all(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in self.procs:
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                pass
+            for pid in session_members(proc.pid):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            if proc.poll() is None:
+                proc.wait(10)
+
+    def logs(self) -> str:
+        return "\n".join(p.read_text(errors="replace") for p in sorted(self.tmp_path.glob("worker-*.log")))
+
+
+@pytest.fixture
+def workers(tmp_path):
+    w = Workers(tmp_path)
+    yield w
+    w.stop_all()
+
+
+def events_of(settings: JobSettings, run_id: str) -> list[RunEvent]:
+    return store.run_events(store.connect(settings), run_id)
+
+
+def kinds(events: list[RunEvent]) -> list[str]:
+    return [e.kind if e.kind != "state" else f"state:{e.data['state']}" for e in events]
