@@ -121,17 +121,22 @@ class LogBatcher:
 
     def flush(self, now: float, force: bool = False) -> list[str]:
         """The messages due at `now`; with `force` (the run ended) everything pending, whatever the time."""
-        if not any(isinstance(e, _Line) for e in self._pending):
+        send, hold = self._pending, []
+        if not force and self._tb_open and now - self._tb_started < self.error_grace_s:
+            # A traceback is still arriving: hold it (to send it whole), but not what came before it.
+            start = next((i for i, e in enumerate(self._pending) if isinstance(e, _Line) and e.block == self._blocks),
+                         len(self._pending))
+            send, hold = self._pending[:start], self._pending[start:]
+        if not any(isinstance(e, _Line) for e in send):
             return []
         if not force:
-            if self._tb_open and now - self._tb_started < self.error_grace_s:
-                return []  # a traceback is still arriving; send it whole
-            has_error = any(isinstance(e, _Line) and e.error for e in self._pending)
+            has_error = any(isinstance(e, _Line) and e.error for e in send)
             interval_over = self._last_sent is None or now - self._last_sent >= self.interval_s
             if not (has_error or interval_over):
                 return []
-        messages = self._render(self._pending)
-        self._pending, self._normal_pending = [], 0
+        messages = self._render(send)
+        self._pending = hold
+        self._normal_pending = sum(1 for e in hold if isinstance(e, _Line) and not e.error)
         self._last_sent = now if self._last_sent is None else max(now, self._last_sent)
         return messages
 

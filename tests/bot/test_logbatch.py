@@ -85,7 +85,8 @@ batcher_args = st.fixed_dictionaries({
 
 
 @SETTINGS
-@given(stream=log_stream(), args=batcher_args, ticks=st.lists(st.floats(0, 10), max_size=4))
+@given(stream=log_stream(), args=batcher_args,
+       ticks=st.lists(st.tuples(st.floats(0, 10), st.sampled_from([False] * 5 + [True])), max_size=4))
 def test_properties(stream, args, ticks):
     feeds, errors, total = stream
     b = LogBatcher(**args)
@@ -97,9 +98,9 @@ def test_properties(stream, args, ticks):
         for line in lines:
             arrival[int(ID_RE.match(line).group(1))] = len(calls)
         calls.append((now, False, b.feed(lines, now)))
-        for t in ticks:  # the caller's clock ticks between feeds
+        for t, force in ticks:  # the caller's clock ticks between feeds; a forced flush now and then
             now += t
-            calls.append((now, False, b.flush(now)))
+            calls.append((now, force, b.flush(now, force=force)))
     calls.append((now + 100, True, b.flush(now + 100, force=True)))
 
     every = [m for _, _, ms in calls for m in ms]
@@ -181,6 +182,22 @@ def test_a_traceback_that_never_ends_goes_out_after_the_grace():
     assert shown(b.feed(["L0 Traceback (most recent call last):", "  L1 File x"], now=0)) == ([], 0)
     assert b.flush(1.9) == []
     assert shown(b.flush(2.0)) == ([0, 1], 0)
+
+
+def test_a_finished_traceback_is_not_held_behind_the_next_one():
+    b = LogBatcher(interval_s=20, error_grace_s=2)
+    assert b.feed(["L0 Traceback (most recent call last):"], now=0) == []
+    out = b.feed(["  L1 File x", "L2 KeyError: 'a'", "L3 step", "L4 Traceback (most recent call last):"], now=2)
+    assert shown(out) == ([0, 1, 2, 3], 0)
+    assert shown(b.feed(["  L5 File y", "L6 KeyError: 'b'"], now=2.5)) == ([4, 5, 6], 0)
+
+
+def test_a_forced_flush_in_the_middle_of_a_traceback():
+    b = LogBatcher(interval_s=20, error_grace_s=2)
+    b.feed(["L0 Traceback (most recent call last):", "  L1 File x"], now=0)
+    assert shown(b.flush(0.5, force=True)) == ([0, 1], 0)
+    assert b.flush(0.6) == []
+    assert shown(b.feed(["  L2 File y", "L3 KeyError: 'a'"], now=0.7)) == ([2, 3], 0)
 
 
 def test_more_error_lines_than_a_message_holds_are_split_not_dropped():
