@@ -275,11 +275,11 @@ class GenerationError(RuntimeError):
 
 
 class Generation:
-    """One generation running in a background thread. Iterate it for text pieces; afterwards `finish_reason`,
-    `prompt_tokens` and `completion_tokens` are set. Closing the iteration early stops the model."""
+    """One generation, run in a background thread once iterated. Iterate it for text pieces; afterwards
+    `finish_reason`, `prompt_tokens` and `completion_tokens` are set. Closing the iteration early stops the model."""
 
     def __init__(self, engine: Engine, prompt_ids: list[int], max_tokens: int, params: SamplingParams):
-        from transformers import StoppingCriteria, TextIteratorStreamer
+        from transformers import TextIteratorStreamer
 
         self.engine = engine
         self.prompt_ids = prompt_ids
@@ -294,22 +294,18 @@ class Generation:
         self._hit_stop = False
         self._stopped_early = False
         self._streamer = TextIteratorStreamer(engine.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        generation = self
-
-        class _Cancelled(StoppingCriteria):
-            def __call__(self, input_ids, scores, **kwargs):
-                import torch
-
-                stop = generation._cancelled.is_set()
-                generation._stopped_early |= stop
-                return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
-
-        self._stopping = _Cancelled()
         self._thread = threading.Thread(target=self._run, name="generate", daemon=True)
-        self._thread.start()
 
     def cancel(self) -> None:
         self._cancelled.set()
+
+    def _should_stop(self, input_ids, scores, **kwargs):
+        """generate()'s stopping criterion: stop as soon as the request is cancelled."""
+        import torch
+
+        stop = self._cancelled.is_set()
+        self._stopped_early |= stop
+        return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
 
     def _run(self) -> None:
         import torch
@@ -327,7 +323,7 @@ class Generation:
                         torch.manual_seed(self.params.seed)
                 out = self.engine.model.generate(
                     input_ids=ids, attention_mask=torch.ones_like(ids), streamer=self._streamer,
-                    stopping_criteria=[self._stopping], pad_token_id=self.engine.pad_token_id, **kwargs)
+                    stopping_criteria=[self._should_stop], pad_token_id=self.engine.pad_token_id, **kwargs)
                 ended = True  # generate() ends the streamer itself
                 self.completion_tokens = out.shape[1] - ids.shape[1]
                 self._last_token = int(out[0, -1]) if self.completion_tokens else None
@@ -341,6 +337,7 @@ class Generation:
 
     def __iter__(self) -> Iterator[str]:
         started = time.monotonic()
+        self._thread.start()
         scanner = StopScanner(self.params.stop)
         hit_stop = False
         try:
@@ -431,7 +428,7 @@ def load_engine(base: Path, adapter: Path | None, *, load_in_4bit: bool | None =
         kwargs["dtype"] = compute
     try:
         model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, ImportError, RuntimeError) as e:  # RuntimeError: out of GPU memory
         raise StartupError(f"cannot load the base model from {base}: {_first_line(e)}") from None
 
     tokenizer_dir = adapter if adapter is not None and (adapter / "tokenizer_config.json").is_file() else base
@@ -446,7 +443,7 @@ def load_engine(base: Path, adapter: Path | None, *, load_in_4bit: bool | None =
     description = f"{base.name}, {'4-bit NF4' if four_bit else str(compute).removeprefix('torch.')}, " \
                   f"{'cuda' if on_gpu else 'cpu'}"
     if adapter is not None:
-        _check_adapter_fits(adapter, adapter_config, model)
+        _check_adapter_fits(adapter, adapter_config, base, model)
         from peft import PeftModel
 
         try:
@@ -458,8 +455,12 @@ def load_engine(base: Path, adapter: Path | None, *, load_in_4bit: bool | None =
     return Engine(model, tokenizer, model_name or default_model_id(base, adapter), description=description)
 
 
-def _check_adapter_fits(adapter: Path, adapter_config: dict[str, Any], model) -> None:
+def _check_adapter_fits(adapter: Path, adapter_config: dict[str, Any], base: Path, model) -> None:
     """Refuse an adapter trained for another base before peft fails on it with a long shape dump."""
+    trained_on = adapter_config.get("base_model_name_or_path") or "unknown"
+    # Same shapes do not prove the same weights (two 7B Llamas look alike), so a different name is worth a warning.
+    if trained_on != "unknown" and Path(trained_on).name != base.resolve().name:
+        log.warning("the adapter names %r as its base but is served on %s; check its answers", trained_on, base)
     weights = adapter / "adapter_model.safetensors"
     if not weights.is_file():
         return  # an older .bin adapter: peft's own load is the check
@@ -471,7 +472,6 @@ def _check_adapter_fits(adapter: Path, adapter_config: dict[str, Any], model) ->
                if isinstance(getattr(m, "in_features", None), int) and isinstance(getattr(m, "out_features", None), int)}
     problem = adapter_mismatch(shapes, linears)
     if problem:
-        trained_on = adapter_config.get("base_model_name_or_path") or "unknown"
         raise StartupError(f"the adapter in {adapter} was trained for a different base model ({problem}); "
                            f"adapter_config.json names {trained_on!r} as its base: serve it with that base")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -340,6 +341,28 @@ def test_concurrent_requests_take_turns_on_the_model(client, engine, reference):
     assert most == 1
 
 
+def test_model_failure_is_a_500_or_an_error_event_without_a_traceback(client, engine, caplog):
+    def failing_generate(*args, **kwargs):
+        raise RuntimeError("CUDA error: device-side assert triggered")
+
+    engine.model.generate = failing_generate
+    try:
+        r = ask(client, max_tokens=2)
+        with client.stream("POST", "/v1/chat/completions",
+                           json={"messages": QUESTION, "max_tokens": 2, "stream": True}) as s:
+            payloads = sse_payloads(s.iter_lines())
+    finally:
+        del engine.model.generate
+    assert r.status_code == 500
+    assert r.json()["error"]["type"] == "server_error" and "server log" in r.json()["error"]["message"]
+    assert "Traceback" not in r.text and "CUDA" not in r.text
+    assert json.loads(payloads[0])["choices"][0]["delta"]["role"] == "assistant"
+    assert json.loads(payloads[1])["error"]["type"] == "server_error"
+    assert payloads[2:] == ["[DONE]"]
+    assert "device-side assert" in caplog.text  # ours to debug: logged with its cause
+    assert ask(client, max_tokens=1).status_code == 200  # and the model is free again
+
+
 def test_chat_template_refusal_is_400(engine):
     original = engine.tokenizer.chat_template
     engine.tokenizer.chat_template = "{{ raise_exception('roles must alternate user/assistant') }}"
@@ -414,10 +437,11 @@ def server(tiny_model, adapter_dir, tmp_path_factory):
     finally:
         proc.terminate()
         try:
-            proc.wait(20)
+            proc.wait(3)
         except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+            # Gradio's heartbeat streams hold the graceful shutdown open; a SIGINT then makes uvicorn exit now.
+            proc.send_signal(signal.SIGINT)
+            proc.wait(20)
 
 
 def test_cli_answers_a_chat_completion_over_http(server, reference):
@@ -463,7 +487,10 @@ def test_cli_serves_the_gradio_ui(server, reference):
 
     ui = Client(server["url"], auth=("alice", API_KEY), verbose=False, analytics_enabled=False,
                 download_files=False)
-    answer = ui.predict("Is the gateway healthy?", 0.0, 8, api_name="/chat")
+    try:
+        answer = ui.predict("Is the gateway healthy?", 0.0, 8, api_name="/chat")
+    finally:
+        ui.close()
     assert answer == reference
 
 
