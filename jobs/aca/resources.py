@@ -96,10 +96,12 @@ def run_script(run_id: str, config_rel: str, *, download_model: str = "", instal
         inner.append("pip install --no-cache-dir --quiet " + " ".join(shlex.quote(r) for r in install))
     if download_model:
         target = model_cache_dir(download_model)
+        code = (f"from huggingface_hub import snapshot_download; "
+                f"snapshot_download({json.dumps(download_model)}, local_dir={json.dumps(target)})")
         # Downloaded once to the share; later runs find config.json there and skip it. HF_TOKEN serves gated models.
         inner.append(
             f"if [ ! -f {shlex.quote(target + '/config.json')} ]; then echo 'downloading {download_model} to {target}'; "
-            f"python -c {shlex.quote(f'from huggingface_hub import snapshot_download; snapshot_download({download_model!r}, local_dir={target!r})')}; fi")
+            f"python -c {shlex.quote(code)}; fi")
     inner.append(f"python -m payload.train --config {shlex.quote(config_rel)}")
     steps.append("{ " + " && ".join(inner) + "; } 2>&1 | tee -a " + shlex.quote(log))
     return "; ".join(steps)

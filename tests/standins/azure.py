@@ -100,7 +100,7 @@ class ContainerContext:
         return self.command[-1] if self.command else ""
 
     def config_path(self) -> Path | None:
-        m = re.search(r"--config\s+(\S+)", self.script)
+        m = re.search(r"--config\s+([^\s;&|]+)", self.script)
         return self.mount / m.group(1) if m else None
 
 

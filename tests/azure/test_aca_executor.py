@@ -1,0 +1,195 @@
+"""The ACA executor through the real SDK clients against the stand-in: a whole run, and each fault."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from jobs.aca.executor import AcaExecutor, split_complete
+from jobs.aca.provision import provision_finetune
+from jobs.domain import Run
+from jobs.executor import BackendError, ExecStatus
+from jobs.runconfig import build_train_config
+from tests.azure.conftest import SHARE, wait_for
+from tests.standins.azure import ExecutionPlan, Fault, dies_at_once, simulated_trainer, sleeper
+
+
+def new_run(run_id="ft-0001", attempts=1, model="model-cache/tiny"):
+    return Run(id=run_id, requester="U1", channel="C1", model=model, dataset="datasets/train.jsonl", attempts=attempts)
+
+
+def config_for(run):
+    return build_train_config(run.id, run.model, run.dataset, {"max_steps": 6}).model_dump()
+
+
+@pytest.fixture
+def executor(aca, settings):
+    provision_finetune(aca.clients)
+    return AcaExecutor(settings, clients=aca.clients)
+
+
+def start(executor, run):
+    run.execution_id = executor.start(run, config_for(run))
+    return run
+
+
+def wait_finished(executor, run, timeout=20):
+    return wait_for(lambda: (i := executor.status(run)).status.finished and i, timeout, f"{run.id} to finish")
+
+
+def test_a_whole_run_sync_start_progress_from_the_share_and_the_adapter(aca, executor, workspace):
+    run = start(executor, new_run())
+    share = aca.standin.share_dir(SHARE)
+    # The sync put what the run needs on the share; the run config has relative paths (cwd is /mount).
+    assert (share / "datasets" / "train.jsonl").read_bytes() == (workspace / "datasets" / "train.jsonl").read_bytes()
+    assert (share / "model-cache" / "tiny" / "config.json").is_file()
+    assert (share / "payload" / "train.py").is_file() and not list(share.glob("payload/**/*.pyc"))
+    config = json.loads((share / "runs" / "ft-0001" / "run.json").read_text())
+    assert config["output_dir"] == "runs/ft-0001" and config["dataset"] == "datasets/train.jsonl"
+    # The execution carries the run's command and env through the start template.
+    ex = aca.standin.execution("tuneops-ft", run.execution_id)
+    container = ex["properties"]["template"]["containers"][0]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["TUNEOPS_RUN_ID"] == "ft-0001" and env["TUNEOPS_ATTEMPT"] == "1"
+    assert "python -m payload.train --config runs/ft-0001/run.json" in container["command"][2]
+    assert "pip install" not in container["command"][2]  # the configured image is ours
+
+    seen, cursor, log_cursor, lines, states = [], 0, 0, [], set()
+    while True:
+        info = executor.status(run)
+        states.add(info.status)
+        batch = executor.read(run, cursor, log_cursor)
+        seen += batch.events
+        lines += batch.log_lines
+        cursor, log_cursor = batch.event_cursor, batch.log_cursor
+        if info.status.finished:
+            batch = executor.read(run, cursor, log_cursor)
+            seen += batch.events
+            lines += batch.log_lines
+            break
+    assert info.status is ExecStatus.SUCCEEDED
+    assert ExecStatus.RUNNING in states or ExecStatus.PENDING in states
+    types = [e["type"] for e in seen]
+    assert types[0] == "start" and types.count("step") == 6 and types[-1] == "done"
+    assert [e["step"] for e in seen if e["type"] == "step"] == [1, 2, 3, 4, 5, 6]
+    assert "training finished" in lines and not any(line.startswith("TUNEOPS_EVENT") for line in lines)
+    out = executor.outputs(run)
+    assert out["adapter"] == "runs/ft-0001/adapter" and out["metrics"]["steps"] == 6
+    assert executor.tail_logs(run, 2) == ["step 6/6 loss 0.3333", "training finished"]
+    links = executor.links(run)
+    assert set(links) == {"job", "execution", "logs"}
+
+
+def test_starting_the_same_attempt_twice_gives_the_same_execution(aca, executor):
+    run = new_run()
+    first = executor.start(run, config_for(run))
+    second = AcaExecutor(executor.settings, clients=aca.clients).start(run, config_for(run))
+    assert first == second
+    assert len(aca.standin.executions["tuneops-ft"]) == 1
+    assert "execution" in executor.links(run)  # known before the run record holds the id
+    run.attempts = 2
+    assert executor.start(run, config_for(run)) != first
+
+
+def test_a_hub_model_without_a_local_copy_is_downloaded_on_the_share(aca, executor):
+    run = new_run(model="org/some-model")
+    start(executor, run)
+    script = aca.standin.execution("tuneops-ft", run.execution_id)["properties"]["template"]["containers"][0]["command"][2]
+    assert "model-cache/org/some-model/config.json" in script and 'snapshot_download("org/some-model"' in script
+
+
+def test_the_seed_image_installs_the_payload_packages_first(aca, settings):
+    a = aca.reload(IMAGE=None)
+    provision_finetune(a.clients)
+    ex = AcaExecutor(settings, clients=a.clients)
+    run = start(ex, new_run())
+    script = a.standin.execution("tuneops-ft", run.execution_id)["properties"]["template"]["containers"][0]["command"][2]
+    assert "pip install" in script and "peft" in script
+
+
+def test_a_missing_dataset_or_job_is_a_clear_error(aca, settings, executor, workspace):
+    run = new_run()
+    cfg = dict(config_for(run), dataset="datasets/nope.jsonl")
+    with pytest.raises(BackendError, match="dataset datasets/nope.jsonl is neither in the workspace"):
+        executor.start(run, cfg)
+    aca.standin.jobs.clear()
+    with pytest.raises(BackendError, match="does not exist.*provision finetune"):
+        executor.start(run, config_for(run))
+
+
+def test_429_with_retry_after_on_start_is_retried(aca, executor):
+    fault = aca.standin.inject(Fault("arm", path=r"/start$", method="POST", status=429, retry_after=1))
+    run = start(executor, new_run())
+    assert fault.hits == 1 and run.execution_id
+    assert len(aca.standin.executions["tuneops-ft"]) == 1
+
+
+def test_500_and_a_slow_answer_on_status_are_retried(aca, executor):
+    run = start(executor, new_run())
+    err = aca.standin.inject(Fault("arm", path=r"/executions/", method="GET", status=500, times=2))
+    slow = aca.standin.inject(Fault("arm", path=r"/executions/", method="GET", status=None, delay=3.0))
+    assert executor.status(run).status in (ExecStatus.PENDING, ExecStatus.RUNNING, ExecStatus.SUCCEEDED)
+    assert err.hits == 2 and slow.hits == 1
+
+
+def test_quota_and_authorization_failures_end_with_what_to_do(aca, executor):
+    aca.standin.inject(Fault("arm", path=r"/start$", method="POST", status=400, code="MaxRegionalQuotaExceeded",
+                             message="Operation would exceed the GPU quota in westus3."))
+    with pytest.raises(BackendError) as e:
+        start(executor, new_run())
+    assert "GPU quota is used up" in str(e.value) and "MaxRegionalQuotaExceeded" in str(e.value)
+    assert not e.value.transient and "Traceback" not in str(e.value)
+    aca.standin.inject(Fault("arm", path=r"/jobs/tuneops-ft$", method="GET", status=403, code="AuthorizationFailed",
+                             message="The client does not have authorization"))
+    with pytest.raises(BackendError, match="not allowed to.*infra/README.md"):
+        start(executor, new_run("ft-0002"))
+
+
+def test_an_execution_that_fails_gives_its_exit_and_log_tail(aca, executor):
+    aca.standin.plan_execution(ExecutionPlan(program=simulated_trainer(fail_at_step=2)))
+    run = start(executor, new_run())
+    info = wait_finished(executor, run)
+    assert info.status is ExecStatus.FAILED and info.exit_code == 1
+    assert "RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB" in executor.tail_logs(run, 5)
+    assert executor.outputs(run)["adapter"] == ""
+
+
+def test_a_degraded_execution_is_a_failure(aca, executor):
+    aca.standin.plan_execution(ExecutionPlan(final_status="Degraded"))
+    run = start(executor, new_run())
+    info = wait_finished(executor, run)
+    assert info.status is ExecStatus.FAILED and "Degraded" in info.detail
+
+
+def test_the_replica_timeout_maps_to_timed_out(aca, settings):
+    a = aca.reload(REPLICA_TIMEOUT=1)
+    provision_finetune(a.clients)
+    ex = AcaExecutor(settings, clients=a.clients)
+    a.standin.plan_execution(ExecutionPlan(program=sleeper(), processing_s=0.0))
+    run = start(ex, new_run())
+    info = wait_finished(ex, run)
+    assert info.status is ExecStatus.TIMED_OUT and "replica timeout" in info.detail
+
+
+def test_a_container_that_died_before_writing_leaves_its_last_words_in_log_analytics(aca, executor):
+    aca.standin.plan_execution(ExecutionPlan(program=dies_at_once(("pulling image", "exec format error"))))
+    run = start(executor, new_run())
+    assert wait_finished(executor, run).status is ExecStatus.FAILED
+    assert executor.read(run, 0, 0).log_lines == []
+    assert executor.tail_logs(run, 10) == ["pulling image", "exec format error"]
+
+
+def test_stop_leaves_no_execution_running(aca, executor):
+    aca.standin.plan_execution(ExecutionPlan(program=sleeper()))
+    run = start(executor, new_run())
+    wait_for(lambda: executor.status(run).status is ExecStatus.RUNNING, 10, "running")
+    executor.stop(run)
+    assert executor.status(run).status is ExecStatus.STOPPED
+    executor.stop(Run(id="ft-0009", requester="U", channel="C", model="m", dataset="d"))  # never started: no-op
+
+
+def test_split_complete_keeps_a_half_written_line_for_later():
+    assert split_complete(b'{"a":1}\n{"b"', 10, 100) == (b'{"a":1}\n', 18)
+    assert split_complete(b"partial", 0, 100) == (b"", 0)
+    assert split_complete(b"x" * 100, 0, 100) == (b"x" * 100, 100)
