@@ -1,0 +1,71 @@
+"""Job secrets in Azure Key Vault: write one (from the bot's secret modal), list names and dates (never values).
+
+A secret's value goes from the modal straight to Key Vault in `set_secret` and nowhere else: not into a log line,
+Redis, an RQ job argument or a Slack message. The job reads it through an ACA Key Vault reference (see
+`jobs.aca.provision.ensure_secret_reference`, run as an RQ task with the secret's name only).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+
+from jobs.aca.clients import AzureClients
+from jobs.aca.errors import azure_call
+from jobs.aca.resources import ENV_TAG, InvalidSecretName, env_name_for, secret_name
+from jobs.executor import BackendError
+
+MAX_SECRET_BYTES = 25 * 1024   # Key Vault's limit for a secret value
+
+
+@dataclass(frozen=True)
+class SecretInfo:
+    env_name: str                 # HF_TOKEN
+    vault_name: str               # hf-token
+    updated_on: dt.datetime | None
+    created_on: dt.datetime | None
+    enabled: bool = True
+    tagged: bool = False          # set through tuneops (carries the env-name tag)
+
+    def describe(self) -> str:
+        when = self.updated_on.strftime("%Y-%m-%d %H:%M UTC") if self.updated_on else "unknown date"
+        return f"{self.env_name} (Key Vault: {self.vault_name}), updated {when}" + ("" if self.enabled else ", disabled")
+
+
+def check_secret(name: str, value: str) -> str:
+    """The Key Vault name for `name`, or a BackendError that says what is wrong (never echoing the value)."""
+    try:
+        vault_name = secret_name(name)
+    except InvalidSecretName as e:
+        raise BackendError(str(e)) from None
+    if not isinstance(value, str) or not value.strip():
+        raise BackendError(f"The value for {name} is empty: paste the secret into the form and submit again.")
+    if len(value.encode("utf-8")) > MAX_SECRET_BYTES:
+        raise BackendError(f"The value for {name} is longer than Key Vault allows (25 KB).")
+    if value != value.strip():
+        raise BackendError(f"The value for {name} starts or ends with spaces or a line break: paste it again "
+                           f"without them.")
+    return vault_name
+
+
+def set_secret(clients: AzureClients, name: str, value: str) -> SecretInfo:
+    """Write `value` to Key Vault as the secret for env var `name` (HF_TOKEN -> hf-token). A quick call, made from
+    the modal handler; the job reference is updated afterwards by an RQ task that gets the name only."""
+    vault_name = check_secret(name, value)
+    with azure_call(f"write the secret {vault_name} to Key Vault"):
+        props = clients.secrets.set_secret(vault_name, value, tags={ENV_TAG: name}, content_type="text/plain")
+    return SecretInfo(name, vault_name, props.properties.updated_on, props.properties.created_on,
+                      bool(props.properties.enabled), True)
+
+
+def list_secrets(clients: AzureClients) -> list[SecretInfo]:
+    """Names and dates of the vault's secrets; values are never read."""
+    out = []
+    with azure_call("list the Key Vault secrets"):
+        for p in clients.secrets.list_properties_of_secrets():
+            if p.managed:
+                continue  # certificate-backed secrets are not job secrets
+            tags = p.tags or {}
+            out.append(SecretInfo(env_name_for(p.name, tags), p.name, p.updated_on, p.created_on,
+                                  bool(p.enabled), ENV_TAG in tags))
+    return sorted(out, key=lambda s: s.env_name)

@@ -1,0 +1,187 @@
+"""Provisioning the job and the inference app, deploying an adapter, and the RQ ops that report it in a thread."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+
+from jobs import store
+from jobs.aca import ops
+from jobs.aca.provision import deploy_adapter, provision_finetune, provision_inference
+from jobs.executor import BackendError
+from tests.azure.conftest import ENV_STORAGE, run_worker_burst
+from tests.standins.azure import Fault, SUBSCRIPTION
+
+
+def test_provision_twice_gives_one_job_and_says_what_changed(aca):
+    first = provision_finetune(aca.clients)
+    assert first.created and first.summary().startswith("Created the ACA job tuneops-ft")
+    job = aca.standin.jobs["tuneops-ft"]
+    p = job["properties"]
+    assert p["workloadProfileName"] == "GPU" and p["configuration"]["triggerType"] == "Manual"
+    assert p["configuration"]["replicaTimeout"] == 10800 and p["configuration"]["replicaRetryLimit"] == 0
+    assert p["configuration"]["manualTriggerConfig"]["parallelism"] == 1
+    assert p["template"]["volumes"][0]["storageName"] == ENV_STORAGE
+    assert p["template"]["containers"][0]["volumeMounts"][0]["mountPath"] == "/mount"
+
+    second = provision_finetune(aca.clients)
+    assert not second.created and second.changes == []
+    assert "already up to date" in second.summary()
+    assert list(aca.standin.jobs) == ["tuneops-ft"]
+    puts = aca.standin.requests_to("arm", "PUT", r"/jobs/tuneops-ft$")
+    assert len(puts) == 1  # nothing changed, nothing written
+
+    changed = provision_finetune(aca.reload(IMAGE="reg.io/tuneops-payload:2", REPLICA_TIMEOUT=7200).clients)
+    assert "replica timeout: 10800 → 7200" in changed.changes
+    assert any(c.startswith("image:") and "reg.io/tuneops-payload:2" in c for c in changed.changes)
+    assert aca.standin.jobs["tuneops-ft"]["properties"]["configuration"]["replicaTimeout"] == 7200
+    assert len(aca.standin.jobs) == 1
+
+
+def test_a_seed_provisioned_job_keeps_its_mount_and_gets_our_settings(aca):
+    # What the seed's Bicep made: its own volume name, no identity, no secrets.
+    env_id = aca.standin.environments["tuneops-env"]["id"]
+    aca.standin.jobs["tuneops-ft"] = {
+        "id": "x", "name": "tuneops-ft", "location": "westus3", "identity": {"type": "None"},
+        "properties": {"environmentId": env_id, "workloadProfileName": "GPU",
+                       "configuration": {"triggerType": "Manual", "replicaTimeout": 10800, "replicaRetryLimit": 0,
+                                         "secrets": [{"name": "legacy", "value": "kept-value"}]},
+                       "template": {"containers": [{"name": "tuneops-ft", "image": "img", "command": ["x"],
+                                                    "volumeMounts": [{"volumeName": "seedvol",
+                                                                      "mountPath": "/mount"}]}],
+                                    "volumes": [{"name": "seedvol", "storageType": "AzureFile",
+                                                 "storageName": ENV_STORAGE}]}}}
+    aca.standin.executions["tuneops-ft"] = {}
+    a = aca.reload(ACA_ENVIRONMENT_NAME=None, ACA_ENVIRONMENT_STORAGE_NAME=None)
+    result = provision_finetune(a.clients)
+    assert not result.created and result.changes
+    job = aca.standin.jobs["tuneops-ft"]
+    assert job["properties"]["template"]["volumes"][0]["name"] == "seedvol"
+    assert job["identity"]["type"] == "UserAssigned"
+    # A plain secret someone else put there survives the PUT (its value came from listSecrets).
+    assert {"name": "legacy", "value": "kept-value"} in job["properties"]["configuration"]["secrets"]
+
+
+def test_missing_environment_profile_or_storage_are_clear_errors(aca):
+    with pytest.raises(BackendError, match="environment nope does not exist.*finetuning.bicep"):
+        provision_finetune(aca.reload(ACA_ENVIRONMENT_NAME="nope").clients)
+    with pytest.raises(BackendError, match="no workload profile 'A100'.*Consumption, GPU"):
+        provision_finetune(aca.reload(WORKLOAD_PROFILE_NAME="A100").clients)
+    a = aca.reload(ACA_ENVIRONMENT_STORAGE_NAME="newstorage")
+    notes = []
+    provision_finetune(a.clients, notes.append)  # the storage key is in the env: tuneops adds the storage
+    assert ("tuneops-env", "newstorage") in aca.standin.env_storages
+    assert any("adding the share" in n for n in notes)
+    a.env.pop("TUNEOPS_STORAGE_KEY")
+    with pytest.raises(BackendError, match="no storage other.*TUNEOPS_STORAGE_KEY"):
+        provision_finetune(a.reload(ACA_ENVIRONMENT_STORAGE_NAME="other").clients)
+
+
+def test_provision_inference_serves_on_7860_scales_to_zero_and_records_the_endpoint(aca):
+    result = provision_inference(aca.clients)
+    app = aca.standin.apps["tuneops-infer"]
+    p = app["properties"]
+    assert p["configuration"]["ingress"]["external"] is True and p["configuration"]["ingress"]["targetPort"] == 7860
+    assert p["template"]["scale"] == {"minReplicas": 0, "maxReplicas": 2}
+    assert {pr["httpGet"]["path"] for pr in p["template"]["containers"][0]["probes"]} == {"/healthz"}
+    assert result.endpoint == "https://tuneops-infer.tuneops-env.westus3.azurecontainerapps.io"
+    recorded = json.loads((aca.infra / "inference.config.json").read_text())
+    assert recorded["ACA_APP_ENDPOINT"] == result.endpoint and recorded["MAX_REPLICAS"] == 2
+    assert provision_inference(aca.clients).changes == [] and len(aca.standin.apps) == 1
+
+
+def test_deploy_serves_the_adapter_and_a_second_deploy_restarts_the_revision(aca):
+    provision_inference(aca.clients)
+    first = deploy_adapter(aca.clients, "model-cache/tiny", "runs/ft-0001/adapter")
+    command = aca.standin.apps["tuneops-infer"]["properties"]["template"]["containers"][0]["command"][2]
+    assert "--base model-cache/tiny --adapter runs/ft-0001/adapter" in command
+    assert first.changes and first.revision
+    again = deploy_adapter(aca.clients, "model-cache/tiny", "runs/ft-0001/adapter")
+    assert again.changes == [f"restarted revision {first.revision}"]
+    assert aca.standin.restarts == [first.revision]
+    # A provision afterwards keeps what the deploy put there.
+    assert provision_inference(aca.clients).changes == []
+
+
+def test_deploy_before_the_app_exists_says_to_provision_it(aca):
+    with pytest.raises(BackendError, match="provision inference"):
+        deploy_adapter(aca.clients, "model-cache/tiny", "runs/ft-0001/adapter")
+
+
+# ---- as RQ jobs, reporting in the thread's event stream ------------------------------------------------------------
+
+def op_events(settings, op_id):
+    return store.run_events(store.connect(settings), op_id)
+
+
+def test_provision_through_rq_acks_with_an_op_id_and_reports_steps_and_result(aca, settings):
+    op_id = ops.enqueue_provision(settings, "finetune", "U1", "C1")
+    assert op_id == "pv-0001"
+    assert [e.kind for e in op_events(settings, op_id)] == ["notice"]
+    run_worker_burst(settings)
+    events = op_events(settings, op_id)
+    assert events[-1].kind == "succeeded"
+    assert events[-1].data["created"] is True and "Created the ACA job tuneops-ft" in events[-1].data["text"]
+    assert events[-1].data["links"]["job"].endswith("/jobs/tuneops-ft/overview")
+    assert any("creating the ACA job" in e.data.get("text", "") for e in events if e.kind == "notice")
+    op = ops.get_op(store.connect(settings), op_id)
+    assert op.state == "succeeded" and op.requester == "U1" and op.channel == "C1"
+
+    again = ops.enqueue_provision(settings, "finetune", "U1", "C1")
+    run_worker_burst(settings)
+    assert "already up to date" in op_events(settings, again)[-1].data["text"]
+    assert len(aca.standin.jobs) == 1
+
+
+def test_a_failed_provision_says_what_to_do_without_a_stack_trace(aca, settings):
+    aca.standin.inject(Fault("arm", path=r"/jobs/tuneops-ft$", method="PUT", status=403, code="AuthorizationFailed",
+                             message="does not have authorization to perform action 'Microsoft.App/jobs/write'"))
+    op_id = ops.enqueue_provision(settings, "finetune", "U1", "C1")
+    run_worker_burst(settings)
+    last = op_events(settings, op_id)[-1]
+    assert last.kind == "failed" and "not allowed to" in last.data["error"] and "Roles" in last.data["error"]
+    assert "Traceback" not in last.data["error"]
+    with pytest.raises(BackendError, match="provision finetune.*provision inference"):
+        ops.enqueue_provision(settings, "everything", "U1", "C1")
+
+
+def test_two_provisions_of_the_same_job_are_serialized_not_interleaved(aca, settings):
+    # Slow ARM writes widen the window in which two unserialized provisions would interleave.
+    aca.standin.inject(Fault("arm", path=r"/jobs/tuneops-ft$", method="PUT", status=None, delay=0.5, times=10))
+    a = ops.enqueue_provision(settings, "finetune", "U1", "C1")
+    b = ops.enqueue_provision(settings, "finetune", "U2", "C1")
+    spans = {}
+
+    def run(op_id):
+        t0 = time.monotonic()
+        ops.provision_task(op_id)
+        spans[op_id] = (t0, time.monotonic())
+
+    threads = [threading.Thread(target=run, args=(op,)) for op in (a, b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    results = {op: op_events(settings, op)[-1] for op in (a, b)}
+    assert all(e.kind == "succeeded" for e in results.values())
+    # Exactly one created the job; the other waited for it and then found nothing to change.
+    assert sorted(e.data["created"] for e in results.values()) == [False, True]
+    waited = [op for op in (a, b) if any("waiting for another provisioning" in e.data.get("text", "")
+                                         for e in op_events(settings, op))]
+    assert len(waited) == 1
+    assert len(aca.standin.requests_to("arm", "PUT", r"/jobs/tuneops-ft$")) == 1
+    assert len(aca.standin.jobs) == 1
+
+
+def test_an_op_done_once_is_not_done_again(aca, settings):
+    op_id = ops.enqueue_provision(settings, "inference", "U1", "C1")
+    run_worker_burst(settings)
+    n = len(op_events(settings, op_id))
+    assert ops.provision_task(op_id) == "nothing to do"
+    assert len(op_events(settings, op_id)) == n
+    ops.set_op_thread(settings, op_id, "1700000000.000100")
+    assert ops.get_op(store.connect(settings), op_id).thread_ts == "1700000000.000100"
+    assert SUBSCRIPTION in aca.standin.apps["tuneops-infer"]["id"]

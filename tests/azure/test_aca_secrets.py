@@ -1,0 +1,138 @@
+"""Secrets: a value set through the modal's path reaches Key Vault and the job's references, and nowhere else."""
+
+from __future__ import annotations
+
+import logging
+import pickle
+
+import pytest
+import redis
+
+from jobs import store
+from jobs.aca import ops
+from jobs.aca.executor import AcaExecutor
+from jobs.aca.provision import provision_finetune
+from jobs.aca.secrets import list_secrets, set_secret
+from jobs.domain import Run
+from jobs.executor import BackendError
+from jobs.runconfig import build_train_config
+from tests.azure.conftest import run_worker_burst, wait_for
+from tests.standins.azure import Fault
+
+VALUE = "hf_Secr3tValue-that-must-not-leak-0123456789"
+
+
+def everything_in_redis(url: str) -> bytes:
+    r = redis.Redis.from_url(url)
+    out = []
+    for key in r.scan_iter(count=1000):
+        out.append(key)
+        kind = r.type(key)
+        if kind == b"string":
+            out.append(r.get(key) or b"")
+        elif kind == b"hash":
+            out += [b"%s=%s" % kv for kv in r.hgetall(key).items()]
+        elif kind == b"list":
+            out += r.lrange(key, 0, -1)
+        elif kind == b"set":
+            out += list(r.smembers(key))
+        elif kind == b"zset":
+            out += [m for m, _ in r.zrange(key, 0, -1, withscores=True)]
+        elif kind == b"stream":
+            for _, fields in r.xrange(key):
+                out += [b"%s=%s" % kv for kv in fields.items()]
+    return b"\n".join(out)
+
+
+def test_a_secret_set_reaches_key_vault_and_the_jobs_references_and_nothing_else(aca, settings, caplog):
+    caplog.set_level(logging.DEBUG)
+    provision_finetune(aca.clients)
+    # What the modal handler does: write the value to Key Vault directly, then queue the reference by name.
+    info = set_secret(aca.clients, "HF_TOKEN", VALUE)
+    assert info.vault_name == "hf-token" and info.env_name == "HF_TOKEN" and info.updated_on is not None
+    assert aca.standin.vault["hf-token"][-1]["value"] == VALUE
+    # The Key Vault client did the challenge handshake: a first request without a token got a 401.
+    vault_requests = aca.standin.requests_to("vault")
+    assert "Authorization" not in vault_requests[0].headers and "Authorization" in vault_requests[-1].headers
+
+    op_id = ops.enqueue_secret_reference(settings, "HF_TOKEN", "U_ADMIN", "C1")
+    run_worker_burst(settings)
+    last = store.run_events(store.connect(settings), op_id)[-1]
+    assert last.kind == "succeeded" and any("hf-token" in c for c in last.data["changes"])
+
+    job = aca.standin.jobs["tuneops-ft"]
+    secrets = job["properties"]["configuration"]["secrets"]
+    assert secrets == [{"name": "hf-token", "keyVaultUrl": f"{aca.standin.vault_url}/secrets/hf-token",
+                        "identity": aca.cfg.identity_id}]
+    assert {"name": "HF_TOKEN", "secretRef": "hf-token"} in job["properties"]["template"]["containers"][0]["env"]
+
+    # A run's container gets the value through the reference.
+    ex = AcaExecutor(settings, clients=aca.clients)
+    run = Run(id="ft-0001", requester="U1", channel="C1", model="model-cache/tiny", dataset="datasets/train.jsonl",
+              attempts=1)
+    run.execution_id = ex.start(run, build_train_config(run.id, run.model, run.dataset, {}).model_dump())
+    wait_for(lambda: ex.status(run).status.finished, 20, "the run to end")
+    assert aca.standin.execution_env[run.execution_id]["HF_TOKEN"] == VALUE
+    assert "HF_TOKEN set: yes" in ex.tail_logs(run, 20)
+
+    # Nowhere else: Redis (records, streams, RQ jobs and their pickled arguments), logs, ARM requests.
+    assert VALUE.encode() not in everything_in_redis(settings.redis_url)
+    assert VALUE not in caplog.text
+    for r in aca.standin.requests_to("arm"):
+        assert VALUE.encode() not in r.body and VALUE not in str(r.query)
+    job_ids = redis.Redis.from_url(settings.redis_url).keys("rq:job:*")
+    assert job_ids and all(VALUE.encode() not in pickle.dumps(redis.Redis.from_url(settings.redis_url).hgetall(k))
+                           for k in job_ids)
+
+
+def test_list_shows_names_and_dates_never_values(aca):
+    set_secret(aca.clients, "WANDB_API_KEY", VALUE)
+    set_secret(aca.clients, "HF_TOKEN", "other-value")
+    listed = list_secrets(aca.clients)
+    assert [s.env_name for s in listed] == ["HF_TOKEN", "WANDB_API_KEY"]
+    assert all(s.updated_on and s.tagged for s in listed)
+    text = "\n".join(s.describe() for s in listed)
+    assert "HF_TOKEN (Key Vault: hf-token), updated " in text
+    assert VALUE not in text and "other-value" not in text and VALUE not in repr(listed)
+    # Listing never asks Key Vault for a value.
+    assert not aca.standin.requests_to("vault", "GET", r"/secrets/[^/]+$")
+
+
+@pytest.mark.parametrize("name,value,expect", [
+    ("hf token", "x", "not a valid secret name"),
+    ("HF_TOKEN", "", "is empty"),
+    ("HF_TOKEN", " padded ", "starts or ends with spaces"),
+    ("HF_TOKEN", "x" * 30000, "longer than Key Vault allows"),
+])
+def test_bad_input_gets_a_clear_message_and_writes_nothing(aca, name, value, expect):
+    with pytest.raises(BackendError, match=expect) as e:
+        set_secret(aca.clients, name, value)
+    assert value.strip() not in str(e.value) or not value.strip()
+    assert aca.standin.vault == {}
+
+
+def test_a_key_vault_that_refuses_says_which_role_is_missing(aca, caplog):
+    aca.standin.inject(Fault("vault", path=r"/secrets/hf-token", method="PUT", status=403, code="Forbidden",
+                             message="Caller is not authorized to perform action on resource."))
+    with pytest.raises(BackendError, match="not allowed to.*infra/README.md") as e:
+        set_secret(aca.clients, "HF_TOKEN", VALUE)
+    assert VALUE not in str(e.value) and VALUE not in caplog.text
+
+
+def test_a_reference_needs_the_vault_and_identity_configured(aca, settings):
+    provision_finetune(aca.clients)
+    a = aca.reload(IDENTITY_ID=None)
+    op_id = ops.enqueue_secret_reference(settings, "HF_TOKEN", "U1", "C1")
+    run_worker_burst(settings)
+    last = store.run_events(store.connect(settings), op_id)[-1]
+    assert last.kind == "failed" and "IDENTITY_ID" in last.data["error"]
+    assert a.cfg.identity_id == ""
+    with pytest.raises(BackendError, match="not a valid secret name"):
+        ops.enqueue_secret_reference(settings, "bad name", "U1", "C1")
+
+
+def test_provision_picks_up_the_vaults_secrets(aca):
+    set_secret(aca.clients, "WANDB_API_KEY", VALUE)
+    provision_finetune(aca.clients)
+    env = aca.standin.jobs["tuneops-ft"]["properties"]["template"]["containers"][0]["env"]
+    assert {"name": "WANDB_API_KEY", "secretRef": "wandb-api-key"} in env
