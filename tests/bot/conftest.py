@@ -3,6 +3,7 @@ a free port (with its notifier), a signed-request client, and a real RQ worker s
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -51,7 +52,8 @@ def bot_env(redis_url, workspace, slack) -> dict[str, str]:
         "TUNEOPS_MONITOR_INTERVAL": "0.5",
         "TUNEOPS_PYTHON": sys.executable,
         # Small runs on a CPU: no held-out generations, frequent checkpoints.
-        "TUNEOPS_TRAIN_OVERRIDES": '{"eval_generations": 0, "save_steps": 2, "max_seq_length": 128}',
+        "TUNEOPS_TRAIN_OVERRIDES": json.dumps({"eval_generations": 0, "save_steps": 2, "max_seq_length": 128,
+                                               "gradient_accumulation_steps": 1, "lora_r": 8, "lora_alpha": 16}),
     }
 
 

@@ -5,6 +5,7 @@ No worker runs here: a queued run stays queued, which is all these tests need.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -21,8 +22,8 @@ def runs(bot) -> list:
     return service.list_runs(bot.settings.jobs)
 
 
-def answers(slack, key: str, n: int = 1, timeout: float = 10.0) -> list[dict]:
-    got = slack.wait_for(lambda: len(slack.responses[key]) >= n and slack.responses[key], timeout)
+async def answers(slack, key: str, n: int = 1, timeout: float = 30.0) -> list[dict]:
+    got = await slack.until(lambda: len(slack.responses[key]) >= n and slack.responses[key], timeout)
     assert got, f"no answer on response_url {key}; calls: {[c.method for c in slack.calls]}"
     return list(got)
 
@@ -48,7 +49,7 @@ async def test_bad_signatures_get_401_and_start_nothing(bot, slack, case):
         headers = signed_headers(SIGNING_SECRET, body, timestamp=int(time.time()) - 5 * 60 - 30)
     status, _ = await bot.post(body, headers)
     assert status == 401
-    time.sleep(0.3)
+    await asyncio.sleep(0.3)
     assert runs(bot) == []
     assert slack.responses["sig"] == []
     # and a correctly signed copy of the same body is accepted, so the 401s were about the signature
@@ -65,14 +66,14 @@ async def test_a_retried_delivery_starts_one_run(bot, slack):
     third = await bot.post(body, signed_headers(SIGNING_SECRET, body, retry_num=2))
     assert first[0] == again[0] == third[0] == 200
     assert "Checking" in first[1] and again[1] == "" and third[1] == ""  # retries are acked at once, with nothing
-    [queued] = answers(slack, key)
+    [queued] = await answers(slack, key)
     assert "Queued *ft-0001*" in text_of(queued)
-    time.sleep(0.5)
+    await asyncio.sleep(0.5)
     assert [r.id for r in runs(bot)] == ["ft-0001"]
     assert len(slack.responses[key]) == 1
     # the notifier posts exactly one card for it
-    assert slack.wait_for(lambda: slack.root_messages("C0TRAIN"), 10)
-    time.sleep(0.5)
+    assert await slack.until(lambda: slack.root_messages("C0TRAIN"), 10)
+    await asyncio.sleep(0.5)
     assert len(slack.root_messages("C0TRAIN")) == 1
 
 
@@ -94,7 +95,7 @@ async def test_a_refused_user_and_a_refused_channel(redis_url, bot_env, slack, c
         assert any("C0RANDOM" in m and "list" in m for m in refusals)
         # the allowed person in the allowed channel gets through
         status, ack, key = await bot.command("list")
-        assert "No runs yet" in text_of(answers(slack, key)[0])
+        assert "No runs yet" in text_of((await answers(slack, key))[0])
 
 
 async def _serve(env, slack):
@@ -126,7 +127,7 @@ async def test_a_malformed_dataset_is_refused_before_queueing_with_file_and_line
     (workspace / "datasets" / "bad.jsonl").write_text("\n".join(bad) + "\n")
     status, ack, key = await bot.command("run --dataset datasets/bad.jsonl")
     assert status == 200 and "Checking `datasets/bad.jsonl`" in ack
-    reply = text_of(answers(slack, key)[0])
+    reply = text_of((await answers(slack, key))[0])
     assert "datasets/bad.jsonl:2" in reply and "datasets/bad.jsonl:3" in reply and "datasets/bad.jsonl:5" in reply
     assert str(workspace) not in reply  # paths as the person knows them, not the server's
     assert runs(bot) == []
@@ -156,35 +157,35 @@ async def test_bad_input_and_help_are_answered_in_the_ack(bot, slack, text, expe
 async def test_rejections_from_the_service_are_answered_privately(bot, slack):
     # no --dataset; an unknown run for each command that takes one; a missing model
     _, _, key = await bot.command("run")
-    assert "needs a dataset" in text_of(answers(slack, key)[0])
+    assert "needs a dataset" in text_of((await answers(slack, key))[0])
     _, _, key = await bot.command("run --dataset datasets/nope.jsonl")
-    assert "datasets/nope.jsonl not found" in text_of(answers(slack, key)[0])
+    assert "datasets/nope.jsonl not found" in text_of((await answers(slack, key))[0])
     _, _, key = await bot.command("run --dataset datasets/chat.jsonl --model model-cache/huge")
-    assert "not found" in text_of(answers(slack, key)[0])
+    assert "not found" in text_of((await answers(slack, key))[0])
     for text in ("status ft-0099", "logs ft-0099", "cancel ft-0099", "resume ft-0099"):
         _, _, key = await bot.command(text)
-        assert "There is no run ft-0099" in text_of(answers(slack, key)[0]), text
+        assert "There is no run ft-0099" in text_of((await answers(slack, key))[0]), text
     assert runs(bot) == []
 
 
 async def test_status_list_and_cancel_of_a_queued_run(bot, slack):
     _, _, key = await bot.command("run --dataset datasets/chat.jsonl --name first")
-    answers(slack, key)
+    await answers(slack, key)
     _, _, key = await bot.command("run --dataset datasets/chat.jsonl --max-steps 3", user="U0BOB")
-    answers(slack, key)
+    await answers(slack, key)
     _, _, key = await bot.command("list")
-    listing = text_of(answers(slack, key)[0])
+    listing = text_of((await answers(slack, key))[0])
     assert "ft-0002" in listing and "ft-0001 (first)" in listing and "#2 in line" in listing
     _, _, key = await bot.command("status ft-0002")
-    status = text_of(answers(slack, key)[0])
+    status = text_of((await answers(slack, key))[0])
     assert "number 2 in line" in status and "max steps 3" in status and "run_cancel" not in status
     _, _, key = await bot.command("status")
-    assert "Queued and running" in text_of(answers(slack, key)[0])
+    assert "Queued and running" in text_of((await answers(slack, key))[0])
     # Bob may not cancel Alice's run; Alice may
     _, _, key = await bot.command("cancel ft-0001", user="U0BOB")
-    assert "only they or an admin" in text_of(answers(slack, key)[0])
+    assert "only they or an admin" in text_of((await answers(slack, key))[0])
     _, _, key = await bot.command("cancel ft-0001")
-    assert "Cancelling ft-0001" in text_of(answers(slack, key)[0])
+    assert "Cancelling ft-0001" in text_of((await answers(slack, key))[0])
     assert service.get_run(bot.settings.jobs, "ft-0001").state == "cancelled"
     # the thread says by whom, and the card lost its Cancel button
     run = service.get_run(bot.settings.jobs, "ft-0001")
@@ -195,12 +196,12 @@ async def test_status_list_and_cancel_of_a_queued_run(bot, slack):
             return None
         return [m for m in slack.thread("C0TRAIN", run_now.thread_ts) if "cancelled by <@U0ALICE>" in m.text]
 
-    assert slack.wait_for(cancelled_reply, 10)
+    assert await slack.until(cancelled_reply, 10)
     run = service.get_run(bot.settings.jobs, "ft-0001")
     card = slack.messages["C0TRAIN"][run.card_ts]
     assert "run_cancel" not in text_of(card.blocks) and "cancelled" in card.text
     _, _, key = await bot.command("cancel ft-0001")
-    assert "already been cancelled" in text_of(answers(slack, key)[0])
+    assert "already been cancelled" in text_of((await answers(slack, key))[0])
 
 
 async def test_commands_of_later_features_say_what_they_need(bot, slack):
@@ -224,6 +225,6 @@ async def test_secrets_in_replies_are_redacted(bot, slack, workspace):
     token = "hf_" + "A1b2C3d4E5" * 4
     (workspace / "datasets" / "leak.jsonl").write_text(f'{{"text": "{token}"\n')
     _, _, key = await bot.command("run --dataset datasets/leak.jsonl")
-    reply = text_of(answers(slack, key)[0])
+    reply = text_of((await answers(slack, key))[0])
     assert "leak.jsonl:1" in reply
-    assert token not in text_of(slack.calls)
+    assert token not in json.dumps([c.params for c in slack.calls] + [c.response for c in slack.calls])

@@ -161,6 +161,18 @@ class SlackStandIn:
                     return None
                 self._cond.wait(min(left, 0.2))
 
+    async def until(self, predicate: Callable[[], Any], timeout: float = 10.0) -> Any:
+        """`wait_for` for code running in an event loop that must keep serving meanwhile (an app in the same loop)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._cond:
+                value = predicate()
+            if value:
+                return value
+            if time.monotonic() >= deadline:
+                return None
+            await asyncio.sleep(0.05)
+
     def thread(self, channel: str, thread_ts: str) -> list[Message]:
         """The replies in a thread, oldest first (the root message not included)."""
         with self._cond:
