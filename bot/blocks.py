@@ -178,18 +178,29 @@ def render_started(run: Run, execution_id: str = "", links: dict[str, str] | Non
 
 
 def render_succeeded(run: Run, metrics: dict[str, Any], adapter: str) -> Message:
-    final = metrics.get("train_loss", metrics.get("final_loss", run.loss))
-    head = f":white_check_mark: <@{run.requester}> {run.id} finished: final loss {format_loss(_num(final))}."
-    pairs = [("Steps", f"{run.step}/{run.total_steps}" if run.total_steps else str(run.step))]
-    evals = {k: v for k, v in metrics.items() if k.startswith("eval") and _num(v) is not None}
-    for k, v in sorted(evals.items())[:6]:
-        pairs.append((k.replace("_", " "), f"{_num(v):.4f}"))
-    if run.started_at is not None and run.finished_at is not None:
-        pairs.append(("Took", format_duration(run.finished_at - run.started_at)))
+    """The completion message: final loss, the eval numbers (and the base model's, to compare), the adapter."""
+    final = _num(metrics.get("last_loss", metrics.get("train_loss", run.loss)))
+    head = f":white_check_mark: <@{run.requester}> {run.id} finished: final loss {format_loss(final)}."
+    steps = metrics.get("steps", run.step)
+    total = metrics.get("total_steps", run.total_steps)
+    pairs = [("Steps", f"{steps}/{total}" if total else str(steps))]
+    first = _num(metrics.get("first_loss"))
+    if first is not None and final is not None:
+        pairs.append(("Training loss", f"{first:.4f} → {final:.4f}"))
+    eval_loss, base = _num(metrics.get("eval_loss")), _num(metrics.get("base_eval_loss"))
+    if eval_loss is not None:
+        text = f"{eval_loss:.4f}" + (f" (base model {base:.4f})" if base is not None else "")
+        examples = metrics.get("eval_examples")
+        pairs.append((f"Eval loss{f' on {examples} held-out examples' if examples else ''}", text))
+    took = _num(metrics.get("duration_s"))
+    if took is None and run.started_at is not None and run.finished_at is not None:
+        took = run.finished_at - run.started_at
+    if took is not None:
+        pairs.append(("Took", format_duration(took)))
     blocks = [section(head), fields(pairs)]
     if adapter:
         blocks.append(section(f"Adapter: `{escape(adapter)}`"))
-    text = f"{run.id} finished: final loss {format_loss(_num(final))}; adapter {adapter or '(none)'}"
+    text = f"{run.id} finished: final loss {format_loss(final)}; adapter {adapter or '(none)'}"
     return message(f"<@{run.requester}> {text}", blocks)
 
 

@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("demo", help="a full run in a local stand-in for Slack: no Slack or Azure account needed")
-    p.add_argument("--max-steps", type=int, default=8, help="training steps of the demo run (default 8)")
+    p.add_argument("--max-steps", type=int, default=200, help="training steps of the demo run (default 200)")
     p.add_argument("--keep", action="store_true", help="keep the demo workspace folder")
     p.set_defaults(func=cmd_demo)
 

@@ -82,11 +82,13 @@ def test_progress_bar_edges():
 
 def test_succeeded_mentions_requester_with_loss_evals_and_adapter():
     run = make_run(state=RunState.SUCCEEDED, step=40, total_steps=40, started_at=100.0, finished_at=190.0)
-    msg = B.render_succeeded(run, {"train_loss": 0.4321, "eval_loss": 0.9876, "eval_perplexity": 2.68},
+    msg = B.render_succeeded(run, {"train_loss": 0.6, "first_loss": 2.5, "last_loss": 0.4321, "eval_loss": 0.9876,
+                                   "base_eval_loss": 2.4, "eval_examples": 8, "steps": 40, "total_steps": 40},
                              "runs/ft-0007/adapter")
     text = all_text(msg)
-    assert msg["text"].startswith("<@U0ALICE>")
-    assert "0.4321" in text and "eval loss" in text and "0.9876" in text and "eval perplexity" in text
+    assert msg["text"].startswith("<@U0ALICE> ft-0007 finished: final loss 0.4321")
+    assert "2.5000 → 0.4321" in text and "Eval loss on 8 held-out examples" in text
+    assert "0.9876 (base model 2.4000)" in text and "40/40" in text
     assert "runs/ft-0007/adapter" in text and "1m 30s" in text
     assert_within_limits(msg)
 
