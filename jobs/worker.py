@@ -21,6 +21,9 @@ log = logging.getLogger(__name__)
 
 # RQ's default is ten minutes; a scheduler that died must be replaced sooner than that for ticks to go on.
 MAINTENANCE_INTERVAL_S = 30
+# RQ's scheduler lock lives interval + 60 s and is renewed each interval (1 s).
+SCHEDULER_LOCK_TTL_S = 61
+STALE_AFTER_S = 15
 
 
 def break_stale_scheduler_lock(conn: redis.Redis, queue_name: str = tasks.QUEUE_NAME) -> bool:
@@ -34,7 +37,7 @@ def break_stale_scheduler_lock(conn: redis.Redis, queue_name: str = tasks.QUEUE_
         try:
             pipe.watch(key)
             holder = pipe.get(key)
-            if holder is None or not tasks.process_gone(conn, f"rq:scheduler:{holder.decode()}"):
+            if holder is None or not _scheduler_gone(pipe, key, holder.decode()):
                 pipe.unwatch()
                 return False
             pipe.multi()
@@ -44,6 +47,17 @@ def break_stale_scheduler_lock(conn: redis.Redis, queue_name: str = tasks.QUEUE_
             return False
     log.warning("freed the scheduler lock of queue %s: its scheduler (%s) is gone", queue_name, holder.decode())
     return True
+
+
+def _scheduler_gone(conn, lock_key: str, name: str) -> bool:
+    # A live scheduler renews its lock every second to a full TTL: one not renewed for a while has no live holder,
+    # wherever that ran. On this host a dead pid tells at once. (A scheduler that has only just taken the lock has
+    # not written its own record yet: that alone means nothing.)
+    ttl = conn.ttl(lock_key)
+    if ttl is not None and 0 <= ttl < SCHEDULER_LOCK_TTL_S - STALE_AFTER_S:
+        return True
+    info = conn.hgetall(f"rq:scheduler:{name}")
+    return bool(info) and tasks.process_gone(conn, f"rq:scheduler:{name}")
 
 
 class TuneopsWorker(Worker):

@@ -1,0 +1,142 @@
+"""Recovery after a crash, piece by piece: freeing a dead scheduler's lock, telling a pending job from a lost one,
+and the reconcile pass that restarts lost starts, monitor chains and cancels."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from rq import Queue
+from rq.registry import ScheduledJobRegistry
+from rq.scheduler import RQScheduler
+
+from jobs import service, store, tasks
+from jobs.domain import RunState
+from jobs.progress import move
+from jobs.worker import SCHEDULER_LOCK_TTL_S, break_stale_scheduler_lock
+
+
+@pytest.fixture
+def rq_conn(settings):
+    return tasks.rq_connection(settings)
+
+
+def dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def hold_scheduler_lock(rq_conn, name: str, *, pid: int | None, ttl: int = SCHEDULER_LOCK_TTL_S) -> str:
+    key = RQScheduler.get_locking_key(tasks.QUEUE_NAME)
+    rq_conn.set(key, name, ex=ttl)
+    if pid is not None:
+        rq_conn.hset(f"rq:scheduler:{name}", mapping={"hostname": socket.gethostname(), "pid": pid})
+    return key
+
+
+def test_the_lock_of_a_dead_scheduler_on_this_host_is_freed(rq_conn):
+    key = hold_scheduler_lock(rq_conn, "gone", pid=dead_pid())
+    assert break_stale_scheduler_lock(rq_conn) is True
+    assert rq_conn.get(key) is None
+
+
+def test_the_lock_of_a_live_scheduler_is_kept(rq_conn):
+    key = hold_scheduler_lock(rq_conn, "alive", pid=os.getpid())
+    assert break_stale_scheduler_lock(rq_conn) is False
+    assert rq_conn.get(key) == b"alive"
+
+
+def test_a_lock_just_taken_by_a_scheduler_still_starting_is_kept(rq_conn):
+    key = hold_scheduler_lock(rq_conn, "starting", pid=None)  # no record of its own yet
+    assert break_stale_scheduler_lock(rq_conn) is False
+    assert rq_conn.get(key) == b"starting"
+
+
+def test_a_lock_nobody_renews_is_freed_wherever_its_holder_ran(rq_conn):
+    key = hold_scheduler_lock(rq_conn, "elsewhere", pid=None, ttl=20)
+    assert break_stale_scheduler_lock(rq_conn) is True
+    assert rq_conn.get(key) is None
+
+
+def test_job_pending(settings, rq_conn):
+    assert tasks.job_pending(settings, None) is False
+    assert tasks.job_pending(settings, "no-such-job") is False
+    queued = tasks.enqueue_admit(settings)
+    assert tasks.job_pending(settings, queued.id) is True
+    later = tasks._enqueue(settings, tasks.admit_runs, delay_s=60)
+    assert tasks.job_pending(settings, later.id) is True
+    # Scheduled long ago and still not run: no scheduler is doing its work.
+    ScheduledJobRegistry(tasks.QUEUE_NAME, connection=rq_conn).schedule(later, datetime.now(UTC) - timedelta(minutes=2))
+    assert tasks.job_pending(settings, later.id) is False
+
+
+def running_run(settings, **changes):
+    run = service.submit_run(settings, requester="U1", channel="C1", dataset="datasets/train.jsonl")
+    conn = store.connect(settings)
+
+    def step(r):
+        events = [move(r, RunState.PREPARING)]
+        for key, value in changes.items():
+            setattr(r, key, value)
+        if r.execution_id:
+            events.append(move(r, RunState.RUNNING))
+        return events
+
+    return store.update_run(conn, run.id, step)[0]
+
+
+def jobs_of(settings, rq_conn) -> list[tuple[str, tuple]]:
+    queue = Queue(tasks.QUEUE_NAME, connection=rq_conn)
+    return [(job.func_name.rsplit(".", 1)[1], job.args) for job in queue.jobs]
+
+
+def test_reconcile_restarts_a_lost_monitor_chain_once(settings, rq_conn):
+    run = running_run(settings, execution_id="ft-0001/attempt-1")
+    Queue(tasks.QUEUE_NAME, connection=rq_conn).empty()
+    done = tasks.reconcile_once(settings)
+    assert done["monitored"] == [run.id]
+    token = store.connect(settings).get(tasks.TICK_KEY.format(run.id))
+    assert jobs_of(settings, rq_conn) == [("monitor_run", (run.id, token))]
+    # The restarted chain is pending now: a second pass leaves it alone.
+    assert tasks.reconcile_once(settings)["monitored"] == []
+
+
+def test_reconcile_restarts_a_lost_start_only_after_a_while(settings, rq_conn):
+    run = running_run(settings)  # admitted (preparing), no execution: its start task was lost
+    Queue(tasks.QUEUE_NAME, connection=rq_conn).empty()
+    assert tasks.reconcile_once(settings)["started"] == []  # it may still be on its way
+    conn = store.connect(settings)
+    # As if time had passed: update_run stamps updated_at, so the aged record is written directly.
+    aged = store.load_run(conn, run.id)
+    aged.updated_at = time.time() - tasks.START_STALE_S - 1
+    with conn.pipeline() as pipe:
+        store._write_run(pipe, aged)
+        pipe.execute()
+    assert tasks.reconcile_once(settings)["started"] == [run.id]
+    assert ("start_run", (run.id,)) in jobs_of(settings, rq_conn)
+
+
+def test_reconcile_asks_again_for_a_lost_cancel_and_fills_free_slots(settings, rq_conn):
+    run = running_run(settings, execution_id="ft-0001/attempt-1", cancelled_by="U2")
+    queued = service.submit_run(settings, requester="U1", channel="C1", dataset="datasets/train.jsonl")
+    Queue(tasks.QUEUE_NAME, connection=rq_conn).empty()
+    done = tasks.reconcile_once(settings)
+    assert done["cancelled"] == [run.id]
+    names = [name for name, _ in jobs_of(settings, rq_conn)]
+    assert "cancel_run" in names and "admit_runs" in names  # one slot of two is free for the queued run
+    assert service.get_run(settings, queued.id).state is RunState.QUEUED
+
+
+def test_a_superseded_tick_does_nothing(settings):
+    run = running_run(settings, execution_id="ft-0001/attempt-1")
+    current = tasks.schedule_tick(settings, run.id, 60)
+    before = store.run_events(store.connect(settings), run.id)
+    assert tasks.monitor_run(run.id, "monitor-ft-0001-old") == "superseded"
+    assert store.run_events(store.connect(settings), run.id) == before
+    assert store.connect(settings).get(tasks.TICK_KEY.format(run.id)) == current
