@@ -30,6 +30,7 @@ class BotRuntime:
         return cls(settings=settings, redis=r, gateway=SlackGateway(client, ChannelBudget(r)))
 
     async def close(self) -> None:
+        await self.gateway.close()
         await self.redis.aclose()
 
 

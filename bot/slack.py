@@ -10,6 +10,7 @@ import asyncio
 import logging
 from typing import Any
 
+import aiohttp
 from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_client import AsyncWebClient
 from slack_sdk.webhook.async_client import AsyncWebhookClient
@@ -30,6 +31,12 @@ class SlackGateway:
         self.budget = budget
         self.redactor = redactor
         self.max_retries = max_retries
+        self._session: aiohttp.ClientSession | None = None  # keep-alive connections for response_url answers
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
 
     def clean(self, message: dict[str, Any]) -> dict[str, Any]:
         """The message with every string redacted: for what handlers return in an ack."""
@@ -76,7 +83,9 @@ class SlackGateway:
     async def respond(self, response_url: str, message: dict[str, Any], *, replace_original: bool = False) -> bool:
         """Answer through a command's or a button's response_url, privately. False when Slack refused it (logged)."""
         body = {"response_type": "ephemeral", "replace_original": replace_original, **self.clean(message)}
-        resp = await AsyncWebhookClient(response_url).send_dict(body)
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30))
+        resp = await AsyncWebhookClient(response_url, session=self._session).send_dict(body)
         if resp.status_code != 200:
             log.warning("response_url answered %s: %s", resp.status_code, self.redactor(str(resp.body))[:200])
             return False
