@@ -27,7 +27,7 @@ SEED_INFERENCE_KEYS = ("ACA_APP_NAME", "ACA_APP_ENDPOINT")
 OPTIONAL_FINETUNING_KEYS = (
     "KEY_VAULT_URL", "IDENTITY_ID", "LOG_ANALYTICS_WORKSPACE_ID", "LOG_ANALYTICS_WORKSPACE_NAME",
     "ACA_ENVIRONMENT_NAME", "ACA_ENVIRONMENT_STORAGE_NAME",
-    "WORKLOAD_PROFILE_NAME", "IMAGE", "REPLICA_TIMEOUT", "CPU", "MEMORY", "SYNC_PAYLOAD",
+    "WORKLOAD_PROFILE_NAME", "IMAGE", "REGISTRY", "REPLICA_TIMEOUT", "CPU", "MEMORY", "SYNC_PAYLOAD",
     "ARM_ENDPOINT", "FILES_ENDPOINT", "LOGS_ENDPOINT", "POLLING_INTERVAL",
 )
 OPTIONAL_INFERENCE_KEYS = ("COMMANDS", "IMAGE", "MIN_REPLICAS", "MAX_REPLICAS", "CPU", "MEMORY",
@@ -75,6 +75,7 @@ class AcaConfig:
     environment_storage_name: str = ""
     workload_profile: str = DEFAULT_WORKLOAD_PROFILE
     image: str = ""
+    registry: str = ""
     replica_timeout: int = DEFAULT_REPLICA_TIMEOUT
     cpu: float = 24.0
     memory: str = "220Gi"
@@ -252,6 +253,7 @@ def parse_aca_config(finetuning: Mapping[str, Any], inference: Mapping[str, Any]
         environment_storage_name=f.text("ACA_ENVIRONMENT_STORAGE_NAME", pattern=_NAME_RE),
         workload_profile=f.text("WORKLOAD_PROFILE_NAME") or DEFAULT_WORKLOAD_PROFILE,
         image=f.text("IMAGE"),
+        registry=f.text("REGISTRY", pattern=re.compile(r"^[a-z0-9][a-z0-9.-]*(:\d+)?$")),
         replica_timeout=f.number("REPLICA_TIMEOUT", DEFAULT_REPLICA_TIMEOUT, minimum=1),
         cpu=f.number("CPU", 24.0, kind=float, minimum=0.25),
         memory=f.text("MEMORY") or "220Gi",

@@ -61,7 +61,10 @@ def _quiet(_: str) -> None:
 
 
 def differs(want: Any, have: Any) -> bool:
-    """Would a PUT of `want` change `have`? Only the keys `want` sets count (Azure adds read-only ones). Pure."""
+    """Would a PUT of `want` change `have`? Only the keys `want` sets count (Azure adds read-only ones), and an
+    empty list or object is the same as none (ARM answers null for an empty collection). Pure."""
+    if have is None and want in ([], {}, None):
+        return False
     if isinstance(want, Mapping):
         if not isinstance(have, Mapping):
             return True
@@ -199,6 +202,8 @@ def provision_finetune(clients: AzureClients, notice: Notice = _quiet,
     from jobs.aca.resources import job_body
 
     cfg = clients.cfg
+    if cfg.registry:
+        cfg.require(f"Pulling the image from {cfg.registry}", "identity_id")
     notice(f"reading the ACA job {cfg.job_name}")
     existing = get_job(clients)
     environment, storage_name = resolve_environment(clients, existing, cfg.workload_profile, notice)
@@ -257,6 +262,8 @@ def provision_inference(clients: AzureClients, notice: Notice = _quiet,
     0..MAX_REPLICAS replicas)."""
     cfg = clients.cfg
     cfg.require("Provisioning the inference app", "app_name")
+    if cfg.registry:
+        cfg.require(f"Pulling the image from {cfg.registry}", "identity_id")
     notice(f"reading the inference app {cfg.app_name}")
     existing = get_app(clients)
     environment, storage_name = resolve_environment(clients, existing, cfg.app_workload_profile, notice)

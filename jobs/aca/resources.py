@@ -237,6 +237,14 @@ def _keep_foreign_secrets(existing_secrets: Iterable[Mapping[str, Any]], ours: I
     return kept
 
 
+def _registries(cfg: AcaConfig, existing_conf: Mapping[str, Any]) -> list[dict]:
+    """A private registry (REGISTRY, e.g. myacr.azurecr.io) is pulled from with the managed identity (AcrPull)."""
+    out = [dict(r) for r in existing_conf.get("registries") or [] if r.get("server") != cfg.registry]
+    if cfg.registry:
+        out.insert(0, {"server": cfg.registry, "identity": cfg.identity_id})
+    return out
+
+
 def job_body(cfg: AcaConfig, environment: Mapping[str, Any], *, storage_name: str, secret_envs: Iterable[str],
              existing: Mapping[str, Any] | None = None, foreign_secret_values: Mapping[str, str] | None = None
              ) -> dict[str, Any]:
@@ -275,6 +283,7 @@ def job_body(cfg: AcaConfig, environment: Mapping[str, Any], *, storage_name: st
                 "replicaRetryLimit": 0,
                 "manualTriggerConfig": {"replicaCompletionCount": 1, "parallelism": 1},
                 "secrets": secrets,
+                "registries": _registries(cfg, old_conf),
             },
             "template": {"containers": [container], "volumes": [volume]},
         },
@@ -348,6 +357,7 @@ def app_body(cfg: AcaConfig, environment: Mapping[str, Any], *, storage_name: st
                 "ingress": {"external": True, "targetPort": SERVE_PORT, "transport": "Auto", "allowInsecure": False,
                             "traffic": [{"latestRevision": True, "weight": 100}]},
                 "secrets": secrets,
+                "registries": _registries(cfg, old_props.get("configuration") or {}),
             },
             "template": {"containers": [container], "volumes": [volume],
                          "scale": {"minReplicas": cfg.app_min_replicas, "maxReplicas": cfg.app_max_replicas}},

@@ -120,14 +120,22 @@ class HashCache:
             except (OSError, json.JSONDecodeError):
                 self.entries = {}
 
-    def sha256(self, path: Path) -> tuple[int, str]:
+    def cached(self, path: Path) -> tuple[int, str] | None:
+        """(size, sha256) when the file is unchanged since it was last hashed; None when it must be read."""
         st = path.stat()
-        key = str(path.resolve())
-        stamp = [st.st_size, st.st_mtime_ns, st.st_ino]
         with self._lock:
-            hit = self.entries.get(key)
-        if hit and hit[:3] == stamp:
+            hit = self.entries.get(str(path.absolute()))
+        if hit and hit[:3] == [st.st_size, st.st_mtime_ns, st.st_ino]:
             return st.st_size, hit[3]
+        return None
+
+    def sha256(self, path: Path) -> tuple[int, str]:
+        hit = self.cached(path)
+        if hit is not None:
+            return hit
+        st = path.stat()
+        key = str(path.absolute())
+        stamp = [st.st_size, st.st_mtime_ns, st.st_ino]
         h = hashlib.sha256()
         with path.open("rb") as f:
             for chunk in iter(lambda: f.read(1024 * 1024), b""):
@@ -160,14 +168,16 @@ def read_manifest(share) -> dict[str, dict]:
     return data["files"]
 
 
-def write_manifest(share, updates: Mapping[str, dict], removed: Iterable[str] = ()) -> None:
-    # Read again just before writing so that entries another sync added meanwhile are kept.
-    files = read_manifest(share)
+def write_manifest(share, updates: Mapping[str, dict], removed: Iterable[str] = (),
+                   current: Mapping[str, dict] | None = None, known_dirs: set[str] | None = None) -> None:
+    """Write the manifest with `updates`. Without `current` (read under the caller's lock) it is read again first,
+    so that entries another sync added meanwhile are kept."""
+    files = dict(current) if current is not None else read_manifest(share)
     files.update(updates)
     for rel in removed:
         files.pop(rel, None)
     body = json.dumps({"version": 1, "files": files}, separators=(",", ":"), sort_keys=True).encode()
-    sharefs.write_bytes(share, MANIFEST, body)
+    sharefs.write_bytes(share, MANIFEST, body, known_dirs)
 
 
 def sync_workspace(share, sources: Iterable[Source], *, concurrency: int = 8, cache: HashCache | None = None,
@@ -180,16 +190,25 @@ def sync_workspace(share, sources: Iterable[Source], *, concurrency: int = 8, ca
     files = collect(sources)
     local: dict[str, LocalFile] = {}
 
+    # Unchanged files are only stat()ed; the others are read and hashed in parallel (hashlib releases the GIL).
+    misses = []
+    for rel, path in files.items():
+        hit = cache.cached(path)
+        if hit is None:
+            misses.append((rel, path))
+        else:
+            local[rel] = LocalFile(path, *hit)
+
     def hash_one(item):
         rel, path = item
         size, digest = cache.sha256(path)
         return rel, LocalFile(path, size, digest)
 
-    workers = max(1, min(concurrency, 8))
-    with ThreadPoolExecutor(workers) as pool:
-        for rel, lf in pool.map(hash_one, files.items()):
-            local[rel] = lf
-    cache.save()
+    if misses:
+        with ThreadPoolExecutor(max(1, min(concurrency, 8))) as pool:
+            for rel, lf in pool.map(hash_one, misses):
+                local[rel] = lf
+        cache.save()
 
     if lock is not None:
         lock.acquire()
@@ -198,7 +217,8 @@ def sync_workspace(share, sources: Iterable[Source], *, concurrency: int = 8, ca
         to_send = plan(local, manifest)
         to_delete = stale(local, manifest, [s.dest for s in sources]) if delete else []
         result = SyncResult(skipped=len(local) - len(to_send))
-        known_dirs: set[str] = set()
+        # A manifest that was read lives in a directory that exists.
+        known_dirs: set[str] = {MANIFEST.rsplit("/", 1)[0]} if manifest else set()
         for d in sorted({rel.rsplit("/", 1)[0] for rel in to_send if "/" in rel}, key=lambda d: (d.count("/"), d)):
             sharefs.ensure_dirs(share, d, known_dirs)
         sent_lock = threading.Lock()
@@ -212,9 +232,12 @@ def sync_workspace(share, sources: Iterable[Source], *, concurrency: int = 8, ca
                 result.bytes_sent += lf.size
                 result.uploaded.append(rel)
 
-        with ThreadPoolExecutor(max(1, concurrency)) as pool:
-            for _ in pool.map(upload, to_send):
-                pass
+        if len(to_send) == 1:
+            upload(to_send[0])
+        elif to_send:
+            with ThreadPoolExecutor(max(1, min(concurrency, len(to_send)))) as pool:
+                for _ in pool.map(upload, to_send):
+                    pass
         for rel in to_delete:
             try:
                 share.get_file_client(rel).delete_file()
@@ -223,7 +246,7 @@ def sync_workspace(share, sources: Iterable[Source], *, concurrency: int = 8, ca
             result.deleted.append(rel)
         if to_send or to_delete:
             write_manifest(share, {rel: {"size": local[rel].size, "sha256": local[rel].sha256} for rel in to_send},
-                           to_delete)
+                           to_delete, current=manifest if lock is not None else None, known_dirs=known_dirs)
     finally:
         if lock is not None:
             try:

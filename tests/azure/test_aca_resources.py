@@ -84,6 +84,10 @@ def test_the_job_body_is_the_seeds_job_with_key_vault_secret_refs():
     assert p["template"]["volumes"] == [{"name": "share1volume", "storageType": "AzureFile", "storageName": "envstore"}]
     assert body["identity"] == {"type": "UserAssigned", "userAssignedIdentities": {IDENTITY: {}}}
     assert not any("value" in s for s in p["configuration"]["secrets"])
+    assert p["configuration"]["registries"] == []
+    private = job_body(cfg(REGISTRY="myacr.azurecr.io"), ENV, storage_name="envstore", secret_envs=[])
+    assert private["properties"]["configuration"]["registries"] == [{"server": "myacr.azurecr.io",
+                                                                      "identity": IDENTITY}]
 
 
 def test_an_existing_jobs_mount_identity_and_foreign_secrets_are_kept():
@@ -205,6 +209,8 @@ def test_change_lines_say_what_changed_and_nothing_when_nothing_did():
     assert describe_changes("job", "ft-job", None, new)[0].startswith("created job ft-job: image reg.io/p:2")
     assert not differs(new, dict(new, id="/x", properties=dict(new["properties"], provisioningState="Succeeded")))
     assert differs(new, old)
+    assert not differs({"secrets": [], "registries": []}, {"secrets": None})
+    assert differs({"secrets": [{"name": "a"}]}, {"secrets": None})
 
 
 @given(st.text(max_size=60))

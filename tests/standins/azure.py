@@ -412,6 +412,7 @@ class AzureStandIn:
         self.vault: dict[str, list[dict]] = {}
         self.log_tables: dict[str, list[dict]] = {"ContainerAppConsoleLogs_CL": [], "ContainerAppConsoleLogs": []}
         self.plans: list[ExecutionPlan] = []
+        self._last_log_time = _now()
         self.default_plan = ExecutionPlan()
         self._threads: list[threading.Thread] = []
         self._stops: list[threading.Event] = []
@@ -862,8 +863,10 @@ class AzureStandIn:
         group = f"{execution}-{_rand(5)}"
 
         def console(line: str) -> None:
-            t = _now()
             with self.lock:
+                # Strictly increasing times, as a container's lines are in order; ties would make ordering arbitrary.
+                t = max(_now(), self._last_log_time + dt.timedelta(microseconds=1))
+                self._last_log_time = t
                 if self.log_schema == "custom":
                     self.log_tables["ContainerAppConsoleLogs_CL"].append(
                         {"TimeGenerated": t, "ContainerJobName_s": job, "ContainerGroupName_s": group, "Log_s": line,

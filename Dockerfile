@@ -1,0 +1,54 @@
+# syntax=docker/dockerfile:1
+# Two images from one file:
+#   docker build --target bot -t tuneops-bot .          the Slack bot and the RQ worker (no torch, runs as a user)
+#   docker build --target payload -t tuneops-payload .  what runs in the ACA GPU container: trainer + inference server
+# Run the bot image as `tuneops-bot bot` (the default) or `tuneops-bot worker`. Push the payload image to a registry
+# and set IMAGE in infra/finetuning.config.json (and inference.config.json) so that runs do not spend billed GPU
+# minutes on `pip install`.
+
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+ARG PYTORCH_IMAGE=pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime
+
+# ---- the bot and the worker ----------------------------------------------------------------------------------------
+FROM ${PYTHON_IMAGE} AS bot
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+RUN groupadd --gid 10001 tuneops && useradd --uid 10001 --gid tuneops --create-home tuneops
+WORKDIR /app
+# Dependencies first, so that a code change does not reinstall them.
+COPY pyproject.toml README.md ./
+RUN mkdir -p bot jobs payload && touch bot/__init__.py jobs/__init__.py payload/__init__.py \
+    && pip install . && pip uninstall -y tuneops
+COPY bot ./bot
+COPY jobs ./jobs
+COPY payload ./payload
+COPY infra ./infra
+RUN pip install --no-deps . && mkdir -p /home/tuneops/workspace && chown tuneops:tuneops /home/tuneops/workspace
+USER tuneops
+ENV TUNEOPS_WORKSPACE=/home/tuneops/workspace \
+    TUNEOPS_INFRA_DIR=/app/infra \
+    PORT=3000
+EXPOSE 3000
+ENTRYPOINT ["tuneops"]
+CMD ["bot", "--http"]
+
+# ---- the GPU container: trainer and inference server ---------------------------------------------------------------
+# The PyTorch image brings CUDA and torch; pip keeps its torch (>=2.4 is satisfied) and adds the payload and serve
+# extras. It runs as root like the seed's image: the Azure Files mount at /mount is writable by root only.
+FROM ${PYTORCH_IMAGE} AS payload
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    HF_HOME=/mount/cache/huggingface
+WORKDIR /opt/tuneops
+COPY pyproject.toml README.md ./
+RUN mkdir -p bot jobs payload && touch bot/__init__.py jobs/__init__.py payload/__init__.py \
+    && pip install ".[payload,serve]" && pip uninstall -y tuneops
+COPY payload ./payload
+RUN pip install --no-deps .
+WORKDIR /mount
+EXPOSE 7860
+CMD ["python", "-m", "payload.serve", "--help"]
