@@ -140,3 +140,44 @@ def test_a_superseded_tick_does_nothing(settings):
     assert tasks.monitor_run(run.id, "monitor-ft-0001-old") == "superseded"
     assert store.run_events(store.connect(settings), run.id) == before
     assert store.connect(settings).get(tasks.TICK_KEY.format(run.id)) == current
+
+
+@pytest.mark.usefixtures("fake_trainer")
+def test_a_retried_start_never_starts_a_second_trainer(settings, monkeypatch):
+    """The first start died after launching the trainer and before recording it; the retry finds the launch."""
+    from jobs.local import LocalExecutor
+    from jobs.runconfig import build_train_config
+
+    monkeypatch.setenv("FAKE_STEP_S", "0.2")
+    run = running_run(settings)
+    config = build_train_config(run.id, run.model, run.dataset, run.params, settings.train_overrides)
+    LocalExecutor(settings).start(run, config.model_dump())  # the lost first start
+    assert tasks.start_run(run.id) == "ft-0001/attempt-1"
+    assert tasks.start_run(run.id) == "already started"
+    stored = service.get_run(settings, run.id)
+    assert stored.execution_id == "ft-0001/attempt-1"
+    log = (settings.workspace / "runs" / run.id / "train.log").read_text()
+    assert log.count("[tuneops] attempt 1:") == 1
+    assert [e.kind for e in store.run_events(store.connect(settings), run.id)].count("started") == 1
+    LocalExecutor(settings).stop(stored)
+
+
+def test_concurrent_admissions_never_admit_more_than_max_running(settings):
+    import threading
+
+    ids = [service.submit_run(settings, requester="U1", channel="C1", dataset="datasets/train.jsonl").id
+           for _ in range(8)]
+    barrier = threading.Barrier(6)
+
+    def admit():
+        barrier.wait()
+        tasks.admit_runs()
+
+    threads = [threading.Thread(target=admit) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    states = [service.get_run(settings, i).state for i in ids]
+    assert states == [RunState.PREPARING] * 2 + [RunState.QUEUED] * 6  # oldest first
+    assert [service.queue_position(settings, i) for i in ids[2:]] == [1, 2, 3, 4, 5, 6]
