@@ -12,6 +12,7 @@ from pydantic import ValidationError
 from jobs import store, tasks
 from jobs.domain import RUN_ID_RE, Run, RunEvent, RunState
 from jobs.executor import BackendError
+from jobs.masking import environment_secrets, mask_lines
 from jobs.progress import move
 from jobs.runconfig import build_train_config, params_from_command
 from jobs.settings import JobSettings
@@ -211,7 +212,7 @@ def tail_logs(settings: JobSettings, run_id: str, lines: int = 20) -> list[str]:
     from jobs.backends import get_executor
 
     try:
-        return get_executor(settings).tail_logs(run, max(1, min(lines, 500)))
+        return mask_lines(get_executor(settings).tail_logs(run, max(1, min(lines, 500))), environment_secrets())
     except BackendError as e:
         raise RunRejected(f"cannot read the logs of {run.id}: {e}") from None
 

@@ -26,6 +26,7 @@ from jobs import store
 from jobs.backends import get_executor
 from jobs.domain import Run, RunEvent, RunState
 from jobs.executor import BackendError, ExecStatus, ExecutionInfo
+from jobs.masking import environment_secrets, mask, mask_lines
 from jobs.procs import pid_alive
 from jobs.progress import apply_progress, finish, move
 from jobs.runconfig import build_train_config
@@ -277,6 +278,7 @@ def advance(settings: JobSettings, run_id: str) -> tuple[Run | None, ExecutionIn
     Returns the run afterwards and what the backend said."""
     conn = store.connect(settings)
     executor = get_executor(settings)
+    secrets = environment_secrets()
     seen: dict[str, ExecutionInfo] = {}
 
     def step(run: Run) -> list[RunEvent] | None:
@@ -287,6 +289,10 @@ def advance(settings: JobSettings, run_id: str) -> tuple[Run | None, ExecutionIn
         info = executor.status(run)
         seen["info"] = info
         batch = executor.read(run, run.event_cursor, run.log_cursor)
+        batch.log_lines = mask_lines(batch.log_lines, secrets)
+        for ev in batch.events:
+            if ev["type"] == "error":
+                ev["message"] = mask(str(ev.get("message", "")), secrets)
         events: list[RunEvent] = []
         if run.state is RunState.PREPARING and (info.status is ExecStatus.RUNNING or info.status.finished
                                                 or batch.events):
@@ -295,7 +301,8 @@ def advance(settings: JobSettings, run_id: str) -> tuple[Run | None, ExecutionIn
         moved = (batch.event_cursor, batch.log_cursor) != (run.event_cursor, run.log_cursor)
         run.event_cursor, run.log_cursor = batch.event_cursor, batch.log_cursor
         if info.status.finished:
-            events += finish(run, info, lambda: executor.outputs(run), lambda n: executor.tail_logs(run, n))
+            events += finish(run, info, lambda: executor.outputs(run),
+                             lambda n: mask_lines(executor.tail_logs(run, n), secrets))
         return events if events or moved else None
 
     try:

@@ -1,7 +1,8 @@
 """A stand-in for payload.train in the executor-level tests (cancel, kill, queueing), where training itself is beside
 the point: it reads the same run config, writes the same events, checkpoints, adapter and metrics, resumes from its
 newest checkpoint, and exits the same way, in a fraction of the time. Behaviour knobs come from the environment:
-FAKE_STEP_S (seconds per step), FAKE_FAIL_AT (step at which it fails), FAKE_IGNORE_TERM (ignore SIGTERM)."""
+FAKE_STEP_S (seconds per step), FAKE_FAIL_AT (step at which it fails), FAKE_IGNORE_TERM (ignore SIGTERM),
+FAKE_LEAK (print HF_TOKEN's value when failing, as a careless traceback might)."""
 
 from __future__ import annotations
 
@@ -36,8 +37,9 @@ def main() -> int:
     for step in range(done + 1, total + 1):
         time.sleep(step_s)
         if step == fail_at:
-            print("Traceback (most recent call last):\nRuntimeError: fake failure", file=sys.stderr, flush=True)
-            events.emit("error", message=f"fake failure at step {step}")
+            leak = f" with token {os.environ.get('HF_TOKEN')}" if os.environ.get("FAKE_LEAK") else ""
+            print(f"Traceback (most recent call last):\nRuntimeError: fake failure{leak}", file=sys.stderr, flush=True)
+            events.emit("error", message=f"fake failure at step {step}{leak}")
             return 1
         loss = 5.0 / step
         events.emit("step", step=step, total_steps=total, epoch=step / total, loss=loss, lr=cfg.learning_rate,

@@ -153,16 +153,22 @@ def test_a_worker_killed_mid_run_is_replaced_and_the_run_finishes_once(settings,
 
 @pytest.mark.usefixtures("fake_trainer")
 def test_a_failed_run_reports_its_error_and_log_tail_and_resumes_from_its_checkpoint(settings, workers):
-    workers.start(settings, FAKE_STEP_S="0.1", FAKE_FAIL_AT="5")
+    token = "hf_notForRedisOrSlack0123456789"
+    workers.start(settings, FAKE_STEP_S="0.1", FAKE_FAIL_AT="5", FAKE_LEAK="1", HF_TOKEN=token)
     run = submit(settings, max_steps=6)
     done = wait_for(lambda: ended(settings, run.id), 60, "the run to end", interval=0.2)
     assert done.state is RunState.FAILED
     failed = events_of(settings, run.id)[-1]
     assert failed.kind == "failed"
-    assert failed.data["error"] == "fake failure at step 5 (the trainer exited with code 1)"
-    assert failed.data["log_tail"][-2:] == ["Traceback (most recent call last):", "RuntimeError: fake failure"]
+    assert failed.data["error"] == "fake failure at step 5 with token *** (the trainer exited with code 1)"
+    assert failed.data["log_tail"][-2:] == ["Traceback (most recent call last):",
+                                            "RuntimeError: fake failure with token ***"]
     assert len(failed.data["log_tail"]) <= 20
-    assert service.tail_logs(settings, run.id, 1) == ["RuntimeError: fake failure"]
+    # The trainer printed the token; nothing of it reached Redis.
+    conn = store.connect(settings)
+    assert token in (settings.workspace / "runs" / run.id / "train.log").read_text()
+    assert not any(token in str(fields) for _, fields in conn.xrange(store.EVENT_STREAM))
+    assert token not in conn.get(store.run_key(run.id))
 
     # Resumed (with the fault gone, as after a fix): attempt 2 goes on after the checkpoint of step 4.
     workers.stop_all()
