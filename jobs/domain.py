@@ -75,6 +75,7 @@ class Run:
     card_ts: str = ""
     backend: str = "local"
     execution_id: str = ""
+    pid: int = 0                 # local backend: the launcher of the current attempt, which leads its process group
     event_cursor: int = 0
     log_cursor: int = 0
     created_at: float = field(default_factory=time.time)

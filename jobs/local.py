@@ -53,6 +53,9 @@ def split_log(data: bytes) -> list[str]:
 
 
 class LocalExecutor:
+    """`start` also sets `run.pid` (the launcher's pid) for the caller to keep in the run record; the pid file on
+    disk stays the reference, because the record may not have been saved when a worker died."""
+
     name = "local"
 
     def __init__(self, settings: JobSettings, grace_s: float = 10.0):
@@ -88,6 +91,8 @@ class LocalExecutor:
             fd = os.open(self._file(run, "claim"), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             log.info("%s: attempt %d was already started; not starting it again", run.id, run.attempts)
+            pid = self._pid(run)
+            run.pid = pid[0] if pid else 0
             return self.execution_id(run)
         os.write(fd, f"{os.getpid()} {time.time()}\n".encode())
         os.close(fd)
@@ -113,6 +118,7 @@ class LocalExecutor:
                                    "interpreter that has the payload installed") from None
         # The launcher writes the same file itself; writing it here too closes the gap before it gets that far.
         launch.write_pid(d, run.attempts, proc.pid)
+        run.pid = proc.pid
         # Let go of the child without waiting on it: any worker may be the one that sees it end (status reaps it
         # when this process happens to be its parent). Marking it done keeps Popen from warning that it still runs.
         proc.returncode = 0

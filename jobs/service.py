@@ -279,7 +279,7 @@ def resume_run(settings: JobSettings, run_id: str, by: str) -> Run:
         event = move(r, RunState.QUEUED)
         r.cancelled_by = ""
         r.error = ""
-        r.execution_id = ""
+        r.execution_id, r.pid = "", 0
         where = (f"from the checkpoint of step {r.last_checkpoint_step}" if r.last_checkpoint_step
                  else "from the start (no checkpoint was saved)")
         return [event, RunEvent(r.id, "notice", {"text": f"Resumed by <@{by}>; training goes on {where}",

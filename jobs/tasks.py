@@ -184,7 +184,7 @@ def admit_runs() -> list[str]:
                 if run.state is not RunState.QUEUED:
                     return None
                 event = move(run, RunState.PREPARING)
-                run.execution_id = ""
+                run.execution_id, run.pid = "", 0  # a new attempt gets a new execution
                 return [event]
 
             try:
@@ -259,6 +259,7 @@ def start_run(run_id: str) -> str:
                 return None
             r.execution_id = execution_id
             r.backend = executor.name
+            r.pid = run.pid  # set by backends that run a local process
             return [RunEvent(r.id, "started", {"execution_id": execution_id, "links": links})]
 
         store.update_run(conn, run_id, step)

@@ -148,6 +148,7 @@ def test_a_worker_killed_mid_run_is_replaced_and_the_run_finishes_once(settings,
     payload_events, _ = read_events(run_dir / "events.jsonl")
     assert sum(e["type"] == "start" for e in payload_events) == 1
     assert done.attempts == 1
+    assert done.pid == pgid  # the record names the one launcher, as the pid file does
     assert no_trainer_left(settings)
 
 

@@ -156,6 +156,8 @@ def test_a_retried_start_never_starts_a_second_trainer(settings, monkeypatch):
     assert tasks.start_run(run.id) == "already started"
     stored = service.get_run(settings, run.id)
     assert stored.execution_id == "ft-0001/attempt-1"
+    pid_file = settings.workspace / "runs" / run.id / "attempt-1.pid"
+    assert stored.pid == int(pid_file.read_text().split()[0]) > 0
     log = (settings.workspace / "runs" / run.id / "train.log").read_text()
     assert log.count("[tuneops] attempt 1:") == 1
     assert [e.kind for e in store.run_events(store.connect(settings), run.id)].count("started") == 1
