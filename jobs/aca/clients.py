@@ -7,6 +7,7 @@ policy's job: 429 with Retry-After, 5xx and timeouts are retried with exponentia
 
 from __future__ import annotations
 
+import copy
 import threading
 from typing import Any
 
@@ -107,6 +108,12 @@ class AzureClients:
 
         return self._once("logs", make)
 
+    def with_config(self, cfg: AcaConfig) -> AzureClients:
+        """The same SDK clients (same endpoints and credential) seen with a newer config of the same connection."""
+        other = copy.copy(self)
+        other.cfg = cfg
+        return other
+
     def close(self) -> None:
         with self._lock:
             for name, client in self._made.items():
@@ -115,23 +122,32 @@ class AzureClients:
             self._made.clear()
 
 
-_process_clients: dict[AcaConfig, AzureClients] = {}
+def connection_key(cfg: AcaConfig) -> tuple:
+    """What the SDK clients depend on. Other config changes (names, images, an endpoint written back after a
+    provision) reuse the process's clients."""
+    return (cfg.subscription_id, cfg.arm_endpoint, cfg.storage_account, cfg.files_account_url, cfg.file_share,
+            cfg.key_vault_url, cfg.logs_endpoint, cfg.ca_bundle, cfg.storage_key, cfg.polling_interval)
+
+
+_process_clients: dict[tuple, AzureClients] = {}
 _process_lock = threading.Lock()
 
 
 def get_clients(cfg: AcaConfig | None = None) -> AzureClients:
     """The process's clients for `cfg` (default: the config read from infra/)."""
     cfg = cfg or load_aca_config()
+    key = connection_key(cfg)
     with _process_lock:
-        if cfg not in _process_clients:
-            _process_clients[cfg] = AzureClients(cfg)
-        return _process_clients[cfg]
+        clients = _process_clients.get(key)
+        if clients is None:
+            clients = _process_clients[key] = AzureClients(cfg)
+    return clients if clients.cfg == cfg else clients.with_config(cfg)
 
 
 def install_clients(clients: AzureClients) -> None:
-    """Make `clients` the process's clients for its config (a worker set up with a custom credential)."""
+    """Make `clients` the process's clients for its connection (a worker set up with a custom credential)."""
     with _process_lock:
-        _process_clients[clients.cfg] = clients
+        _process_clients[connection_key(clients.cfg)] = clients
 
 
 def reset_clients() -> None:

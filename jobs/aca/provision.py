@@ -17,14 +17,7 @@ from azure.core.exceptions import ResourceNotFoundError
 from jobs.aca.clients import AzureClients
 from jobs.aca.config import INFERENCE_FILE, AcaConfig
 from jobs.aca.errors import azure_call
-from jobs.aca.resources import (
-    app_body,
-    as_plain,
-    describe_changes,
-    env_name_for,
-    KNOWN_SECRETS,
-    ENV_TAG,
-)
+from jobs.aca.resources import KNOWN_SECRETS, app_body, as_plain, describe_changes
 from jobs.executor import BackendError
 
 log = logging.getLogger(__name__)
@@ -339,6 +332,3 @@ def ensure_secret_reference(clients: AzureClients, env_name: str, notice: Notice
                 result.changes += [f"inference app: {c}" for c in sub.changes]
     return result
 
-
-__all__ = ["ProvisionResult", "provision_finetune", "provision_inference", "deploy_adapter",
-           "ensure_secret_reference", "differs", "ENV_TAG", "env_name_for"]

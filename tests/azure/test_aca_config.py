@@ -122,3 +122,26 @@ def test_the_shipped_example_configs_load(tmp_path):
     filled = {k: (v if v is not None else SEED.get(k)) for k, v in data.items()}
     cfg = parse_aca_config(filled, json.loads((root / "inference.config.json").read_text()), {}, root)
     assert cfg.job_name == SEED["ACA_JOB_NAME"] and cfg.commands
+
+
+def test_each_client_is_made_once_per_process_and_kept_across_config_edits(tmp_path):
+    import dataclasses
+
+    from jobs.aca.clients import get_clients, reset_clients
+
+    class Cred:
+        def get_token(self, *a, **k):
+            raise AssertionError("no request is made here")
+
+    try:
+        cfg = parse_aca_config(SEED, {"ACA_APP_NAME": "app1"}, {}, tmp_path)
+        first = get_clients(cfg)
+        first._credential = Cred()
+        assert get_clients(cfg) is first and first.arm is first.arm
+        edited = dataclasses.replace(cfg, app_endpoint="https://app1.example", image="reg.io/p:2")
+        again = get_clients(edited)
+        assert again.cfg == edited and again.arm is first.arm and again.share is first.share
+        elsewhere = get_clients(dataclasses.replace(cfg, arm_endpoint="https://arm.elsewhere"))
+        assert elsewhere.arm is not first.arm
+    finally:
+        reset_clients()

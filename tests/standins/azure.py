@@ -18,7 +18,6 @@ import json
 import os
 import random
 import re
-import shlex
 import ssl
 import string
 import subprocess
@@ -27,7 +26,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from xml.sax.saxutils import escape as xml_escape
