@@ -16,6 +16,7 @@ from jobs.masking import environment_secrets, mask_lines
 from jobs.progress import move
 from jobs.runconfig import build_train_config, params_from_command
 from jobs.settings import JobSettings
+from payload.config import TrainConfig
 
 MAX_REPORTED_ERRORS = 10
 MAX_NAME = 64
@@ -110,16 +111,17 @@ def _check_run_id(run_id: str) -> str:
     return text
 
 
-def _params(settings: JobSettings, model: str, dataset: str, epochs, lr, max_steps) -> dict:
+def _params(settings: JobSettings, model: str, dataset: str, epochs, lr, max_steps) -> tuple[dict, TrainConfig]:
+    """The run's params, checked by building the run config they make (returned too)."""
     params = params_from_command(epochs=epochs, lr=lr, max_steps=max_steps)
     try:
-        build_train_config("ft-0000", model, dataset, params, settings.train_overrides)
+        config = build_train_config("ft-0000", model, dataset, params, settings.train_overrides)
     except ValidationError as e:
         first = e.errors()[0]
         key = str(first["loc"][0]) if first["loc"] else ""
         flag = FLAGS.get(key, key)
         raise RunRejected(f"{flag} {params.get(key)!r} is not accepted: {first['msg'].lower()}") from None
-    return params
+    return params, config
 
 
 # Submitting ----------------------------------------------------------------------------------------------------------
@@ -144,13 +146,13 @@ def submit_run(settings: JobSettings, *, requester: str, channel: str, model: st
     workspace = Path(settings.workspace)
     model_ref = resolve_model(workspace, model if model is not None else settings.default_model)
     dataset_ref, dataset_path = check_dataset(workspace, dataset)
-    params = _params(settings, model_ref, dataset_ref, epochs, lr, max_steps)
+    params, config = _params(settings, model_ref, dataset_ref, epochs, lr, max_steps)
     run_name = _check_name(name)
 
     from payload.validate import validate_dataset
 
     try:
-        report = validate_dataset(str(dataset_path))
+        report = validate_dataset(str(dataset_path), max_seq_length=config.max_seq_length)
     except (OSError, UnicodeError) as e:
         raise RunRejected(f"dataset {dataset_ref} cannot be read ({e}): check the file") from None
     if not report.ok:
