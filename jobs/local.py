@@ -143,8 +143,8 @@ class LocalExecutor:
             if code is None:
                 if stopped:
                     return ExecutionInfo(ExecStatus.STOPPED, "stopped")
-                return ExecutionInfo(ExecStatus.FAILED, "the training process was killed before it could record "
-                                                        "how it ended")
+                return ExecutionInfo(ExecStatus.FAILED, "the training process ended without recording how: it was "
+                                                        "killed, or could not start (see its log)")
         if code is None:
             claim = self._file(run, "claim")
             if not claim.exists():
