@@ -218,3 +218,14 @@ def _group(pgid: int) -> list[int]:
     from jobs.procs import group_members
 
     return group_members(pgid)
+
+
+def test_the_backend_is_picked_in_one_place(settings):
+    import dataclasses
+
+    from jobs.backends import get_executor
+    from jobs.executor import BackendError
+
+    assert isinstance(get_executor(settings), LocalExecutor)
+    with pytest.raises(BackendError, match="set TUNEOPS_BACKEND to 'local' or 'aca'"):
+        get_executor(dataclasses.replace(settings, backend="k8s"))
