@@ -65,12 +65,17 @@ def workspace(tmp_path, tiny_model, example_dataset) -> Path:
     shutil.copy(example_dataset, ws / "datasets" / "train.jsonl")
     (ws / "model-cache" / "tiny").symlink_to(tiny_model, target_is_directory=True)
     yield ws
-    # Never leave a trainer behind, whatever the test did.
+    # Never leave a trainer behind, whatever the test did; and never touch a process that merely got a reused pid:
+    # only members of a launch's group that work in this workspace.
+    from jobs.procs import group_members
+
     for pgid in trainer_groups(ws):
-        try:
-            os.killpg(pgid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
+        for pid in group_members(pgid):
+            try:
+                if Path(os.readlink(f"/proc/{pid}/cwd")).is_relative_to(ws):
+                    os.kill(pid, signal.SIGKILL)
+            except (FileNotFoundError, ProcessLookupError, PermissionError):
+                pass
 
 
 @pytest.fixture
