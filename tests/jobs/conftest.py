@@ -34,17 +34,19 @@ def wait_for(predicate: Callable[[], object], timeout: float, what: str, interva
 
 
 def session_members(sid: int) -> list[int]:
-    """Live processes of session `sid` (a worker, its scheduler and its job processes, which change group)."""
+    """Live processes of a worker's session `sid`: the worker, its scheduler and its job processes (which change
+    group, not session). All are forks of `python -m jobs.worker`, which also tells them from a reused pid."""
     out = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
             raw = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes()
         except OSError:
             continue
         fields = raw[raw.rfind(")") + 2:].split()
-        if fields[0] not in ("Z", "X") and fields[3] == str(sid):
+        if fields[0] not in ("Z", "X") and fields[3] == str(sid) and b"jobs.worker" in cmdline:
             out.append(int(entry.name))
     return out
 
