@@ -36,6 +36,7 @@ from jobs.aca.resources import (
 from jobs.aca.sync import HashCache, Source, SyncResult, default_cache_path, sync_workspace
 from jobs.domain import Run
 from jobs.executor import BackendError, EventBatch, ExecStatus, ExecutionInfo
+from jobs.masking import mask, mask_lines
 from payload.config import ConfigError, parse_config
 from payload.events import EVENTS_FILE, parse_line
 
@@ -198,6 +199,13 @@ class AcaExecutor:
             return ExecutionInfo(ExecStatus.FAILED, "the trainer exited without saving an adapter", 0)
         return info
 
+    def _current_masks(self) -> tuple[str, ...]:
+        """Values of the Key Vault secrets the job references, to mask out of what the container printed (the
+        worker's own environment does not hold them, so the jobs side's masking cannot know them)."""
+        from jobs.aca.secrets import masks_for_job
+
+        return masks_for_job(self.clients)
+
     def read(self, run: Run, event_cursor: int, log_cursor: int) -> EventBatch:
         from jobs.local import split_log
 
@@ -209,8 +217,14 @@ class AcaExecutor:
                       if ev is not None]
             raw = sharefs.read_range(self.clients.share, f"{d}/{LOG_NAME}", log_cursor, MAX_LOG_READ)
             chunk, new_log_cursor = split_complete(raw, log_cursor, MAX_LOG_READ)
-        return EventBatch(events=events, log_lines=split_log(chunk), event_cursor=new_event_cursor,
-                          log_cursor=new_log_cursor)
+        lines = split_log(chunk)
+        if lines or any(ev.get("type") == "error" for ev in events):
+            masks = self._current_masks()
+            lines = mask_lines(lines, masks)
+            for ev in events:
+                if ev.get("type") == "error":
+                    ev["message"] = mask(str(ev.get("message", "")), masks)
+        return EventBatch(events=events, log_lines=lines, event_cursor=new_event_cursor, log_cursor=new_log_cursor)
 
     def tail_logs(self, run: Run, lines: int = 20) -> list[str]:
         """The last lines of train.log; when the container died before writing it, the console log from Log
@@ -225,13 +239,13 @@ class AcaExecutor:
         out = split_log(data)
         if out and not whole:
             out = out[1:]  # the first line of the chunk may be cut
-        if out or not run.execution_id or not self.cfg.log_analytics_workspace_id:
-            return out[-lines:]
-        try:
-            return query_logs(self.clients, self.cfg.job_name, run.execution_id, tail=lines)
-        except BackendError as e:
-            log.warning("%s: no log excerpt from Log Analytics: %s", run.id, e)
-            return []
+        if not out and run.execution_id and self.cfg.log_analytics_workspace_id:
+            try:
+                out = query_logs(self.clients, self.cfg.job_name, run.execution_id, tail=lines)
+            except BackendError as e:
+                log.warning("%s: no log excerpt from Log Analytics: %s", run.id, e)
+                out = []
+        return mask_lines(out[-lines:], self._current_masks()) if out else []
 
     def stop(self, run: Run) -> None:
         if not run.execution_id:

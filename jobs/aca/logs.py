@@ -135,10 +135,13 @@ def run_logs(clients, run: Run, *, tail: int = 50, grep: str | None = None) -> L
     note = ""
     if not run.execution_id:
         return LogsAnswer([], "none", f"{run.id} has not started on Azure yet: no logs.")
+    from jobs.aca.secrets import masks_for_job
+    from jobs.masking import mask_lines
+
     if cfg.log_analytics_workspace_id:
         lines = query_logs(clients, cfg.job_name, run.execution_id, tail=tail, grep=grep or "")
         if lines:
-            return LogsAnswer(lines, "Log Analytics")
+            return LogsAnswer(mask_lines(lines, masks_for_job(clients)), "Log Analytics")
         note = "Log Analytics has no lines for this run yet (it lags by a few minutes); showing train.log."
     else:
         note = "LOG_ANALYTICS_WORKSPACE_ID is not set in infra/finetuning.config.json; showing train.log."
@@ -147,4 +150,4 @@ def run_logs(clients, run: Run, *, tail: int = 50, grep: str | None = None) -> L
     lines = split_log(data)
     if grep:
         lines = [line for line in lines if grep.lower() in line.lower()]
-    return LogsAnswer(lines[-tail:], "train.log on the share", note)
+    return LogsAnswer(mask_lines(lines[-tail:], masks_for_job(clients)), "train.log on the share", note)

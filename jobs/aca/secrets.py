@@ -2,12 +2,16 @@
 
 A secret's value goes from the modal straight to Key Vault in `set_secret` and nowhere else: not into a log line,
 Redis, an RQ job argument or a Slack message. The job reads it through an ACA Key Vault reference (see
-`jobs.aca.provision.ensure_secret_reference`, run as an RQ task with the secret's name only).
+`jobs.aca.provision.ensure_secret_reference`, run as an RQ task with the secret's name only). The worker reads the
+values back into memory only to mask them out of what the container prints (`masks_for_job`).
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import logging
+import threading
+import time
 from dataclasses import dataclass
 
 from jobs.aca.clients import AzureClients
@@ -15,7 +19,12 @@ from jobs.aca.errors import azure_call
 from jobs.aca.resources import ENV_TAG, InvalidSecretName, env_name_for, secret_name
 from jobs.executor import BackendError
 
+log = logging.getLogger(__name__)
+
 MAX_SECRET_BYTES = 25 * 1024   # Key Vault's limit for a secret value
+MASK_TTL_S = 300.0
+_mask_cache: dict[str, tuple[float, tuple[str, ...]]] = {}
+_mask_lock = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -69,3 +78,56 @@ def list_secrets(clients: AzureClients) -> list[SecretInfo]:
             out.append(SecretInfo(env_name_for(p.name, tags), p.name, p.updated_on, p.created_on,
                                   bool(p.enabled), ENV_TAG in tags))
     return sorted(out, key=lambda s: s.env_name)
+
+
+def values_to_mask(clients: AzureClients, names: list[str]) -> tuple[str, ...]:
+    """The current values of the job's Key Vault secrets, held in memory only, to mask them out of the container's
+    log lines before those reach Redis or Slack (a trainer may print its token in a traceback). Cached for a few
+    minutes; () when the vault cannot be read (masking then falls to the bot's pattern-based redaction)."""
+    if not names or not clients.cfg.key_vault_url:
+        return ()
+    key = clients.cfg.key_vault_url + "|" + ",".join(sorted(names))
+    with _mask_lock:
+        hit = _mask_cache.get(key)
+        if hit and time.monotonic() - hit[0] < MASK_TTL_S:
+            return hit[1]
+    values = []
+    try:
+        for name in sorted(set(names)):
+            value = clients.secrets.get_secret(name).value
+            if value and len(value) >= 8:
+                values.append(value)
+    except Exception as e:  # a missing role or an outage must not stop a run's progress
+        log.warning("cannot read the job's secrets to mask them in logs (%s); relying on redaction",
+                    type(e).__name__)
+        return ()
+    out = tuple(sorted(values, key=len, reverse=True))
+    with _mask_lock:
+        _mask_cache[key] = (time.monotonic(), out)
+    return out
+
+
+def masks_for_job(clients: AzureClients) -> tuple[str, ...]:
+    """`values_to_mask` for the Key Vault secrets the ACA job references now (the job is read at most every few
+    minutes)."""
+    cfg = clients.cfg
+    if not cfg.key_vault_url:
+        return ()
+    key = f"job|{cfg.key_vault_url}|{cfg.subscription_id}|{cfg.resource_group}|{cfg.job_name}"
+    with _mask_lock:
+        hit = _mask_cache.get(key)
+    # The names are looked at again each minute, so that a secret just set is masked soon.
+    if hit and time.monotonic() - hit[0] < 60.0:
+        names = list(hit[1])
+    else:
+        try:
+            job = clients.arm.jobs.get(cfg.resource_group, cfg.job_name)
+            secrets = (job.properties.configuration.secrets if job.properties and job.properties.configuration
+                       else None) or []
+            names = sorted(s.name for s in secrets if s.key_vault_url and s.name)
+        except Exception as e:
+            log.warning("cannot read the job's secret references to mask them in logs (%s)", type(e).__name__)
+            return ()
+        with _mask_lock:
+            _mask_cache[key] = (time.monotonic(), tuple(names))
+    return values_to_mask(clients, names)

@@ -17,7 +17,7 @@ from jobs.domain import Run
 from jobs.executor import BackendError
 from jobs.runconfig import build_train_config
 from tests.azure.conftest import run_worker_burst, wait_for
-from tests.standins.azure import Fault
+from tests.standins.azure import ExecutionPlan, Fault, simulated_trainer
 
 VALUE = "hf_Secr3tValue-that-must-not-leak-0123456789"
 
@@ -136,3 +136,24 @@ def test_provision_picks_up_the_vaults_secrets(aca):
     provision_finetune(aca.clients)
     env = aca.standin.jobs["tuneops-ft"]["properties"]["template"]["containers"][0]["env"]
     assert {"name": "WANDB_API_KEY", "secretRef": "wandb-api-key"} in env
+
+
+def test_a_secret_the_container_prints_is_masked_before_it_leaves_the_executor(aca, settings):
+    set_secret(aca.clients, "HF_TOKEN", VALUE)
+    provision_finetune(aca.clients)
+    aca.standin.plan_execution(ExecutionPlan(program=simulated_trainer(fail_at_step=3, leak_env="HF_TOKEN")))
+    ex = AcaExecutor(settings, clients=aca.clients)
+    run = Run(id="ft-0001", requester="U1", channel="C1", model="model-cache/tiny", dataset="datasets/train.jsonl",
+              attempts=1)
+    run.execution_id = ex.start(run, build_train_config(run.id, run.model, run.dataset, {}).model_dump())
+    wait_for(lambda: ex.status(run).status.finished, 20, "the run to end")
+    assert VALUE in (aca.standin.share_dir("tuneopsshare") / "runs" / "ft-0001" / "train.log").read_text()
+    batch = ex.read(run, 0, 0)
+    assert "debug: HF_TOKEN=***" in batch.log_lines
+    error = next(e for e in batch.events if e["type"] == "error")
+    assert error["message"] == "CUDA out of memory (***)"
+    assert "debug: HF_TOKEN=***" in ex.tail_logs(run, 20)
+    from jobs.aca.logs import run_logs
+
+    answer = run_logs(aca.clients, run, tail=50)
+    assert "debug: HF_TOKEN=***" in answer.lines and not any(VALUE in line for line in answer.lines)

@@ -116,7 +116,7 @@ class ExecutionPlan:
 
 
 def simulated_trainer(steps: int = 6, step_delay: float = 0.05, fail_at_step: int | None = None,
-                      write_outputs: bool = True) -> Program:
+                      write_outputs: bool = True, leak_env: str = "") -> Program:
     """Stands in for `python -m payload.train` in the GPU container: reads the run config from the share, writes the
     payload's progress events, train.log, metrics.json and the adapter there, and echoes to the console log."""
 
@@ -149,6 +149,8 @@ def simulated_trainer(steps: int = 6, step_delay: float = 0.05, fail_at_step: in
             emit("error", message=f"dataset {cfg['dataset']} not found")
             return 1
         say(f"HF_TOKEN set: {'yes' if ctx.env.get('HF_TOKEN') else 'no'}")
+        if leak_env:  # a careless trainer that prints a secret, as a traceback might
+            say(f"debug: {leak_env}={ctx.env.get(leak_env)}")
         emit("start", total_steps=steps)
         for step in range(1, steps + 1):
             if ctx.stop.wait(step_delay):
@@ -156,7 +158,7 @@ def simulated_trainer(steps: int = 6, step_delay: float = 0.05, fail_at_step: in
                 return 143
             if fail_at_step == step:
                 say("RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB")
-                emit("error", message="CUDA out of memory")
+                emit("error", message="CUDA out of memory" + (f" ({ctx.env.get(leak_env)})" if leak_env else ""))
                 return 1
             emit("step", step=step, total_steps=steps, epoch=step / steps, loss=round(2.0 / step, 4), lr=1e-4,
                  tokens_per_s=1000.0, eta_s=(steps - step) * step_delay)
@@ -970,6 +972,8 @@ class AzureStandIn:
         app = web.Application()
         app.router.add_route("*", "/secrets", self._vault(self.kv_list))
         app.router.add_route("*", "/secrets/{name}", self._vault(self.kv_secret))
+        # get_secret without a version asks for /secrets/NAME/ (an empty version: the latest).
+        app.router.add_route("*", "/secrets/{name}/", self._vault(self.kv_secret))
         app.router.add_route("*", "/secrets/{name}/{version}", self._vault(self.kv_secret))
         return app
 
