@@ -66,3 +66,49 @@ def portal_links(settings, run: Run) -> dict[str, str]:
     from jobs.aca.logs import portal_links as links
 
     return links(load_aca_config(workspace=getattr(settings, "workspace", None)), run)
+
+
+def doctor(settings) -> list[tuple[str, bool, str]]:
+    """Checks for `tuneops doctor` on the aca backend: (what, ok, detail or what to do). Read-only and quick."""
+    from jobs.aca.config import load_aca_config
+    from jobs.aca.provision import get_job
+    from jobs.executor import BackendError
+
+    out: list[tuple[str, bool, str]] = []
+    try:
+        cfg = load_aca_config(workspace=getattr(settings, "workspace", None))
+    except BackendError as e:
+        return [("Azure config (infra/finetuning.config.json)", False, str(e))]
+    out.append(("Azure config", True, str(cfg.infra_dir)))
+    clients = ops.clients_for(settings)
+
+    def check(what: str, fn) -> None:
+        try:
+            out.append((what, True, fn() or "ok"))
+        except BackendError as e:
+            out.append((what, False, str(e)))
+        except Exception as e:  # a credential or network failure the SDK did not classify
+            out.append((what, False, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"))
+
+    def job():
+        if get_job(clients) is None:
+            raise BackendError(f"the ACA job {cfg.job_name} does not exist: run `/finetune provision finetune`")
+        return cfg.job_name
+
+    def share():
+        from jobs.aca.errors import azure_call
+
+        with azure_call("read the file share"):
+            clients.share.get_share_properties()
+        return cfg.file_share
+
+    check("ACA job", job)
+    check("Azure Files share", share)
+    if cfg.key_vault_url:
+        check("Key Vault", lambda: f"{len(list_secrets(settings))} secret(s)")
+    else:
+        out.append(("Key Vault", False, "KEY_VAULT_URL is not set: the job gets no HF_TOKEN / WANDB_API_KEY"))
+    out.append(("Log Analytics", bool(cfg.log_analytics_workspace_id),
+                "ok" if cfg.log_analytics_workspace_id else
+                "LOG_ANALYTICS_WORKSPACE_ID is not set: `/finetune logs` reads train.log from the share"))
+    return out

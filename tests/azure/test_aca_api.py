@@ -28,3 +28,12 @@ def test_provision_logs_and_links(aca, settings):
     aca.standin.add_log_rows("tuneops-ft", "tuneops-ft-x1", ["epoch 1", "epoch 2"])
     assert api.run_logs(settings, run, tail=1).lines == ["epoch 2"]
     assert set(api.portal_links(settings, run)) == {"job", "execution", "logs"}
+
+
+def test_doctor_says_what_is_missing(aca, settings):
+    checks = {what: (ok, detail) for what, ok, detail in api.doctor(settings)}
+    assert checks["ACA job"] == (False, "the ACA job tuneops-ft does not exist: run `/finetune provision finetune`")
+    assert checks["Azure Files share"] == (True, "tuneopsshare") and checks["Key Vault"][0]
+    api.enqueue_provision(settings, "finetune", "U1", "C1")
+    run_worker_burst(settings)
+    assert dict((w, ok) for w, ok, _ in api.doctor(settings))["ACA job"] is True
