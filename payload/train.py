@@ -135,8 +135,9 @@ def read_dataset(cfg: TrainConfig) -> data.ReadResult:
     return result
 
 
-def prepare_data(cfg: TrainConfig, result: data.ReadResult, tokenizer) -> dict[str, Any]:
-    """Split, tokenize and pack checked records. Raises TrainError when nothing trainable is left."""
+def prepare_data(cfg: TrainConfig, result: data.ReadResult, tokenizer, flatten: bool = False) -> dict[str, Any]:
+    """Split, tokenize and pack checked records. Raises TrainError when nothing trainable is left.
+    `flatten`: packs of a micro-batch go into one row (varlen attention), else one row per pack."""
     if result.format == "messages" and data.ensure_chat_template(tokenizer):
         log.warning("the tokenizer has no chat template; using a plain '### role:' template")
     train_recs, eval_recs = data.split_records(result.records, cfg.eval_split, cfg.seed)
@@ -165,8 +166,8 @@ def prepare_data(cfg: TrainConfig, result: data.ReadResult, tokenizer) -> dict[s
         "truncated": truncated,
         "tokens_per_epoch": sum(len(e.input_ids) for e in train_ex),
         "trainable_tokens_per_epoch": sum(e.trainable_tokens for e in train_ex),
-        # Packs go through the padding-free collator, which computes no padding at all; the plain path pads.
-        "padding_waste": data.padding_waste(batches, padded=not cfg.packing),
+        # Flattened packs compute no padding at all; rows of packs pad to the longest pack of their micro-batch.
+        "padding_waste": data.padding_waste(batches, padded=not (cfg.packing and flatten)),
         "pack_fill": data.pack_fill(train_ex, cfg.max_seq_length) if cfg.packing else None,
     }
 
@@ -197,11 +198,30 @@ def pick_compute_dtype(cfg: TrainConfig, device: str):
     return name, {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
 
 
-def load_model(cfg: TrainConfig, model_ref: str, local: bool, device: str, dtype):
+def pick_attention(device: str) -> str:
+    """Flash attention's varlen kernels when installed on a GPU (packs cost the sum of their examples' squares),
+    else PyTorch's SDPA."""
+    import importlib.util
+
+    if device == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def make_collator(cfg: TrainConfig, attention: str, pad_token_id: int):
+    if not cfg.packing:
+        return data.PaddedCollator(pad_token_id)
+    if attention == "flash_attention_2":
+        return data.PaddingFreeCollator()
+    return data.PackedRowsCollator(pad_token_id)
+
+
+def load_model(cfg: TrainConfig, model_ref: str, local: bool, device: str, dtype, attention: str = "sdpa"):
     """The base model (4-bit NF4 with double quantization unless turned off), ready for k-bit training."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    kwargs: dict[str, Any] = {"dtype": dtype, "device_map": {"": 0} if device == "cuda" else "cpu"}
+    kwargs: dict[str, Any] = {"dtype": dtype, "device_map": {"": 0} if device == "cuda" else "cpu",
+                              "attn_implementation": attention}
     if cfg.load_in_4bit:
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,
@@ -429,7 +449,8 @@ def run(cfg: TrainConfig, events: EventWriter, stop: StopSignal) -> dict[str, An
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype_name, dtype = pick_compute_dtype(cfg, device)
     tokenizer = load_tokenizer(model_ref, local, cfg.base_model)
-    prepared = prepare_data(cfg, records, tokenizer)
+    attention = pick_attention(device)
+    prepared = prepare_data(cfg, records, tokenizer, flatten=attention == "flash_attention_2")
     total_steps = plan_steps(len(prepared["train_items"]), cfg.micro_batch_size, cfg.gradient_accumulation_steps,
                              cfg.num_epochs, cfg.max_steps)
 
@@ -451,7 +472,7 @@ def run(cfg: TrainConfig, events: EventWriter, stop: StopSignal) -> dict[str, An
     from transformers import PrinterCallback, Trainer, TrainingArguments, set_seed
 
     set_seed(cfg.seed)
-    model = load_model(cfg, model_ref, local, device, dtype)
+    model = load_model(cfg, model_ref, local, device, dtype, attention)
     model = add_lora(cfg, model)
     quant = quantization_summary(model, cfg, dtype_name)
     if cfg.load_in_4bit and not quant.get("linear4bit_layers"):
@@ -461,7 +482,7 @@ def run(cfg: TrainConfig, events: EventWriter, stop: StopSignal) -> dict[str, An
     torch.set_num_threads(threads)
 
     # 4. Train.
-    collator = data.PaddingFreeCollator() if cfg.packing else data.PaddedCollator(tokenizer.pad_token_id)
+    collator = make_collator(cfg, attention, tokenizer.pad_token_id)
     has_eval = bool(prepared["eval_items"])
     args = TrainingArguments(
         output_dir=str(ckpt_root),
@@ -554,6 +575,8 @@ def run(cfg: TrainConfig, events: EventWriter, stop: StopSignal) -> dict[str, An
         "peak_memory_mb": round(peak, 1),
         "peak_memory_kind": peak_kind,
         "packing": cfg.packing,
+        "attention": attention,
+        "collator": type(collator).__name__,
         "padding_waste": round(prepared["padding_waste"], 4),
         "pack_fill": None if prepared["pack_fill"] is None else round(prepared["pack_fill"], 4),
         "adapter": str(adapter),

@@ -214,6 +214,11 @@ def test_collators(tokenizer):
     assert flat["input_ids"].tolist() == [[5, 6, 7, 8, 9]]
     assert flat["position_ids"].tolist() == [[0, 1, 2, 0, 1]]
     assert "attention_mask" not in flat
+    rows = data.PackedRowsCollator(pad_token_id=0)([{**feats[0], "position_ids": [0, 0, 1]}, feats[1]])
+    assert rows["input_ids"].tolist() == [[5, 6, 7], [8, 9, 0]]
+    assert rows["labels"].tolist() == [[-100, 6, 7], [-100, 9, -100]]
+    assert rows["position_ids"].tolist() == [[0, 0, 1], [0, 1, 0]]
+    assert "attention_mask" not in rows
     padded = data.PaddedCollator(pad_token_id=0)(feats)
     assert padded["input_ids"].tolist() == [[5, 6, 7], [8, 9, 0]]
     assert padded["labels"].tolist() == [[-100, 6, 7], [-100, 9, -100]]
@@ -222,7 +227,7 @@ def test_collators(tokenizer):
 
 @pytest.mark.parametrize("quantized", [False, True])
 def test_no_attention_leaks_across_packed_examples(tiny_model, tokenizer, example_dataset, quantized):
-    """The logits of each example alone equal its logits inside a pack (4-bit base too)."""
+    """The logits of each example alone equal its logits inside a pack, flattened or in rows (4-bit base too)."""
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -232,18 +237,35 @@ def test_no_attention_leaks_across_packed_examples(tiny_model, tokenizer, exampl
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.float32))
     model = AutoModelForCausalLM.from_pretrained(tiny_model, **kwargs).eval()
-    records = data.read_records(example_dataset).records[:4]
+    records = data.read_records(example_dataset).records[:7]
     examples = data.tokenize_records(records, tokenizer, 256)
-    batch = data.PaddingFreeCollator()([{"input_ids": e.input_ids, "labels": e.labels} for e in examples])
     with torch.no_grad():
-        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits[0]
-        # The same row with positions running on is what a leak looks like: the check must be able to see it.
-        leaky = model(input_ids=batch["input_ids"], use_cache=False).logits[0]
-        offset = 0
-        for e in examples:
-            alone = model(input_ids=torch.tensor([e.input_ids]), use_cache=False).logits[0]
-            n = len(e.input_ids)
-            torch.testing.assert_close(packed[offset:offset + n], alone, atol=1e-5, rtol=1e-4)
-            if offset:
-                assert not torch.allclose(leaky[offset:offset + n], alone, atol=1e-3)
-            offset += n
+        alone = [model(input_ids=torch.tensor([e.input_ids]), use_cache=False).logits[0] for e in examples]
+
+        def check_row(ids, positions, members):
+            logits = model(input_ids=ids[None], position_ids=positions[None], use_cache=False).logits[0]
+            # The same row with positions running on is what a leak looks like: the check must be able to see it.
+            leaky = model(input_ids=ids[None], use_cache=False).logits[0]
+            offset = 0
+            for k in members:
+                n = len(examples[k].input_ids)
+                torch.testing.assert_close(logits[offset:offset + n], alone[k], atol=1e-5, rtol=1e-4)
+                if offset:
+                    assert not torch.allclose(leaky[offset:offset + n], alone[k], atol=1e-3)
+                offset += n
+
+        feats = [{"input_ids": e.input_ids, "labels": e.labels} for e in examples]
+        flat = data.PaddingFreeCollator()(feats)
+        check_row(flat["input_ids"][0], flat["position_ids"][0], range(len(examples)))
+
+        packs = data.build_packs(examples, 120)
+        assert len(packs) >= 2
+        rows = data.PackedRowsCollator(tokenizer.pad_token_id)(packs)
+        batched = model(input_ids=rows["input_ids"], position_ids=rows["position_ids"], use_cache=False).logits
+        groups = data.pack([len(e.input_ids) for e in examples], 120)
+        for r, group in enumerate(groups):
+            offset = 0
+            for k in group:
+                n = len(examples[k].input_ids)
+                torch.testing.assert_close(batched[r, offset:offset + n], alone[k], atol=1e-5, rtol=1e-4)
+                offset += n

@@ -327,20 +327,25 @@ def test_folder_that_is_not_a_model(tmp_path, tiny_model, example_dataset):
 
 
 def test_out_of_memory_is_one_line_with_what_to_lower(tmp_path, tiny_model, example_dataset):
-    """Long examples flattened into one huge micro-batch under a 3 GiB address-space cap: the allocator fails."""
-    import random
+    """A 300k-word vocabulary makes the logits of one micro-batch of 16 x 128 tokens need 2.4 GB; under a 3 GiB
+    address-space cap the allocator fails on the first step, as a GPU does when a batch does not fit."""
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    words = [w for w in json.loads((tiny_model / "tokenizer.json").read_text())["model"]["vocab"] if w.isalpha()]
-    rnd = random.Random(0)
-    ws = workspace(tmp_path, tiny_model, example_dataset, dataset="long.jsonl", max_seq_length=8192,
-                   micro_batch_size=10, eval_split=0.0)
-    with (ws / "long.jsonl").open("w") as f:
-        for _ in range(10):
-            f.write(json.dumps({"text": " ".join(rnd.choice(words) for _ in range(6000))}) + "\n")
+    from payload.tinymodel import build_tokenizer
+
+    model_dir = tmp_path / "big-vocab"
+    tok = build_tokenizer([example_dataset], vocab_extra=300_000)
+    LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=4, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id, tie_word_embeddings=True)).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    ws = workspace(tmp_path, model_dir, example_dataset, micro_batch_size=16, eval_split=0.0)
 
     def cap():
         resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))
 
     res = train(ws, preexec=cap)
     assert_one_line_failure(res, "out of memory: lower micro_batch_size or max_seq_length")
-    assert events_of(ws)[-1]["type"] == "error"
+    evs = events_of(ws)
+    assert evs[0]["type"] == "start" and evs[-1]["type"] == "error"
