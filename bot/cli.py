@@ -32,10 +32,18 @@ def cmd_bot(args: argparse.Namespace) -> int:
     from bot import server
 
     settings = _settings_or_exit("bot")
-    if settings.socket_mode and not args.http:
-        server.run_socket_mode(settings)
-    else:
-        server.run_http(settings, host=args.host, port=args.port)
+    if (args.http or not settings.socket_mode) and not settings.slack_signing_secret:
+        print("SLACK_SIGNING_SECRET is missing: HTTP mode needs it to check that requests come from Slack (Basic "
+              "Information > Signing Secret).", file=sys.stderr)
+        return 2
+    try:
+        if settings.socket_mode and not args.http:
+            server.run_socket_mode(settings)
+        else:
+            server.run_http(settings, host=args.host, port=args.port)
+    except server.StartupError as e:
+        print(str(e), file=sys.stderr)
+        return 2
     return 0
 
 

@@ -7,9 +7,11 @@ import asyncio
 import logging
 import signal
 
+import aiohttp
 from aiohttp import web
 from slack_bolt.adapter.aiohttp import to_aiohttp_response, to_bolt_request
 from slack_bolt.async_app import AsyncApp
+from slack_sdk.errors import SlackApiError, SlackClientError
 
 from bot.app import build_app
 from bot.notifier import Notifier
@@ -57,8 +59,29 @@ def make_bot(settings: BotSettings, *, notify: bool = True) -> tuple[AsyncApp, B
     return app, runtime, notifier
 
 
+class StartupError(Exception):
+    """Slack refused a token at start: the message says which and what to do."""
+
+
+async def preflight(settings: BotSettings, app: AsyncApp) -> None:
+    """Check the tokens once at start, so that a wrong one ends the bot with a clear message instead of retries."""
+    try:
+        await app.client.auth_test()
+        if settings.socket_mode:
+            await app.client.apps_connections_open(app_token=settings.slack_app_token)
+    except SlackApiError as e:
+        which = "SLACK_APP_TOKEN" if "apps.connections.open" in str(e) else "SLACK_BOT_TOKEN"
+        raise StartupError(f"Slack refused {which} ({e.response.get('error', e.response.status_code)}): copy it "
+                           "again from the Slack app's settings (see .env.example), then restart.") from None
+    except (SlackClientError, aiohttp.ClientError, OSError) as e:
+        # Slack may be briefly unreachable; the bot can still start and Bolt retries on the first request.
+        log.warning("could not reach Slack at %s to check the token (%s); starting anyway",
+                    settings.slack_api_url, type(e).__name__)
+
+
 def run_http(settings: BotSettings, host: str = "0.0.0.0", port: int = 3000) -> None:
     app, runtime, notifier = make_bot(settings)
+    asyncio.run(preflight(settings, app))
     log.info("tuneops bot listening on http://%s:%d%s", host, port, EVENTS_PATH)
     web.run_app(build_web_app(app, runtime, notifier=notifier), host=host, port=port, print=None,
                 access_log=None)
@@ -74,11 +97,13 @@ def run_socket_mode(settings: BotSettings) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        notifier.start()
-        await handler.connect_async()
-        log.info("tuneops bot connected in Socket Mode")
         try:
+            await preflight(settings, app)
+            notifier.start()
+            # connect_async retries by itself while Slack is unreachable; a stop must not wait for it.
+            connecting = asyncio.create_task(handler.connect_async())
             await stop.wait()
+            connecting.cancel()
         finally:
             await handler.close_async()
             await notifier.stop()

@@ -51,10 +51,11 @@ class BotSettings:
             problems.append("SLACK_BOT_TOKEN does not look like a bot token: it should start with xoxb- "
                             "(OAuth & Permissions > Bot User OAuth Token).")
         secret = env.get("SLACK_SIGNING_SECRET", "").strip()
-        if not secret:
-            problems.append("SLACK_SIGNING_SECRET is missing: set it to the Signing Secret from the Slack app's "
-                            "Basic Information page.")
         app_token = env.get("SLACK_APP_TOKEN", "").strip()
+        if not secret and not app_token.startswith("xapp-"):
+            # Socket Mode needs no signing secret: its requests come over a connection the bot opened itself.
+            problems.append("SLACK_SIGNING_SECRET is missing: set it to the Signing Secret from the Slack app's "
+                            "Basic Information page (or set SLACK_APP_TOKEN for Socket Mode).")
         if app_token and not app_token.startswith("xapp-"):
             problems.append("SLACK_APP_TOKEN does not look like an app-level token: it should start with xapp- "
                             "(Basic Information > App-Level Tokens, scope connections:write); leave it unset for "

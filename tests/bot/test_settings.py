@@ -52,3 +52,9 @@ def test_missing_token_says_where_to_find_it():
         BotSettings.from_env({"SLACK_SIGNING_SECRET": "x", "TUNEOPS_PYTHON": sys.executable})
     [problem] = e.value.problems
     assert "SLACK_BOT_TOKEN is missing" in problem and "OAuth & Permissions" in problem
+
+
+def test_socket_mode_needs_no_signing_secret():
+    s = BotSettings.from_env({"SLACK_BOT_TOKEN": "xoxb-1", "SLACK_APP_TOKEN": "xapp-1-A-1",
+                              "TUNEOPS_PYTHON": sys.executable})
+    assert s.socket_mode and s.slack_signing_secret == ""

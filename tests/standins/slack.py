@@ -58,10 +58,12 @@ class SlackStandIn:
     """Answers like Slack's Web API. `rate_per_channel`: chat.postMessage allowed per second per channel
     (None: unlimited). `on_call(call)` is invoked in the server thread after each call is recorded."""
 
-    def __init__(self, token: str = "xoxb-standin-token", *, rate_per_channel: float | None = None,
+    def __init__(self, token: str = "xoxb-standin-token", *, app_token: str = "xapp-1-standin-token",
+                 rate_per_channel: float | None = None,
                  team_id: str = "T0STANDIN", bot_user_id: str = "U0TUNEOPS", bot_id: str = "B0TUNEOPS",
                  on_call: Callable[[Call], None] | None = None):
         self.token = token
+        self.app_token = app_token
         self.rate_per_channel = rate_per_channel
         self.team_id, self.bot_user_id, self.bot_id = team_id, bot_user_id, bot_id
         self.on_call = on_call
@@ -71,6 +73,8 @@ class SlackStandIn:
         self.responses: dict[str, list[dict[str, Any]]] = defaultdict(list)  # response_url key -> payloads
         self.files: dict[str, dict[str, Any]] = {}
         self.views: dict[str, dict[str, Any]] = {}
+        self.socket_acks: dict[str, dict[str, Any]] = {}   # Socket Mode: envelope id -> the app's answer
+        self._sockets: list[web.WebSocketResponse] = []
         self._sent: dict[str, deque[float]] = defaultdict(deque)
         self._ts = itertools.count(1)
         self._cond = threading.Condition()
@@ -109,6 +113,11 @@ class SlackStandIn:
 
     def stop(self) -> None:
         if self._loop and self._thread:
+            for ws in list(self._sockets):
+                try:
+                    asyncio.run_coroutine_threadsafe(ws.close(), self._loop).result(5)
+                except Exception:  # already gone
+                    pass
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(10)
             self._thread = None
@@ -124,6 +133,7 @@ class SlackStandIn:
         app.router.add_route("*", "/api/{method}", self._api)
         app.router.add_post("/response/{key}", self._response_url)
         app.router.add_post("/upload/{file_id}", self._upload)
+        app.router.add_get("/socket", self._socket)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
@@ -201,6 +211,13 @@ class SlackStandIn:
         params = await _read_params(request)
         now = time.time()
         auth = request.headers.get("Authorization", "")
+        if method == "apps.connections.open":
+            # Socket Mode's only Web API call, made with the app-level token rather than the bot token.
+            ok = auth == f"Bearer {self.app_token}"
+            body = ({"ok": True, "url": f"ws://127.0.0.1:{self.port}/socket"} if ok
+                    else {"ok": False, "error": "invalid_auth"})
+            self._record(Call(method, params, now, 200, body))
+            return web.json_response(body)
         if auth != f"Bearer {self.token}":
             body = {"ok": False, "error": "not_authed" if not auth else "invalid_auth"}
             self._record(Call(method, params, now, 200, body))
@@ -262,6 +279,45 @@ class SlackStandIn:
         self._record(Call("upload", {"file_id": file_id, "bytes": len(data)}, time.time(), status,
                           {"ok": f is not None}))
         return web.Response(status=status, text=f"OK - {len(data)}" if f is not None else "not found")
+
+    # ---- Socket Mode ----------------------------------------------------------------------------------------------
+
+    async def _socket(self, request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()  # answers the client's pings itself, as Slack does
+        await ws.prepare(request)
+        self._sockets.append(ws)
+        self._record(Call("socket.connect", {}, time.time(), 200, {"ok": True}))
+        await ws.send_json({"type": "hello", "num_connections": len(self._sockets),
+                            "connection_info": {"app_id": "A0TUNEOPS"}, "debug_info": {"host": "standin"}})
+        try:
+            async for msg in ws:
+                if msg.type != web.WSMsgType.TEXT:
+                    continue
+                try:
+                    data = json.loads(msg.data)
+                except json.JSONDecodeError:
+                    continue
+                if isinstance(data, dict) and data.get("envelope_id"):
+                    with self._cond:
+                        self.socket_acks[data["envelope_id"]] = data
+                    self._record(Call("socket.ack", data, time.time(), 200, {"ok": True}))
+        finally:
+            self._sockets.remove(ws)
+        return ws
+
+    def socket_connected(self) -> bool:
+        return bool(self._sockets)
+
+    def push_envelope(self, type_: str, payload: dict[str, Any]) -> str:
+        """Send an envelope to the connected Socket Mode app (from any thread); returns its envelope id."""
+        if not self._sockets or self._loop is None:
+            raise RuntimeError("no Socket Mode app is connected")
+        envelope_id = uuid.uuid4().hex
+        envelope = {"envelope_id": envelope_id, "type": type_, "payload": payload,
+                    "accepts_response_payload": type_ != "events_api", "retry_attempt": 0, "retry_reason": ""}
+        ws = self._sockets[-1]
+        asyncio.run_coroutine_threadsafe(ws.send_json(envelope), self._loop).result(10)
+        return envelope_id
 
     def _next_ts(self) -> str:
         # Slack's ts: seconds.micro-ish; unique and increasing within this server.
@@ -462,6 +518,16 @@ def block_actions_body(*, action_id: str, value: str, user_id: str = "U0ALICE", 
                      "action_ts": f"{time.time():.6f}"}],
     }
     return urlencode({"payload": json.dumps(payload)})
+
+
+def slash_command_payload(text: str, *, user_id: str = "U0ALICE", channel_id: str = "C0TRAIN",
+                          response_url: str, trigger_id: str | None = None) -> dict[str, str]:
+    """A slash command as Socket Mode delivers it: the same fields as the HTTP form, as a JSON object."""
+    from urllib.parse import parse_qsl
+
+    body = slash_command_body(text, user_id=user_id, channel_id=channel_id, response_url=response_url,
+                              trigger_id=trigger_id)
+    return dict(parse_qsl(body))
 
 
 def signed_headers(signing_secret: str, body: str, *, timestamp: int | None = None, retry_num: int | None = None,
