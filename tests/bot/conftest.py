@@ -106,6 +106,25 @@ async def bot(bot_env, slack, monkeypatch):
     await runner.cleanup()
 
 
+def workspace_processes(workspace: Path, marker: str = "") -> list[int]:
+    """Live processes working in `workspace` (the trainer and its launcher) whose command line holds `marker`."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if Path(os.readlink(entry / "cwd")) != workspace:
+                continue
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            state = next((line for line in (entry / "status").read_text().splitlines()
+                          if line.startswith("State:")), "State: ?")
+        except OSError:
+            continue
+        if marker in cmdline and state.split()[1] != "Z":
+            pids.append(int(entry.name))
+    return pids
+
+
 @pytest.fixture
 def worker(bot_env):
     """A real RQ worker (`python -m jobs.worker`) in its own process group; killed with its children afterwards."""
@@ -138,3 +157,9 @@ def worker(bot_env):
         except ProcessLookupError:
             pass
         proc.wait(5)
+    # A test that failed mid-run may leave a trainer behind (it runs in a session of its own): end it too.
+    for pid in workspace_processes(Path(bot_env["TUNEOPS_WORKSPACE"])):
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass

@@ -4,13 +4,13 @@ tiny model, and the Slack stand-in showing what Slack would: the card's edits an
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 
 from bot.blocks import CANCEL_ACTION
 from jobs import service
+from tests.bot.conftest import workspace_processes
 
 pytestmark = pytest.mark.timeout(420)
 
@@ -25,23 +25,7 @@ async def wait_run(bot, slack, run_id: str, predicate, timeout: float):
 
 
 def trainer_processes(workspace: Path, run_id: str) -> list[int]:
-    """Live processes working in `workspace` whose command line names the run's folder (launcher and trainer)."""
-    marker = f"runs/{run_id}"
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            if Path(os.readlink(entry / "cwd")) != workspace:
-                continue
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            state = next((line for line in (entry / "status").read_text().splitlines()
-                          if line.startswith("State:")), "")
-        except OSError:
-            continue
-        if marker in cmdline and "Z" not in state.split()[1:2]:
-            pids.append(int(entry.name))
-    return pids
+    return workspace_processes(workspace, f"runs/{run_id}")
 
 
 async def test_a_run_goes_from_the_command_to_succeeded_in_its_thread(bot, slack, worker, workspace):
