@@ -24,8 +24,8 @@ from typing import Any
 from payload import checkpoints as ckpts
 from payload import data
 from payload.config import ConfigError, TrainConfig, load_config
-from payload.modelpath import ModelNotFound, hub_failure, resolve_model
 from payload.events import PREFIX, EventWriter, encode, make_event
+from payload.modelpath import ModelNotFound, hub_failure, resolve_model
 
 log = logging.getLogger("payload.train")
 
@@ -109,6 +109,7 @@ class StopSignal:
     def __init__(self):
         self.signum: int | None = None
         self.in_training = False
+        self.phase = "before training"
 
     def install(self) -> None:
         for s in (signal.SIGTERM, signal.SIGINT):
@@ -117,7 +118,7 @@ class StopSignal:
     def _handle(self, signum, frame):
         self.signum = signum
         if not self.in_training:
-            raise Interrupted(signum, f"stopped by {signal.Signals(signum).name} before training; "
+            raise Interrupted(signum, f"stopped by {signal.Signals(signum).name} {self.phase}; "
                                       "start the run again to continue")
 
 
@@ -144,7 +145,7 @@ def prepare_data(cfg: TrainConfig, result: data.ReadResult, tokenizer, flatten: 
     train_ex = data.tokenize_records(train_recs, tokenizer, cfg.max_seq_length)
     eval_ex = data.tokenize_records(eval_recs, tokenizer, cfg.max_seq_length)
     truncated = sum(e.truncated for e in train_ex + eval_ex)
-    empty = [e for e in train_ex if e.trainable_tokens == 0]
+    empty = [e for e in train_ex + eval_ex if e.trainable_tokens == 0]
     if truncated:
         log.warning("%d examples are longer than max_seq_length (%d tokens) and are cut; %d of them lose every "
                     "answer token and are left out", truncated, cfg.max_seq_length, len(empty))
@@ -375,13 +376,27 @@ def generate(model, tokenizer, prompt_ids: list[int], max_new_tokens: int, devic
     return tokenizer.decode(out[0, len(prompt_ids):], skip_special_tokens=True).strip()
 
 
-def final_evaluation(cfg: TrainConfig, model, tokenizer, prepared: dict, collator, device: str) -> dict[str, Any]:
+def final_evaluation(cfg: TrainConfig, model, tokenizer, prepared: dict, collator, device: str,
+                     dtype_name: str = "fp32") -> dict[str, Any]:
     """Eval loss of the base model against the fine-tuned one on the held-out split, and both generations for a
     few held-out prompts: the evidence an approver looks at before a deploy."""
+    import contextlib
+
+    import torch
+
     items = prepared["eval_items"]
     result: dict[str, Any] = {"eval_examples": len(prepared["eval_examples"])}
     if not items:
         return result
+    # The same mixed precision the Trainer trained under (it autocasts when bf16/fp16 is on).
+    amp = torch.autocast("cuda", dtype=torch.bfloat16 if dtype_name == "bf16" else torch.float16) \
+        if device == "cuda" and dtype_name in ("bf16", "fp16") else contextlib.nullcontext()
+    with amp:
+        return _evaluate(cfg, model, tokenizer, prepared, collator, device, result)
+
+
+def _evaluate(cfg, model, tokenizer, prepared, collator, device, result):
+    items = prepared["eval_items"]
     result["eval_loss"] = eval_loss(model, items, collator, cfg.micro_batch_size, device)
     with model.disable_adapter():
         result["base_eval_loss"] = eval_loss(model, items, collator, cfg.micro_batch_size, device)
@@ -444,7 +459,8 @@ def run(cfg: TrainConfig, events: EventWriter, stop: StopSignal) -> dict[str, An
         raise TrainError(str(e)) from None
     import torch
 
-    configured_threads = cfg.num_threads or int(os.environ.get("OMP_NUM_THREADS") or 0)
+    env_threads = os.environ.get("OMP_NUM_THREADS", "")
+    configured_threads = cfg.num_threads or (int(env_threads) if env_threads.isdigit() else 0)
     torch.set_num_threads(configured_threads or cpu_budget())
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype_name, dtype = pick_compute_dtype(cfg, device)
@@ -527,6 +543,7 @@ def run(cfg: TrainConfig, events: EventWriter, stop: StopSignal) -> dict[str, An
         output = trainer.train(resume_from_checkpoint=str(resume.path) if resume else None)
     finally:
         stop.in_training = False
+        stop.phase = "after training, before the adapter and metrics were written"
     if stop.signum is not None:
         name = signal.Signals(stop.signum).name
         raise Interrupted(stop.signum, f"stopped by {name} at step {trainer.state.global_step} "
@@ -537,7 +554,7 @@ def run(cfg: TrainConfig, events: EventWriter, stop: StopSignal) -> dict[str, An
 
     # 5. Adapter, evaluation, metrics.
     adapter = save_adapter(model, tokenizer, out_dir)
-    evaluation = final_evaluation(cfg, model, tokenizer, prepared, collator, device)
+    evaluation = final_evaluation(cfg, model, tokenizer, prepared, collator, device, dtype_name)
     if evaluation.get("eval_loss") is not None:
         events.emit("eval", step=trainer.state.global_step, eval_loss=round(evaluation["eval_loss"], 5),
                     base_eval_loss=round(evaluation["base_eval_loss"], 5), final=True)
@@ -609,11 +626,17 @@ def _fallback_output_dir(config_path: str) -> str | None:
     """The output_dir of a config that failed validation, when it can still be read, so the error event lands
     where the watcher looks."""
     try:
-        raw = json.loads(Path(config_path).read_text(encoding="utf-8"))
-        out = raw.get("output_dir") if isinstance(raw, dict) else None
-        return out if isinstance(out, str) and out.strip() else None
-    except (OSError, ValueError):
+        text = Path(config_path).read_text(encoding="utf-8")
+        if Path(config_path).suffix in (".yaml", ".yml"):
+            import yaml
+
+            raw = yaml.safe_load(text)
+        else:
+            raw = json.loads(text)
+    except Exception:  # noqa: BLE001 - unreadable in any way: there is no output_dir to use
         return None
+    out = raw.get("output_dir") if isinstance(raw, dict) else None
+    return out if isinstance(out, str) and out.strip() else None
 
 
 def _fail(message: str, events: EventWriter | None, code: int = 1) -> int:
