@@ -25,6 +25,15 @@ REQUIRED_FIELDS: dict[str, tuple[str, ...]] = {
 }
 EVENT_TYPES = tuple(REQUIRED_FIELDS)
 
+# Optional fields the trainer adds (readers must not rely on them being there): `start` says where it resumed from
+# (resumed_from_step is 0 on a fresh start) and which incomplete checkpoints it skipped; the last `eval` compares
+# with the base model.
+OPTIONAL_FIELDS: dict[str, tuple[str, ...]] = {
+    "start": ("run_id", "base_model", "device", "examples", "train_examples", "eval_examples", "sequences",
+              "tokens_per_epoch", "resumed_from_step", "resumed_from", "skipped_checkpoints"),
+    "eval": ("base_eval_loss", "final"),
+}
+
 
 class EventError(ValueError):
     """A line that claims to be an event but is not a valid one."""
