@@ -89,6 +89,21 @@ class EventWriter:
         self.path = Path(output_dir) / EVENTS_FILE
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._stream = stream
+        self._end_torn_line()
+
+    def _end_torn_line(self) -> None:
+        # A writer killed mid-append leaves a line without its newline; ending it keeps the next event on a line
+        # of its own (the torn line is then skipped by readers, not glued to the restart's first event).
+        try:
+            with self.path.open("rb+") as f:
+                f.seek(0, 2)
+                if f.tell() == 0:
+                    return
+                f.seek(-1, 2)
+                if f.read(1) != b"\n":
+                    f.write(b"\n")
+        except FileNotFoundError:
+            pass
 
     def emit(self, type_: str, **fields: Any) -> dict[str, Any]:
         event = make_event(type_, **fields)
