@@ -15,7 +15,7 @@ import pytest
 
 from jobs import service, store
 from tests.bot.conftest import SIGNING_SECRET
-from tests.standins.slack import signed_headers, slash_command_body
+from tests.standins.slack import Message, signed_headers, slash_command_body
 
 
 def runs(bot) -> list:
@@ -228,3 +228,20 @@ async def test_secrets_in_replies_are_redacted(bot, slack, workspace):
     reply = text_of((await answers(slack, key))[0])
     assert "leak.jsonl:1" in reply
     assert token not in json.dumps([c.params for c in slack.calls] + [c.response for c in slack.calls])
+
+
+async def test_a_mention_gets_a_pointer_in_its_thread_once(bot, slack):
+    root = "1700000000.000100"
+    slack.messages["C0TRAIN"][root] = Message("C0TRAIN", root, "@tuneops how?", [])
+    body = json.dumps({"type": "event_callback", "team_id": "T0STANDIN", "api_app_id": "A0TUNEOPS",
+                        "event_id": "Ev0001", "event_time": 1700000000,
+                        "event": {"type": "app_mention", "user": "U0ALICE", "channel": "C0TRAIN", "ts": root,
+                                  "text": "<@U0TUNEOPS> how?"}})
+    for retry in (None, 1):  # Slack retries an event it thinks was not received
+        headers = signed_headers(SIGNING_SECRET, body, retry_num=retry, content_type="application/json")
+        status, _ = await bot.post(body, headers)
+        assert status == 200
+    replies = await slack.until(lambda: slack.thread("C0TRAIN", root), 10)
+    assert replies and "/finetune run --dataset" in replies[0].text
+    await asyncio.sleep(0.5)
+    assert len(slack.thread("C0TRAIN", root)) == 1

@@ -10,6 +10,7 @@ from bot.grammar import Status
 from bot.listeners.support import answer, answering_errors, call
 from bot.runtime import BotRuntime
 from jobs import service
+from jobs.domain import RunState
 
 ACTIVE_LIMIT = 200
 
@@ -39,9 +40,10 @@ def unknown_run(run_id: str) -> str:
 
 
 async def positions_of(rt: BotRuntime, runs) -> dict[str, int]:
+    """Places in line of the queued runs among `runs`."""
     out = {}
     for r in runs:
-        if r.state.value == "queued":
+        if r.state is RunState.QUEUED:
             pos = await call(service.queue_position, rt.settings.jobs, r.id)
             if pos:
                 out[r.id] = pos
