@@ -161,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
                 return out
 
             asyncio.run(fire(url, make(args.warmup), args.clients))
+            # The warm-up's work after the ack must be over before the measured commands start.
+            slack.wait_for(lambda: sum(len(v) for v in slack.responses.values()) >= args.warmup, 60)
             answered_before = sum(len(v) for v in slack.responses.values())
             latencies, wall, failures = asyncio.run(fire(url, make(args.commands), args.clients, args.rate))
             # The work after each ack (a Redis read, an answer on response_url) still has to finish.
