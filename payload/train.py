@@ -209,7 +209,9 @@ def pick_attention(device: str) -> str:
     return "sdpa"
 
 
-def make_collator(cfg: TrainConfig, attention: str, pad_token_id: int):
+def make_collator(cfg: TrainConfig, attention: str, pad_token_id: int | None):
+    # Padding is never a target and never attended to, so any id serves when a tokenizer has neither pad nor eos.
+    pad_token_id = 0 if pad_token_id is None else pad_token_id
     if not cfg.packing:
         return data.PaddedCollator(pad_token_id)
     if attention == "flash_attention_2":
