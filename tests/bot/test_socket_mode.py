@@ -52,7 +52,8 @@ def test_socket_mode_answers_commands_and_runs_the_notifier(socket_bot, slack, b
     card = slack.wait_for(lambda: slack.root_messages("C0TRAIN"), 30)
     assert card and "ft-0001: queued" in card[0].text
     settings = JobSettings.from_env(bot_env)
-    assert service.get_run(settings, "ft-0001").card_ts == card[0].ts
+    # the card's ts is recorded right after Slack accepted the card
+    assert slack.wait_for(lambda: service.get_run(settings, "ft-0001").card_ts == card[0].ts, 30)
 
     socket_bot.send_signal(signal.SIGTERM)
     out, _ = socket_bot.communicate(timeout=30)
