@@ -169,11 +169,19 @@ def render_run_card(run: Run, position: int | None = None) -> Message:
 
 # ---- thread messages ---------------------------------------------------------------------------------------------
 
+LINK_NAMES = {"job": "ACA job", "execution": "execution", "logs": "logs (Log Analytics)"}
+
+
+def render_links(links: dict[str, str]) -> str:
+    """Portal links as one mrkdwn line: `job · execution · logs`."""
+    return ":link: " + "  ·  ".join(f"<{url}|{escape(LINK_NAMES.get(name, name))}>" for name, url in links.items())
+
+
 def render_started(run: Run, execution_id: str = "", links: dict[str, str] | None = None) -> Message:
     text = f":rocket: {run.id} started" + (f" (execution `{escape(execution_id)}`)" if execution_id else "") + "."
     blocks = [section(text)]
     if links:
-        blocks.append(context("  ·  ".join(f"<{url}|{escape(name)}>" for name, url in links.items())))
+        blocks.append(context(render_links(links)))
     return message(text, blocks)
 
 

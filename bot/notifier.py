@@ -17,7 +17,7 @@ import aiohttp
 import redis
 from slack_sdk.errors import SlackApiError, SlackClientError
 
-from bot import blocks
+from bot import blocks, ops
 from bot.slack import SlackGateway
 from jobs import service, store
 from jobs.domain import Run, RunEvent, RunState
@@ -131,6 +131,9 @@ class Notifier:
             raise Transient(f"Redis unreachable ({e})") from None
 
     async def _handle(self, event: RunEvent) -> None:
+        if ops.is_op_id(event.run_id):  # an Azure operation (pv-0001): its own root message and thread
+            await ops.show_op_event(self.settings, self.gateway, event)
+            return
         run = await asyncio.to_thread(service.get_run, self.settings, event.run_id)
         if run is None:
             log.warning("event %s for unknown run %s dropped", event.kind, event.run_id)

@@ -13,6 +13,7 @@ import redis
 
 from bot import blocks
 from bot.runtime import BotRuntime
+from jobs.executor import BackendError
 from jobs.service import RunRejected
 
 log = logging.getLogger("bot.listeners")
@@ -42,7 +43,7 @@ async def answering_errors(rt: BotRuntime, response_url: str, what: str) -> Asyn
     """Whatever goes wrong inside becomes a private answer: a rejection says what to do, our errors are logged."""
     try:
         yield
-    except RunRejected as e:
+    except (RunRejected, BackendError) as e:  # a BackendError's message says what to do (Azure config, quota, roles)
         await answer(rt, response_url, blocks.render_problem(str(e)))
     except redis.exceptions.ConnectionError:
         log.exception("%s: Redis is unreachable", what)
