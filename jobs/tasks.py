@@ -8,11 +8,13 @@ tick that is not the current one does nothing, so a chain restarted by `reconcil
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -23,7 +25,7 @@ from rq.job import Job, JobStatus
 from rq.registry import ScheduledJobRegistry
 
 from jobs import store
-from jobs.backends import get_executor
+from jobs.backends import get_executor, start_timeout_s
 from jobs.domain import Run, RunEvent, RunState
 from jobs.executor import BackendError, ExecStatus, ExecutionInfo
 from jobs.masking import environment_secrets, mask, mask_lines
@@ -48,6 +50,9 @@ STARTED_STALE_S = 90.0
 # A scheduled job this late means no scheduler is running for the queue.
 SCHEDULED_LATE_S = 30.0
 JOB_TIMEOUT_S = 180
+# The start lock lapses this long after its holder stops renewing it (a worker that died mid-start); while a start
+# goes on, however long its backend takes (see jobs.backends.START_TIMEOUT_S), it is renewed every third of it.
+START_LOCK_TTL_S = 120.0
 RESULT_TTL_S = 60
 FAILURE_TTL_S = 7 * 24 * 3600
 
@@ -83,8 +88,9 @@ def get_queue(settings: JobSettings) -> Queue:
     return Queue(QUEUE_NAME, connection=rq_connection(settings))
 
 
-def _enqueue(settings: JobSettings, func, *args: Any, delay_s: float = 0.0, job_id: str | None = None) -> Job:
-    options: dict[str, Any] = dict(job_id=job_id, job_timeout=JOB_TIMEOUT_S, result_ttl=RESULT_TTL_S,
+def _enqueue(settings: JobSettings, func, *args: Any, delay_s: float = 0.0, job_id: str | None = None,
+             timeout: int = JOB_TIMEOUT_S) -> Job:
+    options: dict[str, Any] = dict(job_id=job_id, job_timeout=timeout, result_ttl=RESULT_TTL_S,
                                    failure_ttl=FAILURE_TTL_S)
     queue = get_queue(settings)
     if delay_s > 0:
@@ -97,7 +103,7 @@ def enqueue_admit(settings: JobSettings) -> Job:
 
 
 def enqueue_start(settings: JobSettings, run_id: str) -> Job:
-    return _enqueue(settings, start_run, run_id)
+    return _enqueue(settings, start_run, run_id, timeout=start_timeout_s(settings))
 
 
 def enqueue_cancel(settings: JobSettings, run_id: str) -> Job | None:
@@ -219,11 +225,38 @@ def _fail(conn: redis.Redis, run_id: str, attempt: int, error: str) -> None:
     store.update_run(conn, run_id, step)
 
 
+@contextlib.contextmanager
+def renewed(lock, every_s: float) -> Iterator[None]:
+    """Keep `lock` from lapsing while the block runs (the lock must not be thread-local). A worker that dies stops
+    renewing it, so the lock then lapses within its TTL and the run can be started again."""
+    done = threading.Event()
+
+    def beat() -> None:
+        while not done.wait(every_s):
+            try:
+                lock.reacquire()
+            except redis.exceptions.LockError:
+                log.warning("the lock %s was lost during a long step", lock.name)
+                return
+            except redis.exceptions.RedisError as e:  # Redis blinked: try at the next beat, within the TTL
+                log.warning("could not renew the lock %s: %s", lock.name, e)
+
+    beater = threading.Thread(target=beat, name="lock-renewal", daemon=True)
+    beater.start()
+    try:
+        yield
+    finally:
+        done.set()
+        beater.join(5)
+
+
 def start_run(run_id: str) -> str:
     """Start the execution of an admitted (preparing) run, once per attempt, and begin monitoring it."""
     settings = current_settings()
     conn = store.connect(settings)
-    lock = conn.lock(START_LOCK.format(run_id), timeout=120, blocking_timeout=0)
+    # Renewed while the backend starts (an ACA start can sync for many minutes): a second start_run, enqueued by
+    # reconcile meanwhile, must find it held and not start a second execution of the same attempt.
+    lock = conn.lock(START_LOCK.format(run_id), timeout=START_LOCK_TTL_S, blocking_timeout=0, thread_local=False)
     if not lock.acquire():
         return "busy"  # another worker is starting or stopping it
     try:
@@ -239,7 +272,8 @@ def start_run(run_id: str) -> str:
         try:
             executor = get_executor(settings)
             config = build_train_config(run.id, run.model, run.dataset, run.params, settings.train_overrides)
-            execution_id = executor.start(run, config.model_dump())
+            with renewed(lock, START_LOCK_TTL_S / 3):
+                execution_id = executor.start(run, config.model_dump())
             links = executor.links(run)
         except BackendError as e:
             if e.transient:
