@@ -139,6 +139,8 @@ def render_run_card(run: Run, position: int | None = None) -> Message:
         blocks.append(section(line))
     if run.state is RunState.SUCCEEDED and run.adapter_path:
         blocks.append(context(f"Adapter: `{escape(run.adapter_path)}`"))
+    if run.links:
+        blocks.append(context(render_links(run.links)))
     if run.state in (RunState.FAILED, RunState.TIMED_OUT) and run.error:
         blocks.append(context(f"Error: {escape(truncate(run.error, 500))}"))
     if run.state is RunState.CANCELLED and run.cancelled_by:
@@ -344,12 +346,17 @@ def render_run_list(runs: list[Run], positions: dict[str, int] | None = None, ti
     return message(text, blocks)
 
 
-def render_logs(run: Run, lines: list[str]) -> Message:
-    head = f"Last {len(lines)} log lines of *{run.id}* ({run.state.value.replace('_', ' ')}):"
+def render_logs(run: Run, lines: list[str], *, source: str = "", note: str = "", grep: str | None = None) -> Message:
+    """`source` says where the lines came from (Log Analytics, a file), `note` anything the reader should know, and
+    `grep` the text every line holds."""
+    holding = f" holding `{escape(grep).replace('`', chr(39))}`" if grep else ""
+    extra = [context(escape(note))] if note else []
     if not lines:
-        text = f"{run.id} has no log lines yet."
-        return message(text, [section(text)])
-    return message(f"Logs of {run.id}", [section(head), section(code_block(lines))])
+        text = f"No log lines of {run.id}{holding}." if grep else f"{run.id} has no log lines yet."
+        return message(text, [section(text)] + extra)
+    where = f" from {escape(source)}" if source else ""
+    head = f"Last {len(lines)} log lines of *{run.id}*{holding} ({run.state.value.replace('_', ' ')}){where}:"
+    return message(f"Logs of {run.id}", [section(head), section(code_block(lines))] + extra)
 
 
 def _num(value: Any) -> float | None:

@@ -90,12 +90,11 @@ def check_workers(jobs) -> Check:
 
 
 def check_backend(jobs) -> list[Check]:
-    if jobs.backend != "local":
-        ws = Path(jobs.workspace)
-        found = [p for p in ("infra/finetuning.config.json", "infra/inference.config.json") if (ws / p).is_file()]
-        detail = (f"found {', '.join(found)}" if found else "no infra/*.config.json in the workspace")
-        return [Check("backend", bool(found), f"aca: {detail}. This doctor does not check Azure itself "
-                                              "(credentials, the job, the file share).")]
+    if jobs.backend == "aca":
+        # The Azure backend's own read-only checks: the config files, the job, the share, Key Vault, Log Analytics.
+        from jobs.aca import api
+
+        return [Check(what, ok, detail) for what, ok, detail in api.doctor(jobs)]
     checks = []
     ws = Path(jobs.workspace)
     if not ws.is_dir():

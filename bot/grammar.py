@@ -18,13 +18,14 @@ from jobs.domain import RUN_ID_RE
 MAX_TEXT = 1000          # a command line longer than this is a paste gone wrong, not a command
 MAX_NAME = 64
 MAX_TAIL = 500
+MAX_GREP = 200           # Log Analytics' `contains` needs no more; a longer one is a paste gone wrong
 
 USAGE: dict[str, str] = {
     "help": "/finetune help",
     "run": "/finetune run [--model M] [--dataset PATH] [--epochs N] [--lr X] [--max-steps N] [--name NAME]",
     "status": "/finetune status [RUN]",
     "list": "/finetune list",
-    "logs": "/finetune logs RUN [--tail N]",
+    "logs": "/finetune logs RUN [--tail N] [--grep TEXT]",
     "cancel": "/finetune cancel RUN",
     "resume": "/finetune resume RUN",
     "deploy": "/finetune deploy RUN",
@@ -69,6 +70,7 @@ class ListRuns:
 class Logs:
     run_id: str
     tail: int = 20
+    grep: str | None = None     # only lines holding this text (case-insensitive)
 
 
 @dataclass(frozen=True)
@@ -319,10 +321,15 @@ def _list(args: list[str]) -> ListRuns:
 
 
 def _logs(args: list[str]) -> Logs:
-    values, positional = _flags(args, {"--tail": f"a number of lines, 1 to {MAX_TAIL}"})
+    values, positional = _flags(args, {"--tail": f"a number of lines, 1 to {MAX_TAIL}",
+                                       "--grep": 'the text to look for, e.g. `--grep "out of memory"`'})
     run_id = _run_id(positional, "logs")
     tail = _int("--tail", values["--tail"], 1, MAX_TAIL) if "--tail" in values else 20
-    return Logs(run_id, tail)
+    grep = values.get("--grep")
+    if grep is not None and (len(grep) > MAX_GREP or not grep.strip() or any(c in grep for c in "\r\n\x00")):
+        raise _Bad(f"`--grep` takes one line of at most {MAX_GREP} characters; quote text with spaces, "
+                   'e.g. `--grep "out of memory"`.')
+    return Logs(run_id, tail, grep)
 
 
 def _cancel(args: list[str]) -> Cancel:

@@ -93,6 +93,7 @@ class Run:
     cancelled_by: str = ""
     attempts: int = 0
     auto_resumes: int = 0
+    links: dict[str, str] = field(default_factory=dict)   # portal links of the current execution (ACA), for the card
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -293,6 +293,7 @@ def start_run(run_id: str) -> str:
                 return None
             r.execution_id = execution_id
             r.backend = executor.name
+            r.links = dict(links)
             r.pid = run.pid  # set by backends that run a local process
             return [RunEvent(r.id, "started", {"execution_id": execution_id, "links": links})]
 

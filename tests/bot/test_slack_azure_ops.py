@@ -1,0 +1,157 @@
+"""Provisioning, runs and logs on the ACA backend, seen from Slack: the bot over signed HTTP with the Slack stand-in,
+the real Azure SDK clients against the Azure stand-in, and a real worker process."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bot import doctor
+from jobs import service
+from tests.bot.slack_azure import (  # noqa: F401  (fixtures)
+    ADMIN,
+    aca,
+    aca_worker,
+    bot_env,
+    standin,
+    worker_log,
+)
+from tests.standins.azure import ExecutionPlan, dies_at_once, simulated_trainer
+
+pytestmark = pytest.mark.timeout(240)
+
+
+def op_root(slack, op_id: str):
+    return next((m for m in slack.root_messages("C0TRAIN") if m.text.startswith(f"{op_id}:")), None)
+
+
+async def op_outcome(slack, op_id: str, timeout: float = 60):
+    """The op's root message and its thread, once the thread says how it ended."""
+    def ended():
+        root = op_root(slack, op_id)
+        if root is None:
+            return None
+        thread = slack.thread("C0TRAIN", root.ts)
+        return (root, thread) if any(" is done" in m.text or " failed" in m.text for m in thread) else None
+
+    return await slack.until(ended, timeout)
+
+
+async def test_provision_twice_makes_one_job_and_both_threads_report(bot, slack, aca, aca_worker):
+    _, ack1, key1 = await bot.command("provision finetune")
+    _, ack2, key2 = await bot.command("provision finetune")
+    first = await slack.until(lambda: slack.responses[key1], 20)
+    second = await slack.until(lambda: slack.responses[key2], 20)
+    assert "pv-0001" in json.dumps(first) and "pv-0002" in json.dumps(second)
+    assert "provisioning the fine-tuning job" in json.dumps(first)
+
+    one = await op_outcome(slack, "pv-0001")
+    two = await op_outcome(slack, "pv-0002")
+    assert one and two, ([m.text for m in slack.root_messages("C0TRAIN")], worker_log(aca_worker))
+    (root1, thread1), (root2, thread2) = one, two
+    assert f"asked by <@{ADMIN}>" in json.dumps(root1.blocks)
+    steps = [m.text for m in thread1]
+    assert any("queued" in s for s in steps) and any("creating the ACA job tuneops-ft" in s for s in steps)
+    assert thread1[-1].text == f"<@{ADMIN}> pv-0001 is done: Created the ACA job tuneops-ft."
+    assert thread2[-1].text == (f"<@{ADMIN}> pv-0002 is done: The ACA job tuneops-ft was already up to date; "
+                                "nothing changed.")
+    assert "portal.azure.com" in json.dumps(thread1[-1].blocks)
+    # the roots were edited to say how each op ended
+    assert await slack.until(lambda: all("done" in json.dumps(slack.messages["C0TRAIN"][r.ts].blocks)
+                                         for r in (root1, root2)), 10)
+    # one job, created once: the second op changed nothing
+    assert list(aca.standin.jobs) == ["tuneops-ft"]
+    assert len(aca.standin.requests_to("arm", "PUT", r"/jobs/tuneops-ft$")) == 1
+
+
+async def test_provision_without_a_target_does_both_and_a_failure_says_what_to_do(bot, slack, aca, aca_worker):
+    _, _, key = await bot.command("provision")
+    [answer] = await slack.until(lambda: slack.responses[key], 20)
+    assert "pv-0001" in json.dumps(answer) and "pv-0002" in json.dumps(answer)
+    assert (await op_outcome(slack, "pv-0001"))[1][-1].text.endswith("Created the ACA job tuneops-ft.")
+    root, thread = await op_outcome(slack, "pv-0002")
+    assert "inference app tuneops-infer" in thread[-1].text and "tuneops-infer" in aca.standin.apps
+
+    # the environment lost its GPU profile: the op fails with Azure's words and a next step, not a trace
+    aca.standin.add_environment("tuneops-env", profiles=("Consumption",))
+    aca.standin.jobs.clear()
+    _, _, key = await bot.command("provision finetune")
+    assert await slack.until(lambda: slack.responses[key], 20)
+    root, thread = await op_outcome(slack, "pv-0003")
+    failed = thread[-1]
+    assert failed.text.startswith(f"<@{ADMIN}> pv-0003 failed: ") and "Traceback" not in failed.text
+    assert "provision finetune" in json.dumps(failed.blocks)
+    assert await slack.until(lambda: "failed" in json.dumps(slack.messages["C0TRAIN"][root.ts].blocks), 10)
+
+
+async def test_provision_refusals_and_a_broken_config(bot, slack, aca):
+    status, ack, _ = await bot.command("provision", user="U0BOB")
+    assert status == 200 and "for tuneops admins only" in ack
+    (aca.infra / "finetuning.config.json").write_text("{not json")
+    _, _, key = await bot.command("provision finetune")
+    [answer] = await slack.until(lambda: slack.responses[key], 20)
+    assert "finetuning.config.json: not valid JSON (line 1" in json.dumps(answer)
+    assert not slack.root_messages("C0TRAIN")
+
+
+async def test_a_run_on_aca_has_portal_links_in_its_thread_and_card_and_logs_from_log_analytics(
+        bot, slack, aca, aca_worker):
+    from jobs.aca.provision import provision_finetune
+
+    provision_finetune(aca.clients)
+    aca.standin.plan_execution(ExecutionPlan(program=simulated_trainer(steps=4, step_delay=0.05)))
+    _, _, key = await bot.command("run --dataset datasets/chat.jsonl --max-steps 4")
+    assert await slack.until(lambda: slack.responses[key], 30)
+    run = await slack.until(lambda: (r := service.get_run(bot.settings.jobs, "ft-0001")) and r.state.terminal and r,
+                            120)
+    assert run and run.state == "succeeded", (run, worker_log(aca_worker)[-3000:])
+    assert run.backend == "aca" and set(run.links) == {"job", "execution", "logs"}
+
+    started = await slack.until(lambda: [m for m in slack.thread("C0TRAIN", run.thread_ts)
+                                         if "started" in m.text], 20)
+    links = json.dumps(started[0].blocks)
+    assert run.execution_id in started[0].text
+    for name, url in run.links.items():
+        assert url in links
+    assert "/providers/Microsoft.App/jobs/tuneops-ft/overview|ACA job>" in links
+    assert "LogsBlade" in links and "executionHistory" in links
+    card = slack.messages["C0TRAIN"][run.card_ts]
+    assert run.links["logs"] in json.dumps(card.blocks) and "succeeded" in card.text
+
+    # /finetune logs from Log Analytics: the trainer's console lines, progress events left out, filtered by --grep
+    _, _, key = await bot.command("logs ft-0001 --grep LOSS --tail 2")
+    [answer] = await slack.until(lambda: slack.responses[key], 30)
+    text = json.dumps(answer)
+    assert answer["response_type"] == "ephemeral" and "from Log Analytics" in text and "holding `LOSS`" in text
+    code = answer["blocks"][1]["text"]["text"]
+    assert code.startswith("```") and code.splitlines()[1:-1] == ["step 3/4 loss 0.6667", "step 4/4 loss 0.5000"]
+    _, _, key = await bot.command("logs ft-0001 --grep nothing-like-this")
+    assert "No log lines of ft-0001 holding `nothing-like-this`" in json.dumps(await slack.until(
+        lambda: slack.responses[key], 30))
+
+
+async def test_a_container_that_died_before_writing_anything_shows_its_last_words(bot, slack, aca, aca_worker):
+    from jobs.aca.provision import provision_finetune
+
+    provision_finetune(aca.clients)
+    aca.standin.plan_execution(ExecutionPlan(program=dies_at_once(("exec /bin/bash: exec format error",
+                                                                   "standard_init_linux.go:228: exec user process"))))
+    _, _, key = await bot.command("run --dataset datasets/chat.jsonl --max-steps 4")
+    assert await slack.until(lambda: slack.responses[key], 30)
+    run = await slack.until(lambda: (r := service.get_run(bot.settings.jobs, "ft-0001")) and r.state.terminal and r,
+                            120)
+    assert run and run.state == "failed", (run, worker_log(aca_worker)[-3000:])
+    failed = await slack.until(lambda: [m for m in slack.thread("C0TRAIN", run.thread_ts) if "failed" in m.text], 20)
+    assert failed and failed[0].reply_broadcast
+    body = json.dumps(failed[0].blocks)
+    assert "Last 2 log lines" in body and "exec /bin/bash: exec format error" in body
+    assert "exit" in failed[0].text or "code" in failed[0].text
+
+
+def test_doctor_includes_the_azure_checks(aca, bot_env, slack):
+    checks = {c.name: c for c in doctor.run_checks(bot_env)}
+    assert checks["configuration"].ok and "aca backend" in checks["configuration"].detail
+    assert checks["Azure config"].ok and checks["Azure Files share"].ok and checks["Key Vault"].ok
+    assert not checks["ACA job"].ok and "/finetune provision finetune" in checks["ACA job"].detail
+    assert "backend" not in checks  # the placeholder that said Azure was not checked is gone
