@@ -94,6 +94,7 @@ class Run:
     attempts: int = 0
     auto_resumes: int = 0
     links: dict[str, str] = field(default_factory=dict)   # portal links of the current execution (ACA), for the card
+    deployments: list[dict[str, Any]] = field(default_factory=list)  # deploy requests, decisions (jobs.approval)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -143,6 +144,8 @@ EVENT_KINDS = (
     "cancelled",     # by
     "timed_out",     # checkpoint_step
     "notice",        # text: anything else worth a thread line
+    "approval",      # approval (id), state: a deploy request was made or decided (jobs.approval)
+    "deploy",        # approval (id), state, url, api_url, endpoint, error: a deploy's progress (jobs.deploy)
 )
 
 

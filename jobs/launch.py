@@ -1,6 +1,6 @@
 """Runs one attempt of a run's trainer and records its pid and exit status in the run folder.
 
-`python -m jobs.launch --dir runs/ft-0001 --attempt 1 -- python -m payload.train --config runs/ft-0001/run.json`
+`python -m jobs.launch --dir runs/ft-0001 --attempt 1 [--timeout S] -- python -m payload.train --config ...`
 Only a parent can wait for a process; writing the exit status to a file lets any worker, on any host that sees the
 folder, know how the trainer ended. The local executor starts it in a session of its own, with stdout to the log.
 """
@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from jobs.procs import start_time
+from jobs.timeouts import timeout_file, wait_with_limit
 
 
 def pid_file(run_dir: Path, attempt: int) -> Path:
@@ -55,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jobs.launch", description=__doc__.splitlines()[0])
     parser.add_argument("--dir", required=True, type=Path, help="the run folder")
     parser.add_argument("--attempt", required=True, type=int)
+    parser.add_argument("--timeout", type=float, default=0.0,
+                        help="seconds the trainer may run; then it is stopped and the attempt marked timed out")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="-- followed by the trainer's command line")
     args = parser.parse_args(argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
@@ -72,12 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[tuneops] cannot start the trainer {command[0]!r}: {e.strerror}", flush=True)
         write_atomic(exit_file(args.dir, args.attempt), "127\n")
         return 127
-    while True:
-        try:
-            code = child.wait()
-            break
-        except InterruptedError:
-            continue
+    code = wait_with_limit(child, args.timeout or None, timeout_file(args.dir, args.attempt))
     write_atomic(exit_file(args.dir, args.attempt), f"{code}\n")
     return code if code >= 0 else 128 - code
 

@@ -3,7 +3,8 @@
 Everything about an execution lives in its run folder (`runs/<id>/`), so a worker other than the one that started it
 can follow it, stop it and learn how it ended: `attempt-N.claim` (this attempt was started, made with O_EXCL so it
 happens once), `attempt-N.pid` (the launcher's pid and start time; it leads the process group), `attempt-N.exit`
-(the trainer's exit status, written by `jobs.launch`), `attempt-N.stop` (a stop was asked for), `train.log`.
+(the trainer's exit status, written by `jobs.launch`), `attempt-N.stop` (a stop was asked for), `attempt-N.timeout`
+(it reached TUNEOPS_RUN_TIMEOUT_S, see `jobs.timeouts`), `train.log`.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from jobs.executor import BackendError, EventBatch, ExecStatus, ExecutionInfo
 from jobs.procs import group_alive, pid_alive
 from jobs.runconfig import CONFIG_NAME, run_dir
 from jobs.settings import JobSettings
+from jobs.timeouts import read_timeout, timed_out_detail
 from payload.events import EVENTS_FILE, parse_line, read_events
 
 log = logging.getLogger(__name__)
@@ -62,6 +64,7 @@ class LocalExecutor:
         self.workspace = Path(settings.workspace).resolve()
         self.python = settings.python
         self.train_module = settings.train_module
+        self.run_timeout_s = settings.run_timeout_s
         self.grace_s = grace_s
 
     # Paths ---------------------------------------------------------------------------------------------------------
@@ -101,8 +104,8 @@ class LocalExecutor:
         # -P: the working directory (the workspace) must not shadow installed packages: a `datasets/` folder there
         # would otherwise be imported in place of the datasets library.
         trainer = [self.python, "-P", "-m", self.train_module, "--config", f"{rel}/{CONFIG_NAME}"]
-        command = [self.python, "-P", "-m", "jobs.launch", "--dir", rel, "--attempt", str(run.attempts), "--",
-                   *trainer]
+        command = [self.python, "-P", "-m", "jobs.launch", "--dir", rel, "--attempt", str(run.attempts),
+                   "--timeout", f"{self.run_timeout_s:g}", "--", *trainer]
         with open(d / LOG_NAME, "ab") as logf:
             logf.write(f"{LOG_HEADER} attempt {run.attempts}: {' '.join(trainer[2:])}\n".encode())
             logf.flush()
@@ -156,6 +159,9 @@ class LocalExecutor:
             return ExecutionInfo(ExecStatus.STOPPED, "stopped", code)
         if code == 0 and self._adapter_dir(run).is_dir():
             return ExecutionInfo(ExecStatus.SUCCEEDED, "exit code 0", 0)
+        limit = read_timeout(d, run.attempts)
+        if limit is not None:
+            return ExecutionInfo(ExecStatus.TIMED_OUT, timed_out_detail(limit or self.run_timeout_s), code)
         if code == 0:
             return ExecutionInfo(ExecStatus.FAILED, "the trainer exited without saving an adapter", 0)
         if code < 0:

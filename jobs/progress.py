@@ -9,8 +9,9 @@ from typing import Any
 from jobs.domain import Run, RunEvent, RunState
 from jobs.executor import ExecStatus, ExecutionInfo
 
-# A log event carries at most this many lines: the bot shows an excerpt, `logs` and the failure message the rest.
-LOG_EVENT_LINES = 20
+# A log event carries the lines of one tick (at most 256 KB read); beyond this many only the newest are kept and
+# the rest counted. The bot batches them into thread excerpts (bot.logbatch) and must see every error line.
+LOG_EVENT_LINES = 2000
 FAILED_LOG_TAIL = 20
 
 

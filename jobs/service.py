@@ -269,20 +269,31 @@ def cancel_run(settings: JobSettings, run_id: str, by: str) -> Run:
     return run
 
 
-def resume_run(settings: JobSettings, run_id: str, by: str) -> Run:
+def resume_run(settings: JobSettings, run_id: str, by: str, *, auto_resume_limit: int | None = None) -> Run:
     """Put a failed, timed-out or cancelled run back in line; its trainer goes on from its newest complete
-    checkpoint."""
+    checkpoint. With `auto_resume_limit` it is jobs/ resuming a timed-out run by itself (TUNEOPS_AUTO_RESUME), which
+    it does only while the run has automatic resumes left."""
     conn = store.connect(settings)
     run = _known(settings, run_id)
 
     def step(r: Run) -> list[RunEvent] | None:
         if r.state not in RESUMABLE:
             return None
+        if auto_resume_limit is not None and (r.state is not RunState.TIMED_OUT
+                                              or r.auto_resumes >= auto_resume_limit):
+            return None
+        checkpoint = r.last_checkpoint_step
         event = move(r, RunState.QUEUED)
         r.cancelled_by = ""
         r.error = ""
         r.execution_id, r.pid = "", 0
-        where = (f"from the checkpoint of step {r.last_checkpoint_step}" if r.last_checkpoint_step
+        if auto_resume_limit is not None:
+            from jobs.timeouts import auto_resume_text
+
+            r.auto_resumes += 1
+            return [event, RunEvent(r.id, "notice", {
+                "text": auto_resume_text(r.id, checkpoint, r.auto_resumes, auto_resume_limit), "auto": True})]
+        where = (f"from the checkpoint of step {checkpoint}" if checkpoint
                  else "from the start (no checkpoint was saved)")
         return [event, RunEvent(r.id, "notice", {"text": f"Resumed by <@{by}>; training goes on {where}",
                                                  "by": by})]

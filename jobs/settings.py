@@ -42,6 +42,14 @@ class JobSettings:
     # run (for example a small `save_steps` on a CPU box), as TUNEOPS_TRAIN_OVERRIDES='{"save_steps": 10}'.
     train_module: str = "payload.train"
     train_overrides: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    # The run thread and deploys: the local backend's time limit per attempt (ACA's replicaTimeout is the seed's
+    # 10800 s), automatic resumes after a timeout, how long a deploy request waits for an approver, and where a
+    # local deploy serves (port 0: a free one).
+    run_timeout_s: float = 10800.0
+    auto_resume: int = 0
+    approval_ttl_s: float = 86400.0
+    serve_port: int = 0
+    serve_host: str = "127.0.0.1"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> JobSettings:
@@ -111,6 +119,17 @@ class JobSettings:
             if problem:
                 problems.append(problem)
 
+        run_timeout_s = _duration(env, "TUNEOPS_RUN_TIMEOUT_S", cls.run_timeout_s, problems,
+                                  "how long one attempt of a local run may take (default 10800, like ACA's "
+                                  "replicaTimeout)")
+        approval_ttl_s = _duration(env, "TUNEOPS_APPROVAL_TTL", cls.approval_ttl_s, problems,
+                                   "how long a deploy request waits for an approver (default 24h)")
+        auto_resume = _whole(env, "TUNEOPS_AUTO_RESUME", cls.auto_resume, 0, 100, problems,
+                             "how many times a timed-out run is resumed by itself (default 0: never)")
+        serve_port = _whole(env, "TUNEOPS_SERVE_PORT", cls.serve_port, 0, 65535, problems,
+                            "the port of the local inference server (default 0: a free port)")
+        serve_host = text("TUNEOPS_SERVE_HOST", cls.serve_host)
+
         if problems:
             raise SettingsError(problems)
         return cls(
@@ -123,7 +142,39 @@ class JobSettings:
             python=python,
             train_module=train_module,
             train_overrides=MappingProxyType(overrides),
+            run_timeout_s=run_timeout_s,
+            auto_resume=auto_resume,
+            approval_ttl_s=approval_ttl_s,
+            serve_port=serve_port,
+            serve_host=serve_host,
         )
+
+
+def _duration(env: Mapping[str, str], name: str, default: float, problems: list[str], what: str) -> float:
+    from jobs.durations import parse_duration
+
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        return parse_duration(raw)
+    except ValueError:
+        problems.append(f"{name}={raw!r} is not a duration: set it to {what}, in seconds or like 24h, 30m, 1h30m")
+        return default
+
+
+def _whole(env: Mapping[str, str], name: str, default: int, lo: int, hi: int, problems: list[str], what: str) -> int:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+        if not lo <= value <= hi:
+            raise ValueError
+        return value
+    except ValueError:
+        problems.append(f"{name}={raw!r} is not a whole number from {lo} to {hi}: set it to {what}")
+        return default
 
 
 def redact_url(url: str) -> str:

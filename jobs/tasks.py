@@ -382,6 +382,10 @@ def monitor_run(run_id: str, tick: str | None = None) -> str:
                     pipe.execute()
             except redis.WatchError:
                 pass
+    if run.state is RunState.TIMED_OUT:
+        from jobs.timeouts import maybe_auto_resume
+
+        maybe_auto_resume(settings, run_id)  # TUNEOPS_AUTO_RESUME: back in line before the next run is admitted
     admit_runs()
     return str(run.state)
 

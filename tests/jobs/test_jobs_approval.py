@@ -1,0 +1,157 @@
+"""Deploy requests against a real Redis: the four-eyes checks, one decision under concurrent clicks, expiry, the run
+record, and durations as settings are written."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from jobs import approval, store, tasks
+from jobs.approval import Approval, ApprovalState, decision_refusal
+from jobs.domain import Run, RunEvent, RunState
+from jobs.durations import describe_duration, parse_duration
+from jobs.service import RunRejected
+
+APPROVERS = frozenset({"U0APPROVER", "U0BOSS"})
+
+
+def succeeded_run(settings, **kw) -> Run:
+    conn = store.connect(settings)
+    run = Run(id=store.new_run_id(conn), requester="U0ALICE", channel="C0TRAIN", model="model-cache/tiny",
+              dataset="datasets/train.jsonl", **kw)
+    store.create_run(conn, run, lambda pos: [RunEvent(run.id, "queued", {"position": pos})])
+
+    def finish(r: Run):
+        for state in (RunState.PREPARING, RunState.RUNNING, RunState.SUCCEEDED):
+            r.transition(state)
+        r.adapter_path = f"runs/{r.id}/adapter"
+        r.thread_ts = r.card_ts = "1700000000.000001"
+        return []
+
+    store.update_run(conn, run.id, finish)
+    return store.load_run(conn, run.id)
+
+
+def pending_request(**kw) -> Approval:
+    now = time.time()
+    fields = dict(id="dp-0001", run_id="ft-0001", requested_by="U0ALICE", channel="C0TRAIN", target="local",
+                  backend="local", created_at=now, expires_at=now + 60)
+    return Approval(**{**fields, **kw})
+
+
+@pytest.mark.parametrize("user, approve, expected", [
+    ("U0BOB", True, "Only approvers may approve or reject"),
+    ("U0BOB", False, "Only approvers may approve or reject"),
+    ("U0ALICE", True, "Only approvers"),  # the requester is no approver here
+    ("U0APPROVER", True, None),
+    ("U0APPROVER", False, None),
+])
+def test_who_may_decide(user, approve, expected):
+    reason = decision_refusal(pending_request(), user, approve, APPROVERS, time.time())
+    assert (reason is None) if expected is None else (expected in reason)
+
+
+def test_four_eyes_even_for_an_approver_and_the_state_and_the_clock():
+    req = pending_request(requested_by="U0APPROVER")
+    reason = decision_refusal(req, "U0APPROVER", True, APPROVERS, time.time())
+    assert "someone else has to approve it (four eyes)" in reason and "<@U0BOSS>" in reason
+    assert decision_refusal(req, "U0APPROVER", False, APPROVERS, time.time()) is None  # withdrawing is fine
+    alone = decision_refusal(req, "U0APPROVER", True, frozenset({"U0APPROVER"}), time.time())
+    assert "No other approver is configured" in alone
+    assert "expired" in decision_refusal(req, "U0BOSS", True, APPROVERS, req.expires_at + 1)
+    req.state, req.decided_by = ApprovalState.REJECTED, "U0BOSS"
+    assert "already rejected by <@U0BOSS>" in decision_refusal(req, "U0APPROVER", True, APPROVERS, time.time())
+
+
+def test_durations():
+    assert parse_duration("10800") == 10800 and parse_duration("24h") == 86400
+    assert parse_duration("1h30m") == 5400 and parse_duration(" 90s ") == 90 and parse_duration("1.5") == 1.5
+    for bad in ("", "0", "-5", "soon", "24 hours", "h", "inf", "nan"):
+        with pytest.raises(ValueError):
+            parse_duration(bad)
+    assert describe_duration(10800) == "3h" and describe_duration(5400) == "1h 30m" and describe_duration(42) == "42s"
+
+
+def test_a_request_needs_a_succeeded_run_and_there_is_one_open_request_a_run(settings):
+    conn = store.connect(settings)
+    run = Run(id=store.new_run_id(conn), requester="U0ALICE", channel="C0TRAIN", model="m", dataset="d")
+    store.create_run(conn, run, lambda pos: [])
+    with pytest.raises(RunRejected, match="only a run that succeeded"):
+        approval.request_deploy(settings, run.id, "U0ALICE", "C0TRAIN")
+    with pytest.raises(RunRejected, match="there is no run ft-0999"):
+        approval.request_deploy(settings, "ft-0999", "U0ALICE", "C0TRAIN")
+
+    run = succeeded_run(settings)
+    req = approval.request_deploy(settings, run.id, "U0BOB", "C0TRAIN")
+    assert req.state is ApprovalState.PENDING and req.requested_by == "U0BOB"
+    assert req.expires_at == pytest.approx(req.created_at + settings.approval_ttl_s)
+    record = store.load_run(conn, run.id).deployments
+    assert [d["id"] for d in record] == [req.id] and record[0]["state"] == "pending"
+    events = [e for e in store.run_events(conn, run.id) if e.kind == "approval"]
+    assert [e.data for e in events] == [{"approval": req.id, "state": "pending"}]
+    with pytest.raises(RunRejected, match=f"already has a deploy request \\({req.id}"):
+        approval.request_deploy(settings, run.id, "U0CAROL", "C0TRAIN")
+
+
+def test_two_approvals_at_once_decide_once_and_enqueue_one_deploy(settings):
+    conn = store.connect(settings)
+    run = succeeded_run(settings)
+    req = approval.request_deploy(settings, run.id, "U0ALICE", "C0TRAIN")
+    queue = tasks.get_queue(settings)
+    before = queue.count
+    results: dict[str, object] = {}
+    start = threading.Barrier(2)
+
+    def click(user: str) -> None:
+        start.wait()
+        try:
+            results[user] = approval.decide(settings, req.id, user, True, APPROVERS)
+        except RunRejected as e:
+            results[user] = e
+
+    threads = [threading.Thread(target=click, args=(u,)) for u in sorted(APPROVERS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    won = [u for u, r in results.items() if isinstance(r, Approval)]
+    lost = [r for r in results.values() if isinstance(r, RunRejected)]
+    assert len(won) == 1 and len(lost) == 1 and "already approved by" in str(lost[0])
+    stored = approval.get_approval(settings, req.id)
+    assert stored.state is ApprovalState.APPROVED and stored.decided_by == won[0] and stored.decided_at
+    assert queue.count == before + 1 and queue.jobs[-1].id == f"deploy-{req.id}"
+    record = store.load_run(conn, run.id).deployments[0]
+    assert record["state"] == "approved" and record["decided_by"] == won[0]
+    states = [e.data["state"] for e in store.run_events(conn, run.id) if e.kind == "approval"]
+    assert states == ["pending", "approved"]
+
+
+def test_an_expired_request_is_refused_and_marked(settings):
+    settings = type(settings)(**{**settings.__dict__, "approval_ttl_s": 1.5})
+    tasks.configure(settings)
+    run = succeeded_run(settings)
+    req = approval.request_deploy(settings, run.id, "U0ALICE", "C0TRAIN")
+    assert approval.expire_approval(req.id) == "not yet"  # too early: looks again later
+    time.sleep(1.6)
+    with pytest.raises(RunRejected, match="expired"):
+        approval.decide(settings, req.id, "U0APPROVER", True, APPROVERS)
+    assert approval.get_approval(settings, req.id).state is ApprovalState.EXPIRED
+    assert approval.expire_approval(req.id) == "decided"
+    assert tasks.get_queue(settings).fetch_job(f"deploy-{req.id}") is None
+    # the run may be asked for again
+    again = approval.request_deploy(settings, run.id, "U0ALICE", "C0TRAIN")
+    assert again.id != req.id
+    assert [d["state"] for d in store.load_run(store.connect(settings), run.id).deployments] == ["expired", "pending"]
+
+
+def test_the_expiry_task_marks_a_request_nobody_decided(settings):
+    settings = type(settings)(**{**settings.__dict__, "approval_ttl_s": 0.2})
+    tasks.configure(settings)
+    run = succeeded_run(settings)
+    req = approval.request_deploy(settings, run.id, "U0ALICE", "C0TRAIN")
+    time.sleep(0.3)
+    assert approval.expire_approval(req.id) == "expired"
+    states = [e.data["state"] for e in store.run_events(store.connect(settings), run.id) if e.kind == "approval"]
+    assert states == ["pending", "expired"]
