@@ -326,22 +326,27 @@ def run_line(run: Run, position: int | None = None) -> str:
     return " · ".join(bits)
 
 
+def line_sections(lines: list[str]) -> list[dict[str, Any]]:
+    """Lines of a list as few sections as fit: several lines a section keeps long lists under the 50-block limit."""
+    out: list[dict[str, Any]] = []
+    chunk: list[str] = []
+    for line in lines:
+        if chunk and len("\n".join(chunk + [line])) > MAX_SECTION:
+            out.append(section("\n".join(chunk)))
+            chunk = []
+        chunk.append(line)
+    if chunk:
+        out.append(section("\n".join(chunk)))
+    return out
+
+
 def render_run_list(runs: list[Run], positions: dict[str, int] | None = None, title: str = "Latest runs",
                     empty: str = "No runs yet. `/finetune run --dataset datasets/train.jsonl` starts one.") -> Message:
     positions = positions or {}
     if not runs:
         return message(empty, [section(empty)])
     lines = [run_line(r, positions.get(r.id)) for r in runs]
-    blocks = [section(f"*{escape(title)}*")]
-    # Several lines per section keeps long lists well under the 50-block limit.
-    chunk: list[str] = []
-    for line in lines:
-        if chunk and len("\n".join(chunk + [line])) > MAX_SECTION:
-            blocks.append(section("\n".join(chunk)))
-            chunk = []
-        chunk.append(line)
-    if chunk:
-        blocks.append(section("\n".join(chunk)))
+    blocks = [section(f"*{escape(title)}*")] + line_sections(lines)
     text = f"{title}: " + ", ".join(f"{r.id} {r.state.value}" for r in runs)
     return message(text, blocks)
 

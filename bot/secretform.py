@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from bot.blocks import MAX_SECTION, Message, context, escape, message, section
+from bot.blocks import Message, context, escape, line_sections, message, section
 
 CALLBACK_ID = "tuneops_secret_set"
 NAME_BLOCK = "tuneops_secret_name"
@@ -157,11 +157,5 @@ def render_secret_list(secrets: list) -> Message:
     if len(secrets) > len(shown):
         lines.append(f"…and {len(secrets) - len(shown)} more.")
     blocks = [section(f"*Job secrets in Key Vault* ({len(secrets)}): names and dates only; values are never shown.")]
-    chunk: list[str] = []
-    for line in lines:
-        if chunk and len("\n".join(chunk + [line])) > MAX_SECTION:
-            blocks.append(section("\n".join(chunk)))
-            chunk = []
-        chunk.append(line)
-    blocks.append(section("\n".join(chunk)))
+    blocks += line_sections(lines)
     return message(f"{len(secrets)} secret(s) in Key Vault: " + ", ".join(s.env_name for s in shown), blocks)

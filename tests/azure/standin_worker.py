@@ -6,7 +6,11 @@ Run as `python -m tests.azure.standin_worker` from the repository root with the 
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
 import sys
+from pathlib import Path
 
 from jobs.aca.clients import AzureClients, install_clients
 from jobs.aca.config import load_aca_config
@@ -22,6 +26,26 @@ def main() -> int:
                                  retry_backoff_max=0.5, read_timeout=5.0, storage_backoff=0.05))
     run_worker(settings, burst="--burst" in sys.argv)
     return 0
+
+
+def start(env: dict[str, str], log: Path) -> subprocess.Popen:
+    """This worker as a process of its own session (its forks go with it), writing to `log`."""
+    root = Path(__file__).resolve().parents[2]
+    with log.open("wb") as out:
+        return subprocess.Popen([sys.executable, "-m", "tests.azure.standin_worker"], cwd=root, env=env,
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """SIGTERM (RQ's warm shutdown), then SIGKILL for the whole session if it does not end in 20 s."""
+    if proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
 
 
 if __name__ == "__main__":

@@ -4,21 +4,16 @@ processes) admits, syncs, starts the ACA job on the stand-in, follows progress o
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from jobs import service, store
 from jobs.aca.provision import provision_finetune
 from jobs.domain import RunState
+from tests.azure import standin_worker
 from tests.azure.conftest import wait_for
 from tests.standins.azure import ExecutionPlan, simulated_trainer
-
-ROOT = Path(__file__).resolve().parents[2]
-
 
 @pytest.fixture
 def worker(settings, aca, tmp_path):
@@ -26,17 +21,9 @@ def worker(settings, aca, tmp_path):
            "TUNEOPS_WORKSPACE": str(settings.workspace), "TUNEOPS_MONITOR_INTERVAL": "0.2",
            "TUNEOPS_PYTHON": sys.executable, "XDG_CACHE_HOME": str(tmp_path / "cache")}
     log = tmp_path / "worker.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "tests.azure.standin_worker"], cwd=ROOT, env=env,
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = standin_worker.start(env, log)
     yield proc, log
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
+    standin_worker.stop(proc)
 
 
 def test_a_run_through_the_worker_on_the_aca_backend(aca, settings, worker):

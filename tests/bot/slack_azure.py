@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -17,6 +14,7 @@ from urllib.parse import urlencode
 
 import pytest
 
+from tests.azure import standin_worker
 from tests.azure.conftest import aca, standin  # noqa: F401  (fixtures used by the importing test modules)
 from tests.conftest import ROOT
 
@@ -62,20 +60,10 @@ def bot_env(bot_env, aca, tmp_path, monkeypatch):  # noqa: F811  (extends tests/
 @pytest.fixture
 def aca_worker(bot_env, tmp_path):
     """A real worker (RQ with its scheduler, forked job processes) on the ACA backend; its log is at `.log`."""
-    log = tmp_path / "aca-worker.log"
-    env = {**os.environ, **bot_env, "PYTHONPATH": str(ROOT)}
-    with log.open("wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "tests.azure.standin_worker"], cwd=ROOT, env=env,
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    proc.log = log
+    proc = standin_worker.start({**os.environ, **bot_env, "PYTHONPATH": str(ROOT)}, tmp_path / "aca-worker.log")
+    proc.log = tmp_path / "aca-worker.log"
     yield proc
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
+    standin_worker.stop(proc)
 
 
 def opened_view(call) -> tuple[str, dict[str, Any]]:
