@@ -4,6 +4,7 @@ the real Azure SDK clients against the Azure stand-in, and a real worker process
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -17,7 +18,9 @@ from tests.bot.slack_azure import (  # noqa: F401  (fixtures)
     standin,
     worker_log,
 )
-from tests.standins.azure import ExecutionPlan, dies_at_once, simulated_trainer
+from tests.azure import standin_worker
+from tests.conftest import ROOT
+from tests.standins.azure import ExecutionPlan, Fault, dies_at_once, simulated_trainer
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -38,7 +41,17 @@ async def op_outcome(slack, op_id: str, timeout: float = 60):
     return await slack.until(ended, timeout)
 
 
-async def test_provision_twice_makes_one_job_and_both_threads_report(bot, slack, aca, aca_worker):
+async def test_provision_twice_makes_one_job_and_both_threads_report(bot, slack, aca, aca_worker, bot_env, tmp_path):
+    # Two workers, and a slow create: the second provisioning starts while the first holds the job's lock.
+    second_worker = standin_worker.start({**os.environ, **bot_env, "PYTHONPATH": str(ROOT)}, tmp_path / "w2.log")
+    aca.standin.inject(Fault("arm", path=r"/jobs/tuneops-ft$", method="PUT", status=None, delay=1.5))
+    try:
+        await provision_twice(bot, slack, aca, aca_worker)
+    finally:
+        standin_worker.stop(second_worker)
+
+
+async def provision_twice(bot, slack, aca, aca_worker):
     _, ack1, key1 = await bot.command("provision finetune")
     _, ack2, key2 = await bot.command("provision finetune")
     first = await slack.until(lambda: slack.responses[key1], 20)
@@ -56,6 +69,8 @@ async def test_provision_twice_makes_one_job_and_both_threads_report(bot, slack,
     assert thread1[-1].text == f"<@{ADMIN}> pv-0001 is done: Created the ACA job tuneops-ft."
     assert thread2[-1].text == (f"<@{ADMIN}> pv-0002 is done: The ACA job tuneops-ft was already up to date; "
                                 "nothing changed.")
+    assert any("waiting for another provisioning of the same resource" in m.text for m in thread2)
+    assert float(thread2[-1].ts) > float(thread1[-1].ts)  # it went on only after the first one had finished
     assert "portal.azure.com" in json.dumps(thread1[-1].blocks)
     # the roots were edited to say how each op ended
     assert await slack.until(lambda: all("done" in json.dumps(slack.messages["C0TRAIN"][r.ts].blocks)
@@ -116,8 +131,8 @@ async def test_a_run_on_aca_has_portal_links_in_its_thread_and_card_and_logs_fro
         assert url in links
     assert "/providers/Microsoft.App/jobs/tuneops-ft/overview|ACA job>" in links
     assert "LogsBlade" in links and "executionHistory" in links
-    card = slack.messages["C0TRAIN"][run.card_ts]
-    assert run.links["logs"] in json.dumps(card.blocks) and "succeeded" in card.text
+    card = await slack.until(lambda: (c := slack.messages["C0TRAIN"][run.card_ts]) and "succeeded" in c.text and c, 20)
+    assert card and run.links["logs"] in json.dumps(card.blocks)
 
     # /finetune logs from Log Analytics: the trainer's console lines, progress events left out, filtered by --grep
     _, _, key = await bot.command("logs ft-0001 --grep LOSS --tail 2")
