@@ -360,8 +360,11 @@ def render_logs(run: Run, lines: list[str], *, source: str = "", note: str = "",
         text = f"No log lines of {run.id}{holding}." if grep else f"{run.id} has no log lines yet."
         return message(text, [section(text)] + extra)
     where = f" from {escape(source)}" if source else ""
-    head = f"Last {len(lines)} log lines of *{run.id}*{holding} ({run.state.value.replace('_', ' ')}){where}:"
-    return message(f"Logs of {run.id}", [section(head), section(code_block(lines))] + extra)
+    code = code_block(lines)
+    shown = code.count("\n") - 1  # code_block keeps the newest lines that fit in one section
+    count = f"Last {shown}" if shown == len(lines) else f"The last {shown} (all that fit) of {len(lines)}"
+    head = f"{count} log lines of *{run.id}*{holding} ({run.state.value.replace('_', ' ')}){where}:"
+    return message(f"Logs of {run.id}", [section(head), section(code)] + extra)
 
 
 def _num(value: Any) -> float | None:

@@ -51,6 +51,8 @@ def test_the_log_answer_says_where_from_and_stays_within_slack_limits():
     msg = blocks.render_logs(run, lines, source="Log Analytics", note="Log Analytics lags", grep="line")
     head, code, note = msg["blocks"]
     assert "holding `line`" in head["text"]["text"] and "from Log Analytics" in head["text"]["text"]
+    shown = code["text"]["text"].count("\n") - 1
+    assert 0 < shown < len(lines) and head["text"]["text"].startswith(f"The last {shown} (all that fit) of 201 ")
     assert len(code["text"]["text"]) <= blocks.MAX_SECTION and code["text"]["text"].endswith("```")
     assert "fence inside" in code["text"]["text"] and code["text"]["text"].count("```") == 2
     assert note["elements"][0]["text"] == "Log Analytics lags"
