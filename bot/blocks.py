@@ -15,6 +15,12 @@ MAX_BLOCKS = 50
 MAX_SECTION = 3000
 MAX_TEXT = 40000
 CANCEL_ACTION = "run_cancel"
+DEPLOY_ACTION = "run_deploy"
+RESUME_ACTION = "run_resume"
+LOGS_ACTION = "run_logs"
+APPROVE_ACTION = "deploy_approve"
+REJECT_ACTION = "deploy_reject"
+SAMPLES_SHOWN = 2
 BAR_WIDTH = 20
 LOG_LINES = 20
 
@@ -207,11 +213,59 @@ def render_succeeded(run: Run, metrics: dict[str, Any], adapter: str) -> Message
         took = run.finished_at - run.started_at
     if took is not None:
         pairs.append(("Took", format_duration(took)))
+    tps = _num(metrics.get("tokens_per_s"))
+    if tps is not None:
+        pairs.append(("Speed", f"{tps:,.0f} tokens/s"))
     blocks = [section(head), fields(pairs)]
+    blocks += render_samples(metrics.get("generations"))
     if adapter:
         blocks.append(section(f"Adapter: `{escape(adapter)}`"))
+    blocks.append(run_actions(run))
     text = f"{run.id} finished: final loss {format_loss(final)}; adapter {adapter or '(none)'}"
     return message(f"<@{run.requester}> {text}", blocks)
+
+
+def render_samples(generations: Any, limit: int = SAMPLES_SHOWN) -> list[dict[str, Any]]:
+    """Held-out prompts with the base model's and the fine-tuned model's answers (metrics.json `generations`)."""
+    out = []
+    for i, g in enumerate([g for g in generations or [] if isinstance(g, dict)][:limit], start=1):
+        def quoted(value: Any, n: int) -> str:
+            text = escape(truncate(" ".join(str(value or "").split()) or "(empty)", n))
+            return "> " + text
+
+        out.append(section(f"*Sample {i}* (held-out prompt)\n{quoted(g.get('prompt'), 600)}\n"
+                           f"*Base model*\n{quoted(g.get('base'), 700)}\n"
+                           f"*Fine-tuned*\n{quoted(g.get('fine_tuned'), 700)}"))
+    return out
+
+
+def button(text: str, action_id: str, value: str, *, style: str | None = None,
+           confirm: dict[str, Any] | None = None) -> dict[str, Any]:
+    b: dict[str, Any] = {"type": "button", "action_id": action_id, "value": value,
+                         "text": {"type": "plain_text", "text": text}}
+    if style:
+        b["style"] = style
+    if confirm:
+        b["confirm"] = confirm
+    return b
+
+
+def resumable(run: Run) -> bool:
+    """Resume is offered after a timeout, and after a failure or cancel that left a checkpoint to continue from."""
+    if run.state is RunState.TIMED_OUT:
+        return True
+    return run.state in (RunState.FAILED, RunState.CANCELLED) and run.last_checkpoint_step > 0
+
+
+def run_actions(run: Run) -> dict[str, Any]:
+    """The buttons of a finished run's thread message: Deploy (succeeded), Resume (see `resumable`), Logs."""
+    elements = []
+    if run.state is RunState.SUCCEEDED and run.adapter_path:
+        elements.append(button("Deploy", DEPLOY_ACTION, run.id, style="primary"))
+    if resumable(run):
+        elements.append(button("Resume", RESUME_ACTION, run.id, style="primary" if not elements else None))
+    elements.append(button("Logs", LOGS_ACTION, run.id))
+    return {"type": "actions", "block_id": f"run_done:{run.id}", "elements": elements}
 
 
 def render_failed(run: Run, error: str, log_tail: list[str]) -> Message:
@@ -220,8 +274,11 @@ def render_failed(run: Run, error: str, log_tail: list[str]) -> Message:
     tail = list(log_tail)[-LOG_LINES:]
     if tail:
         blocks.append(section(f"Last {len(tail)} log lines:\n" + code_block(tail, MAX_SECTION - 30)))
+    where = (f"continues from the checkpoint of step {run.last_checkpoint_step}" if run.last_checkpoint_step
+             else "starts it again (no checkpoint was saved)")
     blocks.append(context(f"`/finetune logs {run.id} --tail 100` shows more; "
-                          f"`/finetune resume {run.id}` continues from the last checkpoint."))
+                          f"`/finetune resume {run.id}` {where}."))
+    blocks.append(run_actions(run))
     return message(f"<@{run.requester}> {run.id} failed: {truncate(error or 'no reason given', 1500)}", blocks)
 
 
@@ -234,13 +291,24 @@ def render_cancelled(run: Run, by: str) -> Message:
     who = mention(by)
     text = f":no_entry_sign: {run.id} was cancelled by {who}."
     blocks = [section(text), context(f"`/finetune resume {run.id}` continues from the last checkpoint.")]
+    if resumable(run):
+        blocks.append(run_actions(run))
     return message(text, blocks)
 
 
 def render_timed_out(run: Run, checkpoint_step: int | None) -> Message:
-    ck = f" The last checkpoint is at step {checkpoint_step}." if checkpoint_step else ""
-    text = f":alarm_clock: <@{run.requester}> {run.id} ran out of time.{ck}"
-    return message(text, [section(text), context(f"`/finetune resume {run.id}` continues from there.")])
+    ck = (f" The last checkpoint is at step {checkpoint_step}." if checkpoint_step
+          else " It saved no checkpoint, so a resume starts from the beginning.")
+    why = f" ({escape(truncate(run.error, 300))})" if run.error else ""
+    text = f":alarm_clock: <@{run.requester}> {run.id} ran out of time{why}.{ck}"
+    blocks = [section(text), context(f"Resume, or `/finetune resume {run.id}`, continues from there."),
+              run_actions(run)]
+    return message(text, blocks)
+
+
+def render_log_excerpt(run: Run, excerpt: str) -> Message:
+    """A batch of log lines (bot.logbatch: a code block, escaped and cut to fit one section) for the thread."""
+    return message(f"{run.id}: log", [section(excerpt)])
 
 
 def render_notice(run: Run, text: str) -> Message:
@@ -372,3 +440,102 @@ def _num(value: Any) -> float | None:
         return float(value)
     except (TypeError, ValueError):
         return None
+
+
+# ---- deploy requests: the approval card and the deploy's result ----------------------------------------------------
+
+def slack_date(ts: float | None, fallback: str = "") -> str:
+    """A moment Slack shows in each reader's own time zone."""
+    if ts is None:
+        return "—"
+    from jobs.approval import when
+
+    return f"<!date^{int(ts)}^{{date_short_pretty}} at {{time}}|{fallback or when(ts)}>"
+
+
+def _decision_line(approval) -> str:
+    state = str(approval.state)
+    by = f" by {mention(approval.decided_by)}" if approval.decided_by else ""
+    at = f" {slack_date(approval.decided_at)}" if approval.decided_at else ""
+    if state == "pending":
+        return (f":hourglass_flowing_sand: Waiting for an approver other than {mention(approval.requested_by)} "
+                f"(TUNEOPS_APPROVERS); expires {slack_date(approval.expires_at)}.")
+    if state == "rejected":
+        return f":no_entry: Rejected{by}{at}. Nothing was deployed."
+    if state == "expired":
+        return (f":hourglass: Expired {slack_date(approval.finished_at or approval.expires_at)} with no decision. "
+                f"`/finetune deploy {approval.run_id}` asks again.")
+    line = f":white_check_mark: Approved{by}{at}."
+    if state == "approved":
+        return line + " The deploy is queued."
+    if state == "deploying":
+        op = f" ({escape(approval.op_id)} on Azure)" if approval.op_id else ""
+        return line + f" :arrows_counterclockwise: Deploying{op}…"
+    if state == "deployed":
+        return line + f" :rocket: Deployed {slack_date(approval.finished_at)}: {_endpoint_links(approval)}"
+    return line + f" :x: The deploy failed: {escape(truncate(approval.error or 'no reason given', 800))}"
+
+
+def _endpoint_links(approval) -> str:
+    if not approval.url:
+        return "(no endpoint reported)"
+    api = f" · API <{approval.api_url}/chat/completions|{escape(approval.api_url)}>" if approval.api_url else ""
+    return f"<{approval.url}|chat UI>{api}"
+
+
+def render_approval_card(approval, run: Run) -> Message:
+    """The deploy request in the run's thread: what would be deployed where, the evidence, and the decision (with
+    Approve / Reject while it is pending). `approval` is a jobs.approval.Approval."""
+    metrics = run.metrics or {}
+    head = (f":shield: *Deploy request {escape(approval.id)}*: {mention(approval.requested_by)} asks to deploy "
+            f"*{escape(run.display_name)}* (requested by {mention(run.requester)}).")
+    final = _num(metrics.get("last_loss", run.loss))
+    first = _num(metrics.get("first_loss"))
+    eval_loss, base = _num(metrics.get("eval_loss")), _num(metrics.get("base_eval_loss"))
+    pairs = [
+        ("Model", f"`{escape(run.model)}` + adapter `{escape(run.adapter_path or '?')}`"),
+        ("Target", escape(truncate(approval.target, 600))),
+        ("Training loss", f"{first:.4f} → {final:.4f}" if first is not None and final is not None
+         else format_loss(final)),
+        ("Eval loss", "—" if eval_loss is None else
+         f"{eval_loss:.4f}" + (f" (base model {base:.4f})" if base is not None else "")),
+        ("Steps", f"{metrics.get('steps', run.step)}/{metrics.get('total_steps', run.total_steps) or '?'}"),
+        ("Dataset", f"`{escape(run.dataset)}`"),
+    ]
+    blocks = [section(head), fields(pairs)]
+    blocks += render_samples(metrics.get("generations"))
+    blocks.append(section(_decision_line(approval)))
+    if str(approval.state) == "pending":
+        confirm = {
+            "title": {"type": "plain_text", "text": f"Deploy {run.id}?"},
+            "text": {"type": "mrkdwn", "text": f"It will serve on {escape(truncate(approval.target, 200))}."},
+            "confirm": {"type": "plain_text", "text": "Approve and deploy"},
+            "deny": {"type": "plain_text", "text": "Not yet"},
+        }
+        blocks.append({"type": "actions", "block_id": f"approval:{approval.id}", "elements": [
+            button("Approve", APPROVE_ACTION, approval.id, style="primary", confirm=confirm),
+            button("Reject", REJECT_ACTION, approval.id, style="danger"),
+        ]})
+    text = f"Deploy request {approval.id} for {run.id}: {approval.state} (asked by <@{approval.requested_by}>)"
+    return message(text, blocks)
+
+
+def render_deploy_result(approval, run: Run) -> Message:
+    """The thread message when a deploy ended: where it serves now, or why it failed. Mentions who asked for it and
+    who approved it."""
+    who = {approval.requested_by, run.requester, approval.decided_by} - {""}
+    people = " ".join(mention(u) for u in sorted(who))
+    if str(approval.state) == "deployed":
+        model = f" (model `{escape(run.id)}`)"
+        text = (f":rocket: {people} {run.id} is deployed: chat UI {approval.url}"
+                + (f", OpenAI-compatible API {approval.api_url}{model}" if approval.api_url else "") + ".")
+        blocks = [section(f":rocket: {people} *{escape(run.id)}* is deployed: {_endpoint_links(approval)}{model}")]
+        if approval.api_url:
+            blocks.append(context(f"`curl {escape(approval.api_url)}/chat/completions -H 'Content-Type: "
+                                  f"application/json' -d '{{\"model\": \"{escape(run.id)}\", \"messages\": "
+                                  f"[{{\"role\": \"user\", \"content\": \"Hi\"}}]}}'`"))
+        return message(text, blocks)
+    error = approval.error or "no reason given"
+    text = f":x: {people} the deploy of {run.id} failed: {escape(truncate(error, 2000))}"
+    return message(text, [section(text), context(f"`/finetune deploy {run.id}` asks for a new deploy once the "
+                                                 "cause is fixed.")])

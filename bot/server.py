@@ -55,7 +55,7 @@ def build_web_app(app: AsyncApp, runtime: BotRuntime, *, notifier: Notifier | No
 
 def make_bot(settings: BotSettings, *, notify: bool = True) -> tuple[AsyncApp, BotRuntime, Notifier | None]:
     app, runtime = build_app(settings)
-    notifier = Notifier(settings.jobs, runtime.gateway) if notify else None
+    notifier = Notifier(settings.jobs, runtime.gateway, log_interval_s=settings.log_interval_s) if notify else None
     return app, runtime, notifier
 
 

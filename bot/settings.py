@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from urllib.parse import urlparse
 
 from bot.auth import AccessPolicy
-from jobs.settings import JobSettings, SettingsError
+from jobs.settings import JobSettings, SettingsError, duration_setting
 
 SLACK_API_URL = "https://slack.com/api/"
 
@@ -28,6 +28,7 @@ class BotSettings:
     slack_app_token: str = ""
     slack_api_url: str = SLACK_API_URL
     policy: AccessPolicy = AccessPolicy()
+    log_interval_s: float = 20.0   # TUNEOPS_LOG_INTERVAL: at most one log excerpt per run this often in its thread
 
     @property
     def socket_mode(self) -> bool:
@@ -82,6 +83,10 @@ class BotSettings:
                                 "bottom of its details), not names.")
             lists[var] = ids
 
+        log_interval_s = duration_setting(env, "TUNEOPS_LOG_INTERVAL", cls.log_interval_s, problems,
+                                          "how often a run's thread may get a log excerpt (default 20; errors go "
+                                          "at once)", lo=1, hi=3600)
+
         if problems:
             raise SettingsError(problems)
         assert jobs is not None
@@ -91,6 +96,7 @@ class BotSettings:
             slack_app_token=app_token,
             slack_api_url=api_url,
             jobs=jobs,
+            log_interval_s=log_interval_s,
             policy=AccessPolicy(
                 allowed_channels=lists["TUNEOPS_ALLOWED_CHANNELS"],
                 allowed_users=lists["TUNEOPS_ALLOWED_USERS"],

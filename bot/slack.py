@@ -74,8 +74,9 @@ class SlackGateway:
         resp = await self._call("chat_postMessage", channel, True, **kwargs)
         return resp["ts"]
 
-    async def update_message(self, channel: str, ts: str, message: dict[str, Any]) -> None:
-        await self._call("chat_update", channel, False, channel=channel, ts=ts, **self.clean(message))
+    async def update_message(self, channel: str, ts: str, message: dict[str, Any], *, budgeted: bool = False) -> None:
+        """Edit a message; `budgeted` edits (the notifier's card updates) wait on the channel's budget too."""
+        await self._call("chat_update", channel, budgeted, channel=channel, ts=ts, **self.clean(message))
 
     async def post_ephemeral(self, channel: str, user: str, message: dict[str, Any]) -> None:
         await self._call("chat_postEphemeral", channel, False, channel=channel, user=user, **self.clean(message))

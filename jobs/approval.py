@@ -134,14 +134,15 @@ def decision_refusal(approval: Approval, user: str, approve: bool, approvers: fr
     if user not in approvers:
         who = people(approvers) if approvers else "nobody: TUNEOPS_APPROVERS is empty"
         return f"Only approvers may approve or reject a deploy (TUNEOPS_APPROVERS): {who}."
+    if approval.state is ApprovalState.EXPIRED or (approval.state is ApprovalState.PENDING
+                                                    and now >= approval.expires_at):
+        return (f"This deploy request of {approval.run_id} expired at {when(approval.expires_at)} with no decision "
+                f"(requests wait {describe_duration(approval.expires_at - approval.created_at)}, "
+                f"TUNEOPS_APPROVAL_TTL). Ask again with `/finetune deploy {approval.run_id}`.")
     if approval.state is not ApprovalState.PENDING:
         by = f" by <@{approval.decided_by}>" if approval.decided_by else ""
         at = f" at {when(approval.decided_at or approval.finished_at)}"
         return f"This deploy request of {approval.run_id} was already {approval.state}{by}{at}; nothing was changed."
-    if now >= approval.expires_at:
-        return (f"This deploy request of {approval.run_id} expired at {when(approval.expires_at)} "
-                f"(requests wait {describe_duration(approval.expires_at - approval.created_at)}, "
-                f"TUNEOPS_APPROVAL_TTL). Ask again with `/finetune deploy {approval.run_id}`.")
     if approve and user == approval.requested_by:
         others = approvers - {user}
         ask = f"Ask another approver: {people(others)}." if others else \

@@ -119,11 +119,11 @@ class JobSettings:
             if problem:
                 problems.append(problem)
 
-        run_timeout_s = _duration(env, "TUNEOPS_RUN_TIMEOUT_S", cls.run_timeout_s, problems,
-                                  "how long one attempt of a local run may take (default 10800, like ACA's "
-                                  "replicaTimeout)")
-        approval_ttl_s = _duration(env, "TUNEOPS_APPROVAL_TTL", cls.approval_ttl_s, problems,
-                                   "how long a deploy request waits for an approver (default 24h)")
+        run_timeout_s = duration_setting(env, "TUNEOPS_RUN_TIMEOUT_S", cls.run_timeout_s, problems,
+                                         "how long one attempt of a local run may take (default 10800, like ACA's "
+                                         "replicaTimeout)")
+        approval_ttl_s = duration_setting(env, "TUNEOPS_APPROVAL_TTL", cls.approval_ttl_s, problems,
+                                          "how long a deploy request waits for an approver (default 24h)")
         auto_resume = _whole(env, "TUNEOPS_AUTO_RESUME", cls.auto_resume, 0, 100, problems,
                              "how many times a timed-out run is resumed by itself (default 0: never)")
         serve_port = _whole(env, "TUNEOPS_SERVE_PORT", cls.serve_port, 0, 65535, problems,
@@ -150,17 +150,23 @@ class JobSettings:
         )
 
 
-def _duration(env: Mapping[str, str], name: str, default: float, problems: list[str], what: str) -> float:
-    from jobs.durations import parse_duration
+def duration_setting(env: Mapping[str, str], name: str, default: float, problems: list[str], what: str,
+                     lo: float = 0.0, hi: float = float("inf")) -> float:
+    """A duration variable (seconds, or 24h / 30m / 1h30m) between `lo` and `hi`; a problem line when it is not."""
+    from jobs.durations import describe_duration, parse_duration
 
     raw = env.get(name, "").strip()
     if not raw:
         return default
     try:
-        return parse_duration(raw)
+        value = parse_duration(raw)
+        if lo <= value <= hi:
+            return value
     except ValueError:
-        problems.append(f"{name}={raw!r} is not a duration: set it to {what}, in seconds or like 24h, 30m, 1h30m")
-        return default
+        pass
+    bounds = f" from {describe_duration(lo)} to {describe_duration(hi)}" if hi != float("inf") else ""
+    problems.append(f"{name}={raw!r} is not a duration{bounds}: set it to {what}, in seconds or like 24h, 30m, 1h30m")
+    return default
 
 
 def _whole(env: Mapping[str, str], name: str, default: int, lo: int, hi: int, problems: list[str], what: str) -> int:

@@ -118,7 +118,7 @@ async def test_an_event_stays_pending_until_slack_accepts_it(setup, slack):
     assert pending(settings) == 1 and slack.calls_to("chat.postMessage") == []
     assert service.get_run(settings, run.id).card_ts == ""
     client.base_url = real
-    assert await notifier.step() == 1
+    assert await notifier.step() == 0  # nothing new: the run's lane tries its held event again
     assert pending(settings) == 0 and len(slack.root_messages("C0TRAIN")) == 1
 
 
@@ -147,3 +147,71 @@ async def test_a_requeued_run_keeps_its_card(setup, slack):
     texts = [m.text for m in slack.thread("C0TRAIN", card.ts)]
     assert texts[0].endswith("cancelled by <@U0BOB>.") and "Resumed by <@U0ALICE>" in texts[1]
     assert "queued" in card.text and "run_cancel" in json.dumps(card.blocks)
+
+
+def log_event(settings, run_id: str, *lines: str) -> None:
+    store.append_event(store.connect(settings), RunEvent(run_id, "log", {"lines": list(lines)}))
+
+
+def excerpts(slack, run) -> list[str]:
+    return [m.blocks[0]["text"]["text"] for m in slack.thread("C0TRAIN", run.thread_ts) if m.text.endswith(": log")]
+
+
+async def test_log_lines_become_excerpts_one_per_interval_errors_at_once_and_stay_pending_until_posted(setup, slack):
+    settings, notifier, clock, _ = setup
+    notifier.log_interval_s = 20.0
+    notifier.lanes.clear()
+    run = new_run(settings)
+    await notifier.step()
+    run = service.get_run(settings, run.id)
+
+    log_event(settings, run.id, "loading shards", "shard 1 of 2")
+    await notifier.step()
+    assert excerpts(slack, run) == ["```\nloading shards\nshard 1 of 2\n```"]  # the first lines go at once
+    assert pending(settings) == 0
+
+    clock.now += 1
+    log_event(settings, run.id, "step 1 loss 2.0 <not a mention> & co")
+    await notifier.step()
+    assert len(excerpts(slack, run)) == 1 and pending(settings) == 1  # held in the batcher: not acked yet
+
+    clock.now += 1
+    log_event(settings, run.id, "RuntimeError: CUDA error: out of memory", "step 2 loss 1.9")
+    await notifier.step()
+    got = excerpts(slack, run)
+    assert len(got) == 2 and "RuntimeError: CUDA error: out of memory" in got[1]  # an error goes at once
+    assert "step 1 loss 2.0 &lt;not a mention&gt; &amp; co" in got[1]  # with what came before it, escaped
+    clock.now += 5
+    log_event(settings, run.id, "step 3 loss 1.8")
+    await notifier.step()
+    assert len(excerpts(slack, run)) == 2 and pending(settings) >= 1
+    clock.now += 20  # the interval is over: the next tick posts what waited
+    await notifier.step()
+    got = excerpts(slack, run)
+    assert len(got) == 3 and "step 3 loss 1.8" in got[2] and pending(settings) == 0
+
+
+async def test_a_finished_run_posts_its_last_lines_before_the_completion_and_a_loss_curve(setup, slack):
+    settings, notifier, clock, _ = setup
+    run = new_run(settings)
+    await notifier.step()
+    log_event(settings, run.id, "first line")
+    await notifier.step()
+    clock.now += 1
+    log_event(settings, run.id, "the last line, held by the batcher")
+    metrics = {"last_loss": 1.0, "first_loss": 3.0, "loss_history": [[1, 3.0], [2, 2.0], [3, 1.0]],
+               "eval_loss": 1.5, "base_eval_loss": 2.5, "generations": [{"prompt": "Hi <@U0EVIL>", "base": "x",
+                                                                         "fine_tuned": "Hello!"}]}
+    change(settings, run.id, lambda r: (r.transition(RunState.PREPARING), r.transition(RunState.RUNNING),
+                                        r.transition(RunState.SUCCEEDED), setattr(r, "adapter_path", "runs/a")),
+           ("state", {"state": "succeeded"}), ("succeeded", {"metrics": metrics, "adapter": "runs/a"}))
+    await notifier.step()
+    run = service.get_run(settings, run.id)
+    thread = slack.thread("C0TRAIN", run.thread_ts)
+    assert [m.text.split(":")[0] for m in thread][-2:] == [f"{run.id}", f"<@U0ALICE> {run.id} finished"]
+    assert "the last line, held by the batcher" in thread[-2].blocks[0]["text"]["text"]
+    done = json.dumps(thread[-1].blocks)
+    assert "1.5000 (base model 2.5000)" in done and "Hi &lt;@U0EVIL&gt;" in done and "<@U0EVIL>" not in done
+    [chart] = slack.files.values()
+    assert chart["thread_ts"] == run.thread_ts and chart["content"].startswith(b"\x89PNG")
+    assert pending(settings) == 0

@@ -9,7 +9,7 @@ import os
 import pytest
 
 from bot import doctor
-from jobs import service
+from jobs import service, store
 from tests.bot.slack_azure import (  # noqa: F401  (fixtures)
     ADMIN,
     aca,
@@ -70,7 +70,10 @@ async def provision_twice(bot, slack, aca, aca_worker):
     assert thread2[-1].text == (f"<@{ADMIN}> pv-0002 is done: The ACA job tuneops-ft was already up to date; "
                                 "nothing changed.")
     assert any("waiting for another provisioning of the same resource" in m.text for m in thread2)
-    assert float(thread2[-1].ts) > float(thread1[-1].ts)  # it went on only after the first one had finished
+    # it went on only after the first one had finished: the ops' own events say so (the notifier posts the threads
+    # of different ops side by side, so their messages' order across threads proves nothing)
+    ended = {e.run_id: e.ts for e in store.run_events(store.connect(bot.settings.jobs)) if e.kind == "succeeded"}
+    assert ended["pv-0002"] > ended["pv-0001"]
     assert "portal.azure.com" in json.dumps(thread1[-1].blocks)
     # the roots were edited to say how each op ended
     assert await slack.until(lambda: all("done" in json.dumps(slack.messages["C0TRAIN"][r.ts].blocks)

@@ -9,7 +9,7 @@ from typing import Any
 
 from bot import blocks, grammar
 from bot.auth import authorize
-from bot.listeners.commands import list_runs, logs, manage, pending, provision, run, secrets, status
+from bot.listeners.commands import deploy, list_runs, logs, manage, provision, resume, run, secrets, status
 from bot.listeners.support import log_refusal
 from bot.runtime import runtime_of
 
@@ -19,8 +19,8 @@ HANDLERS = {
     grammar.ListRuns: list_runs.handle,
     grammar.Logs: logs.handle,
     grammar.Cancel: manage.handle_cancel,
-    grammar.Resume: manage.handle_resume,
-    grammar.Deploy: pending.handle,
+    grammar.Resume: resume.handle,
+    grammar.Deploy: deploy.handle,
     grammar.SecretSet: secrets.handle_set,
     grammar.SecretList: secrets.handle_list,
     grammar.Provision: provision.handle,

@@ -1,0 +1,34 @@
+"""Approve and Reject on a deploy request's card. Only approvers (TUNEOPS_APPROVERS) decide, never the person who
+asked for the deploy (four eyes); everyone else gets the reason privately. The decision itself is one transaction in
+jobs.approval (two clicks at once deploy once); the card is edited by the notifier when the decision is recorded."""
+
+from __future__ import annotations
+
+from bot import blocks
+from bot.blocks import APPROVE_ACTION
+from bot.listeners.actions.clicks import Click, button_listener
+from bot.listeners.support import answer, answering_errors, call, log_refusal
+from bot.runtime import BotRuntime
+from jobs import approval
+from jobs.service import RunRejected
+
+
+async def decide(rt: BotRuntime, click: Click) -> None:
+    approve = click.action_id == APPROVE_ACTION
+    async with answering_errors(rt, click.response_url, f"deciding on {click.value}"):
+        try:
+            decided = await call(approval.decide, rt.settings.jobs, click.value, click.user, approve,
+                                 rt.settings.policy.approvers)
+        except RunRejected as e:
+            log_refusal(f"{'approve' if approve else 'reject'} {click.value}", click.user, click.channel, str(e))
+            await answer(rt, click.response_url, blocks.render_refusal(str(e)))
+            return
+        if approve:
+            text = (f":white_check_mark: You approved {decided.id}: deploying {decided.run_id} now. The card and the "
+                    "run's thread say when it serves.")
+        else:
+            text = f":no_entry: You rejected {decided.id}; {decided.run_id} is not deployed."
+        await answer(rt, click.response_url, blocks.render_info(text))
+
+
+deploy_decision = button_listener("deploy decision", approval.APPROVAL_ID_RE, "/finetune deploy RUN", decide)

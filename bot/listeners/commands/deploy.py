@@ -1,0 +1,39 @@
+"""`/finetune deploy RUN` and the Deploy button of a finished run: ask for a deploy, which an approver other than
+the person asking must approve (the card with Approve / Reject goes into the run's thread).
+
+Anyone who may use tuneops here may ask; jobs.approval refuses a run that did not succeed or already has a request.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bot import blocks
+from bot.grammar import Deploy
+from bot.listeners.support import answer, answering_errors, call
+from bot.runtime import BotRuntime
+from jobs import approval
+
+NO_APPROVERS = ("Deploys need an approver, and none is configured: an admin sets TUNEOPS_APPROVERS to the Slack user "
+                "IDs of the people who may approve them (at least one besides whoever asks), then restarts the bot.")
+
+
+async def handle(ack, cmd: Deploy, command: dict[str, Any], rt: BotRuntime) -> None:
+    await ack()
+    await request(rt, cmd.run_id, command["user_id"], command["channel_id"], command["response_url"])
+
+
+async def request(rt: BotRuntime, run_id: str, user: str, channel: str, response_url: str) -> None:
+    """Shared by the command and the Deploy button."""
+    async with answering_errors(rt, response_url, f"asking to deploy {run_id}"):
+        approvers = rt.settings.policy.approvers
+        if not approvers:
+            await answer(rt, response_url, blocks.render_problem(NO_APPROVERS))
+            return
+        req = await call(approval.request_deploy, rt.settings.jobs, run_id, requested_by=user, channel=channel)
+        others = approvers - {user}
+        who = ("an approver other than you" if others else
+               "an approver other than you, and none is configured: ask an admin to add one to TUNEOPS_APPROVERS")
+        await answer(rt, response_url, blocks.render_info(
+            f":shield: Asked to deploy {run_id} ({req.id}): its card is in the run's thread and waits for {who}. "
+            f"It expires {blocks.slack_date(req.expires_at)}."))
