@@ -7,7 +7,8 @@
 # minutes on `pip install`.
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
-ARG PYTORCH_IMAGE=pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime
+# transformers 5 uses torch 2.6 or newer only (it disables an older one): the base's torch must be that new.
+ARG PYTORCH_IMAGE=pytorch/pytorch:2.6.0-cuda12.4-cudnn9-runtime
 
 # ---- the bot and the worker ----------------------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS bot
@@ -35,8 +36,10 @@ ENTRYPOINT ["tuneops"]
 CMD ["bot", "--http"]
 
 # ---- the GPU container: trainer and inference server ---------------------------------------------------------------
-# The PyTorch image brings CUDA and torch; pip keeps its torch (>=2.4 is satisfied) and adds the payload and serve
-# extras. It runs as root like the seed's image: the Azure Files mount at /mount is writable by root only.
+# The PyTorch image brings CUDA and a CUDA build of torch; pip adds the payload and serve extras around that torch. A
+# constraint pins torch to the image's own build, so that no requirement can swap in another wheel from PyPI (a
+# CPU-only one, or one built for another CUDA), and the build fails unless torch has CUDA and transformers can use it.
+# It runs as root like the seed's image: the Azure Files mount at /mount is writable by root only.
 FROM ${PYTORCH_IMAGE} AS payload
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -46,9 +49,15 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 WORKDIR /opt/tuneops
 COPY pyproject.toml README.md ./
 RUN mkdir -p bot jobs payload && touch bot/__init__.py jobs/__init__.py payload/__init__.py \
-    && pip install ".[payload,serve]" && pip uninstall -y tuneops
+    && python -c "from importlib.metadata import version; print('torch==' + version('torch'))" > /tmp/torch.txt \
+    && pip install -c /tmp/torch.txt ".[payload,serve]" && pip uninstall -y tuneops \
+    && python -P -c "import torch, transformers.utils as t; \
+assert torch.version.cuda, f'torch {torch.__version__} has no CUDA'; \
+assert t.is_torch_available(), f'transformers cannot use torch {torch.__version__}'; \
+print('torch', torch.__version__, 'CUDA', torch.version.cuda)"
 COPY payload ./payload
 RUN pip install --no-deps .
+# -P: the working directory is the workspace on the share, whose datasets/ folder must not shadow the datasets package.
 WORKDIR /mount
 EXPOSE 7860
-CMD ["python", "-m", "payload.serve", "--help"]
+CMD ["python", "-P", "-m", "payload.serve", "--help"]

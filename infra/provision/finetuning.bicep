@@ -11,7 +11,7 @@ param location string = resourceGroup().location
 @description('Workload profile type of the GPU profile (serverless A100 by default; Consumption-GPU-NC8as-T4 is the small one).')
 param gpuProfileType string = 'Consumption-GPU-NC24-A100'
 @description('The job image: the payload image built from the Dockerfile (target payload), or the seed PyTorch image.')
-param image string = 'docker.io/pytorch/pytorch:2.4.0-cuda12.4-cudnn9-runtime'
+param image string = 'docker.io/pytorch/pytorch:2.6.0-cuda12.4-cudnn9-runtime'
 @description('Object id of the identity the bot runs as (its managed identity, or your user for a laptop); empty: no role assignments for the bot.')
 param botPrincipalId string = ''
 @allowed(['ServicePrincipal', 'User', 'Group'])

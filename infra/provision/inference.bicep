@@ -6,7 +6,7 @@ param location string = resourceGroup().location
 param defaultCommands array
 param maximumInstanceCount int = 1
 @description('The app image: the payload image built from the Dockerfile (target payload), or the seed PyTorch image.')
-param image string = 'docker.io/pytorch/pytorch:2.4.0-cuda12.4-cudnn9-runtime'
+param image string = 'docker.io/pytorch/pytorch:2.6.0-cuda12.4-cudnn9-runtime'
 
 param resourceSuffix string = substring(uniqueString(resourceGroup().id), 0, 5)
 param storageAccountName string = 'aistorage${resourceSuffix}'

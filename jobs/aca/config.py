@@ -37,8 +37,9 @@ FINETUNING_OUTPUT_KEYS = SEED_FINETUNING_KEYS + OPTIONAL_FINETUNING_KEYS[:6]
 INFERENCE_OUTPUT_KEYS = ("SUBSCRIPTION_ID", "RESOURCE_GROUP_NAME", "STORAGE_ACCOUNT_NAME", "FILE_SHARE_NAME",
                          "ACA_APP_NAME", "ACA_APP_ENDPOINT")
 
-# The seed's job image; it lacks our packages, so a run on it installs them first (see jobs.aca.resources).
-SEED_IMAGE = "docker.io/pytorch/pytorch:2.4.0-cuda12.4-cudnn9-runtime"
+# The job's image when IMAGE is unset: a stock PyTorch CUDA runtime image like the seed's, with torch 2.6 (transformers
+# 5 disables an older torch). It lacks our packages, so a run on it installs them first (see jobs.aca.resources).
+SEED_IMAGE = "docker.io/pytorch/pytorch:2.6.0-cuda12.4-cudnn9-runtime"
 DEFAULT_REPLICA_TIMEOUT = 10800
 DEFAULT_WORKLOAD_PROFILE = "GPU"
 

@@ -89,3 +89,16 @@ def test_the_dockerfile_has_the_bot_and_payload_targets():
     assert re.search(r"^USER\s+(?!root)\w+", bot, re.M) and "tuneops" in bot
     payload = d.split("AS payload", 1)[1].split("\nFROM ", 1)[0]
     assert ".[payload,serve]" in payload and "WORKDIR /mount" in payload
+
+
+def test_the_payload_image_keeps_a_cuda_torch_that_transformers_can_use():
+    d = (ROOT / "Dockerfile").read_text()
+    base = dict(re.findall(r"^ARG\s+(\w+)=(\S+)", d, re.M))["PYTORCH_IMAGE"]
+    major, minor = (int(x) for x in re.match(r"pytorch/pytorch:(\d+)\.(\d+)\.", base).groups())
+    assert (major, minor) >= (2, 6) and re.search(r"-cuda\d+", base) and base.endswith("-runtime")
+    payload = d.split("AS payload", 1)[1].split("\nFROM ", 1)[0]
+    # torch pinned to the image's build while the extras go in, then checked for CUDA and for transformers
+    assert "print('torch==' + version('torch'))\" > /tmp/torch.txt" in payload
+    assert 'pip install -c /tmp/torch.txt ".[payload,serve]"' in payload
+    assert "torch.version.cuda" in payload and "is_torch_available()" in payload
+    assert 'CMD ["python", "-P", "-m", "payload.serve"' in payload
