@@ -86,12 +86,20 @@ def model_cache_dir(model: str) -> str:
     return f"model-cache/{model}"
 
 
+# `python -P` keeps the working directory (/mount, the workspace) off sys.path, where its datasets/ folder would shadow
+# the datasets package. The payload code synced to /mount/payload comes onto the path through a folder that holds
+# nothing else; where the share has none, the image's installed payload serves.
+CODE_PATH = (f'code="${{TMPDIR:-/tmp}}/tuneops-code" && mkdir -p "$code" && ln -sfn {MOUNT}/payload "$code/payload" '
+             '&& export PYTHONPATH="$code${PYTHONPATH:+:$PYTHONPATH}"')
+PYTHON = "python -P"
+
+
 def run_script(run_id: str, config_rel: str, *, download_model: str = "", install: Sequence[str] = ()) -> str:
     """The bash script a run's container runs in /mount. Everything it prints goes to the console log (Log
     Analytics) and is appended to `runs/<id>/train.log` on the share, from which live progress is read."""
     log = f"runs/{run_id}/train.log"
     steps = ["set -o pipefail", f"cd {MOUNT}", f"mkdir -p runs/{run_id}"]
-    inner = []
+    inner = [CODE_PATH]
     if install:
         inner.append("pip install --no-cache-dir --quiet " + " ".join(shlex.quote(r) for r in install))
     if download_model:
@@ -101,8 +109,8 @@ def run_script(run_id: str, config_rel: str, *, download_model: str = "", instal
         # Downloaded once to the share; later runs find config.json there and skip it. HF_TOKEN serves gated models.
         inner.append(
             f"if [ ! -f {shlex.quote(target + '/config.json')} ]; then echo 'downloading {download_model} to {target}'; "
-            f"python -c {shlex.quote(code)}; fi")
-    inner.append(f"python -m payload.train --config {shlex.quote(config_rel)}")
+            f"{PYTHON} -c {shlex.quote(code)}; fi")
+    inner.append(f"{PYTHON} -m payload.train --config {shlex.quote(config_rel)}")
     steps.append("{ " + " && ".join(inner) + "; } 2>&1 | tee -a " + shlex.quote(log))
     return "; ".join(steps)
 
@@ -299,10 +307,10 @@ def app_command(cfg: AcaConfig, base_model: str = "", adapter: str = "") -> list
         return ["/bin/bash", "-c", "; ".join(cfg.app_commands)]
     base = model_cache_dir(base_model) if base_model and is_hub_id(base_model) else (base_model or "model-cache/base")
     which = f"--adapter {shlex.quote(adapter)}" if adapter else "--base-only"
-    steps = [f"cd {MOUNT}"]
+    steps = [f"cd {MOUNT}", CODE_PATH]
     if needs_install(cfg.app_image or cfg.job_image):
         steps.append("pip install --no-cache-dir --quiet " + " ".join(shlex.quote(r) for r in payload_requirements()))
-    steps.append(f"python -m payload.serve --base {shlex.quote(base)} {which} --host 0.0.0.0 --port {SERVE_PORT}")
+    steps.append(f"{PYTHON} -m payload.serve --base {shlex.quote(base)} {which} --host 0.0.0.0 --port {SERVE_PORT}")
     return ["/bin/bash", "-c", "; ".join(steps)]
 
 

@@ -52,7 +52,7 @@ def test_a_whole_run_sync_start_progress_from_the_share_and_the_adapter(aca, exe
     container = ex["properties"]["template"]["containers"][0]
     env = {e["name"]: e.get("value") for e in container["env"]}
     assert env["TUNEOPS_RUN_ID"] == "ft-0001" and env["TUNEOPS_ATTEMPT"] == "1"
-    assert "python -m payload.train --config runs/ft-0001/run.json" in container["command"][2]
+    assert "python -P -m payload.train --config runs/ft-0001/run.json" in container["command"][2]
     assert "pip install" not in container["command"][2]  # the configured image is ours
 
     seen, cursor, log_cursor, lines, states = [], 0, 0, [], set()

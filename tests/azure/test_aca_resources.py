@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -119,7 +120,7 @@ def test_the_app_body_serves_on_7860_with_health_probes_and_scales_to_zero():
     assert {pr["type"] for pr in c["probes"]} == {"Startup", "Liveness", "Readiness"}
     assert all(pr["httpGet"]["path"] == "/healthz" and pr["httpGet"]["port"] == 7860 for pr in c["probes"])
     script = c["command"][2]
-    assert "python -m payload.serve --base model-cache/microsoft/Phi-3-mini-4k-instruct --adapter " \
+    assert "python -P -m payload.serve --base model-cache/microsoft/Phi-3-mini-4k-instruct --adapter " \
            "runs/ft-0001/adapter --host 0.0.0.0 --port 7860" in script
     assert "pip install" not in script  # our image has the packages
 
@@ -141,14 +142,38 @@ def test_the_run_script_is_valid_bash_and_quotes_what_it_is_given(tmp_path):
     mount = tmp_path / "mount"
     (mount / "model-cache" / "org" / "model's").mkdir(parents=True)
     runnable = script.replace("/mount", str(mount))
-    subprocess.run(["bash", "-c", runnable], env={"PATH": f"{fake}:/usr/bin:/bin"}, check=True)
+    env = {"PATH": f"{fake}:/usr/bin:/bin", "TMPDIR": str(tmp_path)}
+    subprocess.run(["bash", "-c", runnable], env=env, check=True)
     calls = (mount / "calls.txt").read_text()
-    assert "snapshot_download" in calls and "payload.train --config runs/ft-0007/run.json" in calls
+    assert "snapshot_download" in calls and "python -P -m payload.train --config runs/ft-0007/run.json" in calls
     (mount / "model-cache" / "org" / "model's" / "config.json").write_text("{}")
     (mount / "calls.txt").unlink()
-    subprocess.run(["bash", "-c", runnable], env={"PATH": f"{fake}:/usr/bin:/bin"}, check=True)
+    subprocess.run(["bash", "-c", runnable], env=env, check=True)
     assert "snapshot_download" not in (mount / "calls.txt").read_text()
     assert "downloading" in (mount / "runs" / "ft-0007" / "train.log").read_text()
+
+
+def test_the_run_runs_the_shared_payload_and_the_workspace_shadows_no_package(tmp_path):
+    """cwd is /mount, the workspace: with `python -P` its datasets/ folder cannot stand in for the datasets package,
+    and the payload code synced to /mount/payload is still the one that runs."""
+    mount = tmp_path / "mount"
+    for package in ("datasets", "payload"):
+        (mount / package).mkdir(parents=True)
+        (mount / package / "__init__.py").write_text("")
+    (mount / "payload" / "train.py").write_text(
+        "import importlib.util, os, sys\n"
+        "import payload\n"
+        "spec = importlib.util.find_spec('datasets')\n"
+        "print('payload from', os.path.realpath(payload.__file__))\n"
+        "print('datasets from', spec.origin if spec else None)\n"
+        "print('config', sys.argv[-1])\n")
+    script = run_script("ft-0008", "runs/ft-0008/run.json").replace("/mount", str(mount))
+    env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "TMPDIR": str(tmp_path)}
+    subprocess.run(["bash", "-c", script], env=env, check=True)
+    log = (mount / "runs" / "ft-0008" / "train.log").read_text()
+    assert f"payload from {mount / 'payload' / '__init__.py'}" in log
+    assert "datasets from" in log and str(mount / "datasets") not in log
+    assert "config runs/ft-0008/run.json" in log
 
 
 def test_the_fallback_image_installs_the_payload_extra_without_torch():
