@@ -411,6 +411,11 @@ def load_engine(base: Path, adapter: Path | None, *, load_in_4bit: bool | None =
     """Load the base (4-bit NF4 on GPU; fp32 on CPU unless `load_in_4bit`) and apply the adapter, if any."""
     check_base(base)
     adapter_config = check_adapter(adapter) if adapter is not None else None
+    from payload.runtime import torch_problem
+
+    problem = torch_problem()
+    if problem:
+        raise StartupError(problem)
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig

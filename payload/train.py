@@ -26,6 +26,7 @@ from payload import data
 from payload.config import ConfigError, TrainConfig, load_config
 from payload.events import PREFIX, EventWriter, encode, make_event
 from payload.modelpath import ModelNotFound, hub_failure, resolve_model
+from payload.runtime import torch_problem
 
 log = logging.getLogger("payload.train")
 
@@ -461,6 +462,9 @@ def run(cfg: TrainConfig, events: EventWriter, stop: StopSignal) -> dict[str, An
         raise TrainError(str(e)) from None
     import torch
 
+    problem = torch_problem()
+    if problem:
+        raise TrainError(problem)
     env_threads = os.environ.get("OMP_NUM_THREADS", "")
     configured_threads = cfg.num_threads or (int(env_threads) if env_threads.isdigit() else 0)
     torch.set_num_threads(configured_threads or cpu_budget())
