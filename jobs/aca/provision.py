@@ -167,6 +167,27 @@ def vault_secret_envs(clients: AzureClients, notice: Notice) -> list[str]:
     return sorted(set(envs))
 
 
+def vault_refs_of(resource: Mapping | None) -> list[str]:
+    """The env vars of a job or app that read a Key Vault reference as tuneops makes them (HF_TOKEN -> hf-token). A
+    plain secret, or someone else's reference, is not one: rebuilt as ours it would point at a vault secret that may
+    not exist; the body builders keep it as it is."""
+    from jobs.aca.resources import InvalidSecretName, secret_name
+
+    props = (resource or {}).get("properties") or {}
+    vault = {s.get("name") for s in (props.get("configuration") or {}).get("secrets") or [] if s.get("keyVaultUrl")}
+    out = set()
+    for c in (props.get("template") or {}).get("containers") or []:
+        for e in c.get("env") or []:
+            if e.get("secretRef") not in vault:
+                continue
+            try:
+                if secret_name(e.get("name") or "") == e["secretRef"]:
+                    out.add(e["name"])
+            except InvalidSecretName:
+                pass
+    return sorted(out)
+
+
 def _foreign_values(clients: AzureClients, kind: str, existing: Mapping | None, ours: Iterable[str]) -> dict[str, str]:
     """Values of plain (non-Key Vault) secrets someone else put on the resource, which ARM's GET leaves out: a PUT
     without them would drop them. They stay in memory for that PUT only."""
@@ -281,8 +302,7 @@ def deploy_adapter(clients: AzureClients, base_model: str, adapter: str, notice:
         raise BackendError(f"The inference app {cfg.app_name} does not exist yet: run `/finetune provision inference` "
                            f"first, then deploy again.")
     environment, storage_name = resolve_environment(clients, existing, cfg.app_workload_profile, notice)
-    envs = [e.get("name") for c in ((existing.get("properties") or {}).get("template") or {}).get("containers") or []
-            for e in c.get("env") or [] if e.get("secretRef")]
+    envs = vault_refs_of(existing)
     body = app_body(cfg, environment, storage_name=storage_name, secret_envs=envs, existing=existing,
                     base_model=base_model, adapter=adapter,
                     foreign_secret_values=_foreign_values(clients, "app", existing, envs))
@@ -312,12 +332,9 @@ def ensure_secret_reference(clients: AzureClients, env_name: str, notice: Notice
     if existing is None:
         notice(f"the ACA job {cfg.job_name} does not exist yet; creating it with the secret")
         return provision_finetune(clients, notice)
-    conf = ((existing.get("properties") or {}).get("configuration") or {})
-    containers = ((existing.get("properties") or {}).get("template") or {}).get("containers") or []
-    have = [e.get("name") for c in containers for e in c.get("env") or [] if e.get("secretRef")]
-    secrets = {s.get("name") for s in conf.get("secrets") or [] if s.get("keyVaultUrl")}
+    have = vault_refs_of(existing)
     result = ProvisionResult("secret", cfg.job_name)
-    if env_name in have and name in secrets:
+    if env_name in have:
         notice(f"the job already references {name} as {env_name}")
     else:
         result = provision_finetune(clients, notice, secret_envs=sorted(set(have) | {env_name}))
@@ -325,8 +342,7 @@ def ensure_secret_reference(clients: AzureClients, env_name: str, notice: Notice
     if cfg.app_name:
         app = get_app(clients)
         if app is not None:
-            app_envs = [e.get("name") for c in ((app.get("properties") or {}).get("template") or {})
-                        .get("containers") or [] for e in c.get("env") or [] if e.get("secretRef")]
+            app_envs = vault_refs_of(app)
             if env_name not in app_envs:
                 sub = provision_inference(clients, notice, secret_envs=sorted(set(app_envs) | {env_name}))
                 result.changes += [f"inference app: {c}" for c in sub.changes]

@@ -10,7 +10,7 @@ import pytest
 
 from jobs import store
 from jobs.aca import ops
-from jobs.aca.provision import deploy_adapter, provision_finetune, provision_inference
+from jobs.aca.provision import deploy_adapter, ensure_secret_reference, provision_finetune, provision_inference
 from jobs.executor import BackendError
 from tests.azure.conftest import ENV_STORAGE, run_worker_burst
 from tests.standins.azure import Fault, SUBSCRIPTION
@@ -104,6 +104,24 @@ def test_deploy_serves_the_adapter_and_a_second_deploy_restarts_the_revision(aca
     assert aca.standin.restarts == [first.revision]
     # A provision afterwards keeps what the deploy put there.
     assert provision_inference(aca.clients).changes == []
+
+
+def test_deploy_and_a_new_secret_reference_keep_plain_secrets_as_they_are(aca):
+    provision_finetune(aca.clients)
+    provision_inference(aca.clients)
+    resources = (aca.standin.jobs["tuneops-ft"], aca.standin.apps["tuneops-infer"])
+    # A plain secret someone else put on each (not in Key Vault), read through an env var.
+    for r in resources:
+        r["properties"]["configuration"].setdefault("secrets", []).append({"name": "db-pass", "value": "plain-1234"})
+        r["properties"]["template"]["containers"][0].setdefault("env", []).append(
+            {"name": "DB_PASS", "secretRef": "db-pass"})
+    deploy_adapter(aca.clients, "model-cache/tiny", "runs/ft-0001/adapter")
+    ensure_secret_reference(aca.clients, "HF_TOKEN")
+    for r in (aca.standin.jobs["tuneops-ft"], aca.standin.apps["tuneops-infer"]):
+        secrets = r["properties"]["configuration"]["secrets"]
+        assert {"name": "db-pass", "value": "plain-1234"} in secrets
+        assert {"name": "DB_PASS", "secretRef": "db-pass"} in r["properties"]["template"]["containers"][0]["env"]
+        assert [s["name"] for s in secrets if s.get("keyVaultUrl")] == ["hf-token"]
 
 
 def test_deploy_before_the_app_exists_says_to_provision_it(aca):
