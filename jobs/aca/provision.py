@@ -6,6 +6,7 @@ differ, so running it again updates and never duplicates; the result lists what 
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from collections.abc import Callable, Iterable, Mapping
@@ -207,7 +208,32 @@ def _foreign_values(clients: AzureClients, kind: str, existing: Mapping | None, 
     return {s.name: s.value for s in listed.value or [] if s.value is not None}
 
 
-# ---- the job ----------------------------------------------------------------------------------------------------
+# ---- the job and the inference app ---------------------------------------------------------------------------
+
+def _wanted(clients: AzureClients, kind: str, existing: Mapping | None, profile: str,
+            secret_envs: Iterable[str] | None, notice: Notice, build: Callable[..., dict]) -> dict:
+    """The body tuneops wants for the job or the app (`build` makes it): the environment and its storage for the
+    share checked, the Key Vault references (those given, else the vault's), and others' plain secrets kept."""
+    cfg = clients.cfg
+    if cfg.registry:
+        cfg.require(f"Pulling the image from {cfg.registry}", "identity_id")
+    environment, storage_name = resolve_environment(clients, existing, profile, notice)
+    envs = list(secret_envs) if secret_envs is not None else vault_secret_envs(clients, notice)
+    return build(cfg, environment, storage_name=storage_name, secret_envs=envs, existing=existing,
+                 foreign_secret_values=_foreign_values(clients, kind, existing, envs))
+
+
+def _put(clients: AzureClients, what: str, name: str, begin: Callable, body: dict, existing: dict | None,
+         result: ProvisionResult, notice: Notice, change_kind: str) -> dict | None:
+    """PUT `body` when it changes what is there, with the changes in words on `result`; returns the resource."""
+    if existing is not None and not differs(body, existing):
+        return existing
+    result.changes = describe_changes(change_kind, name, existing, body) or (
+        [] if existing is None else ["settings refreshed"])
+    notice(("creating" if existing is None else "updating") + f" the {what} {name}")
+    with azure_call(f"{'create' if existing is None else 'update'} the {what} {name}"):
+        return as_plain(begin(clients.cfg.resource_group, name, body).result())
+
 
 def provision_finetune(clients: AzureClients, notice: Notice = _quiet,
                        secret_envs: Iterable[str] | None = None) -> ProvisionResult:
@@ -216,26 +242,14 @@ def provision_finetune(clients: AzureClients, notice: Notice = _quiet,
     from jobs.aca.resources import job_body
 
     cfg = clients.cfg
-    if cfg.registry:
-        cfg.require(f"Pulling the image from {cfg.registry}", "identity_id")
     notice(f"reading the ACA job {cfg.job_name}")
     existing = get_job(clients)
-    environment, storage_name = resolve_environment(clients, existing, cfg.workload_profile, notice)
-    envs = list(secret_envs) if secret_envs is not None else vault_secret_envs(clients, notice)
-    body = job_body(cfg, environment, storage_name=storage_name, secret_envs=envs, existing=existing,
-                    foreign_secret_values=_foreign_values(clients, "job", existing, envs))
+    body = _wanted(clients, "job", existing, cfg.workload_profile, secret_envs, notice, job_body)
     result = ProvisionResult("finetune", cfg.job_name, created=existing is None)
-    if existing is not None and not differs(body, existing):
-        return result
-    result.changes = describe_changes("job", cfg.job_name, existing, body) or (
-        [] if existing is None else ["settings refreshed"])
-    notice(("creating" if existing is None else "updating") + f" the ACA job {cfg.job_name}")
-    with azure_call(f"{'create' if existing is None else 'update'} the ACA job {cfg.job_name}"):
-        clients.arm.jobs.begin_create_or_update(cfg.resource_group, cfg.job_name, body).result()
+    _put(clients, "ACA job", cfg.job_name, clients.arm.jobs.begin_create_or_update, body, existing, result, notice,
+         change_kind="job")
     return result
 
-
-# ---- the inference app --------------------------------------------------------------------------------------------
 
 def _endpoint(app: Mapping | None) -> str:
     fqdn = ((((app or {}).get("properties") or {}).get("configuration") or {}).get("ingress") or {}).get("fqdn")
@@ -260,14 +274,8 @@ def _record_endpoint(cfg: AcaConfig, endpoint: str, notice: Notice) -> None:
 def _put_app(clients: AzureClients, body: dict, existing: dict | None, result: ProvisionResult,
              notice: Notice) -> dict | None:
     cfg = clients.cfg
-    if existing is not None and not differs(body, existing):
-        return existing
-    result.changes = describe_changes("inference app", cfg.app_name, existing, body) or (
-        [] if existing is None else ["settings refreshed"])
-    notice(("creating" if existing is None else "updating") + f" the inference app {cfg.app_name}")
-    with azure_call(f"{'create' if existing is None else 'update'} the inference app {cfg.app_name}"):
-        return as_plain(clients.arm.container_apps.begin_create_or_update(cfg.resource_group, cfg.app_name,
-                                                                          body).result())
+    return _put(clients, "inference app", cfg.app_name, clients.arm.container_apps.begin_create_or_update, body,
+                existing, result, notice, change_kind="inference app")
 
 
 def provision_inference(clients: AzureClients, notice: Notice = _quiet,
@@ -276,14 +284,9 @@ def provision_inference(clients: AzureClients, notice: Notice = _quiet,
     0..MAX_REPLICAS replicas)."""
     cfg = clients.cfg
     cfg.require("Provisioning the inference app", "app_name")
-    if cfg.registry:
-        cfg.require(f"Pulling the image from {cfg.registry}", "identity_id")
     notice(f"reading the inference app {cfg.app_name}")
     existing = get_app(clients)
-    environment, storage_name = resolve_environment(clients, existing, cfg.app_workload_profile, notice)
-    envs = list(secret_envs) if secret_envs is not None else vault_secret_envs(clients, notice)
-    body = app_body(cfg, environment, storage_name=storage_name, secret_envs=envs, existing=existing,
-                    foreign_secret_values=_foreign_values(clients, "app", existing, envs))
+    body = _wanted(clients, "app", existing, cfg.app_workload_profile, secret_envs, notice, app_body)
     result = ProvisionResult("inference", cfg.app_name, created=existing is None)
     app = _put_app(clients, body, existing, result, notice)
     result.endpoint = _endpoint(app) or _endpoint(get_app(clients))
@@ -301,11 +304,8 @@ def deploy_adapter(clients: AzureClients, base_model: str, adapter: str, notice:
     if existing is None:
         raise BackendError(f"The inference app {cfg.app_name} does not exist yet: run `/finetune provision inference` "
                            f"first, then deploy again.")
-    environment, storage_name = resolve_environment(clients, existing, cfg.app_workload_profile, notice)
-    envs = vault_refs_of(existing)
-    body = app_body(cfg, environment, storage_name=storage_name, secret_envs=envs, existing=existing,
-                    base_model=base_model, adapter=adapter,
-                    foreign_secret_values=_foreign_values(clients, "app", existing, envs))
+    body = _wanted(clients, "app", existing, cfg.app_workload_profile, vault_refs_of(existing), notice,
+                   functools.partial(app_body, base_model=base_model, adapter=adapter))
     result = ProvisionResult("deploy", cfg.app_name)
     app = _put_app(clients, body, existing, result, notice)
     revision = ((app or {}).get("properties") or {}).get("latestRevisionName") or ""

@@ -253,23 +253,43 @@ def _registries(cfg: AcaConfig, existing_conf: Mapping[str, Any]) -> list[dict]:
     return out
 
 
+def _secrets_and_env(cfg: AcaConfig, old_props: Mapping[str, Any], old_container: Mapping[str, Any],
+                     secret_envs: Iterable[str], foreign_secret_values: Mapping[str, str] | None
+                     ) -> tuple[list[dict], list[dict]]:
+    """A resource's secrets (our Key Vault references, then the foreign ones kept) and its container's env vars."""
+    ours_secrets, ours_env = secret_refs(cfg, secret_envs)
+    secrets = ours_secrets + _keep_foreign_secrets((old_props.get("configuration") or {}).get("secrets") or [],
+                                                   ours_secrets, foreign_secret_values or {})
+    known = {s["name"] for s in secrets}
+    ours_env_names = {e["name"] for e in ours_env}
+    # The container's other env vars stay, unless they point at a secret that is gone.
+    env = [dict(e) for e in old_container.get("env") or []
+           if e.get("name") not in ours_env_names and (not e.get("secretRef") or e["secretRef"] in known)]
+    return secrets, env + ours_env
+
+
+def _resource_body(cfg: AcaConfig, environment: Mapping[str, Any], existing: Mapping[str, Any] | None,
+                   profile: str, configuration: dict[str, Any], template: dict[str, Any]) -> dict[str, Any]:
+    """The PUT body around a job's or an app's configuration and template; the existing resource's tags stay."""
+    body: dict[str, Any] = {
+        "location": (existing or {}).get("location") or environment.get("location"),
+        "identity": _identity(cfg, existing),
+        "properties": {"environmentId": environment.get("id"), "workloadProfileName": profile,
+                       "configuration": configuration, "template": template},
+    }
+    if (existing or {}).get("tags"):
+        body["tags"] = dict(existing["tags"])
+    return body
+
+
 def job_body(cfg: AcaConfig, environment: Mapping[str, Any], *, storage_name: str, secret_envs: Iterable[str],
              existing: Mapping[str, Any] | None = None, foreign_secret_values: Mapping[str, str] | None = None
              ) -> dict[str, Any]:
     """The whole ACA job as tuneops wants it (a PUT body). `existing` is the job Azure has now, if any."""
     old_props = (existing or {}).get("properties") or {}
-    old_conf = old_props.get("configuration") or {}
     old_template = old_props.get("template") or {}
-    ours_secrets, ours_env = secret_refs(cfg, secret_envs)
     old_container = (old_template.get("containers") or [{}])[0]
-    ours_env_names = {e["name"] for e in ours_env}
-    secrets = ours_secrets + _keep_foreign_secrets(old_conf.get("secrets") or [], ours_secrets,
-                                                   foreign_secret_values or {})
-    known = {s["name"] for s in secrets}
-    # The container's other env vars stay, unless they point at a secret that is gone.
-    env = [dict(e) for e in old_container.get("env") or []
-           if e.get("name") not in ours_env_names and (not e.get("secretRef") or e["secretRef"] in known)]
-    env += ours_env
+    secrets, env = _secrets_and_env(cfg, old_props, old_container, secret_envs, foreign_secret_values)
     volume, mount = _mount(old_template, cfg.file_share, storage_name)
     container = {
         "name": old_container.get("name") or cfg.job_name,
@@ -279,26 +299,16 @@ def job_body(cfg: AcaConfig, environment: Mapping[str, Any], *, storage_name: st
         "env": env,
         "volumeMounts": [mount],
     }
-    body: dict[str, Any] = {
-        "location": (existing or {}).get("location") or environment.get("location"),
-        "identity": _identity(cfg, existing),
-        "properties": {
-            "environmentId": environment.get("id"),
-            "workloadProfileName": cfg.workload_profile,
-            "configuration": {
-                "triggerType": "Manual",
-                "replicaTimeout": cfg.replica_timeout,
-                "replicaRetryLimit": 0,
-                "manualTriggerConfig": {"replicaCompletionCount": 1, "parallelism": 1},
-                "secrets": secrets,
-                "registries": _registries(cfg, old_conf),
-            },
-            "template": {"containers": [container], "volumes": [volume]},
-        },
+    configuration = {
+        "triggerType": "Manual",
+        "replicaTimeout": cfg.replica_timeout,
+        "replicaRetryLimit": 0,
+        "manualTriggerConfig": {"replicaCompletionCount": 1, "parallelism": 1},
+        "secrets": secrets,
+        "registries": _registries(cfg, old_props.get("configuration") or {}),
     }
-    if (existing or {}).get("tags"):
-        body["tags"] = dict(existing["tags"])
-    return body
+    return _resource_body(cfg, environment, existing, cfg.workload_profile, configuration,
+                          {"containers": [container], "volumes": [volume]})
 
 
 def app_command(cfg: AcaConfig, base_model: str = "", adapter: str = "") -> list[str]:
@@ -331,13 +341,7 @@ def app_body(cfg: AcaConfig, environment: Mapping[str, Any], *, storage_name: st
             command = app_command(cfg)
     else:
         command = app_command(cfg, base_model, adapter)
-    ours_secrets, ours_env = secret_refs(cfg, secret_envs)
-    secrets = ours_secrets + _keep_foreign_secrets((old_props.get("configuration") or {}).get("secrets") or [],
-                                                   ours_secrets, foreign_secret_values or {})
-    known = {s["name"] for s in secrets}
-    env = [dict(e) for e in old_container.get("env") or []
-           if e.get("name") not in {x["name"] for x in ours_env} and (not e.get("secretRef") or e["secretRef"] in known)]
-    env += ours_env
+    secrets, env = _secrets_and_env(cfg, old_props, old_container, secret_envs, foreign_secret_values)
     volume, mount = _mount(old_template, cfg.file_share, storage_name)
     probe = {"httpGet": {"path": HEALTH_PATH, "port": SERVE_PORT, "scheme": "HTTP"}}
     container = {
@@ -354,26 +358,16 @@ def app_body(cfg: AcaConfig, environment: Mapping[str, Any], *, storage_name: st
         ],
         "volumeMounts": [mount],
     }
-    body: dict[str, Any] = {
-        "location": (existing or {}).get("location") or environment.get("location"),
-        "identity": _identity(cfg, existing),
-        "properties": {
-            "environmentId": environment.get("id"),
-            "workloadProfileName": cfg.app_workload_profile,
-            "configuration": {
-                "activeRevisionsMode": "Single",
-                "ingress": {"external": True, "targetPort": SERVE_PORT, "transport": "Auto", "allowInsecure": False,
-                            "traffic": [{"latestRevision": True, "weight": 100}]},
-                "secrets": secrets,
-                "registries": _registries(cfg, old_props.get("configuration") or {}),
-            },
-            "template": {"containers": [container], "volumes": [volume],
-                         "scale": {"minReplicas": cfg.app_min_replicas, "maxReplicas": cfg.app_max_replicas}},
-        },
+    configuration = {
+        "activeRevisionsMode": "Single",
+        "ingress": {"external": True, "targetPort": SERVE_PORT, "transport": "Auto", "allowInsecure": False,
+                    "traffic": [{"latestRevision": True, "weight": 100}]},
+        "secrets": secrets,
+        "registries": _registries(cfg, old_props.get("configuration") or {}),
     }
-    if (existing or {}).get("tags"):
-        body["tags"] = dict(existing["tags"])
-    return body
+    template = {"containers": [container], "volumes": [volume],
+                "scale": {"minReplicas": cfg.app_min_replicas, "maxReplicas": cfg.app_max_replicas}}
+    return _resource_body(cfg, environment, existing, cfg.app_workload_profile, configuration, template)
 
 
 # ---- what changed ----------------------------------------------------------------------------------------------------
