@@ -75,32 +75,18 @@ class JobSettings:
             problems.append(f"TUNEOPS_WORKSPACE={str(workspace)!r} is a file: point it at a folder (it is created "
                             "when missing)")
 
-        max_running = cls.max_running
-        raw = env.get("TUNEOPS_MAX_RUNNING", "").strip()
-        if raw:
-            try:
-                max_running = int(raw)
-                if max_running < 1:
-                    raise ValueError
-            except ValueError:
-                problems.append(f"TUNEOPS_MAX_RUNNING={raw!r} is not a whole number of at least 1: set it to how many "
-                                "GPU runs may go at once (default 2)")
+        max_running = _number(env, "TUNEOPS_MAX_RUNNING", cls.max_running, int, 1, float("inf"), problems,
+                              "is not a whole number of at least 1: set it to how many GPU runs may go at once "
+                              "(default 2)")
 
         default_model = text("TUNEOPS_DEFAULT_MODEL", cls.default_model)
         if default_model.startswith("/") or ".." in Path(default_model).parts:
             problems.append(f"TUNEOPS_DEFAULT_MODEL={default_model!r} leads outside the workspace: give a folder "
                             "relative to the workspace (model-cache/NAME) or a hub id (org/name)")
 
-        monitor_interval_s = cls.monitor_interval_s
-        raw = env.get("TUNEOPS_MONITOR_INTERVAL", "").strip()
-        if raw:
-            try:
-                monitor_interval_s = float(raw)
-                if not 0.1 <= monitor_interval_s <= 600:
-                    raise ValueError
-            except ValueError:
-                problems.append(f"TUNEOPS_MONITOR_INTERVAL={raw!r} is not a number between 0.1 and 600: set it to how "
-                                "many seconds pass between two looks at a running run (default 2)")
+        monitor_interval_s = _number(env, "TUNEOPS_MONITOR_INTERVAL", cls.monitor_interval_s, float, 0.1, 600,
+                                     problems, "is not a number between 0.1 and 600: set it to how many seconds pass "
+                                     "between two looks at a running run (default 2)")
 
         python = text("TUNEOPS_PYTHON", cls.python)
         if not Path(python).is_file():
@@ -169,18 +155,26 @@ def duration_setting(env: Mapping[str, str], name: str, default: float, problems
     return default
 
 
-def _whole(env: Mapping[str, str], name: str, default: int, lo: int, hi: int, problems: list[str], what: str) -> int:
+def _number(env: Mapping[str, str], name: str, default, kind, lo: float, hi: float, problems: list[str],
+            problem: str):
+    """`kind(value)` of a variable between `lo` and `hi`, the default when it is unset; `problem` (what is wrong and
+    what to do) goes to `problems` when it is not such a number."""
     raw = env.get(name, "").strip()
     if not raw:
         return default
     try:
-        value = int(raw)
-        if not lo <= value <= hi:
-            raise ValueError
-        return value
+        value = kind(raw)
+        if lo <= value <= hi:
+            return value
     except ValueError:
-        problems.append(f"{name}={raw!r} is not a whole number from {lo} to {hi}: set it to {what}")
-        return default
+        pass
+    problems.append(f"{name}={raw!r} {problem}")
+    return default
+
+
+def _whole(env: Mapping[str, str], name: str, default: int, lo: int, hi: int, problems: list[str], what: str) -> int:
+    return _number(env, name, default, int, lo, hi, problems,
+                   f"is not a whole number from {lo} to {hi}: set it to {what}")
 
 
 def redact_url(url: str) -> str:
