@@ -20,6 +20,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.1):
+    """Poll `predicate` until it returns something true (returned), or fail naming `what` after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def make_workspace(ws: Path, tiny_model: Path, example_dataset: Path) -> Path:
+    """A workspace as the jobs side sees one: datasets/train.jsonl and model-cache/tiny (a link to the tiny model)."""
+    (ws / "datasets").mkdir(parents=True)
+    (ws / "model-cache").mkdir()
+    shutil.copy(example_dataset, ws / "datasets" / "train.jsonl")
+    (ws / "model-cache" / "tiny").symlink_to(tiny_model, target_is_directory=True)
+    return ws
+
+
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory):
     """A real redis-server for the whole session; yields its URL."""

@@ -3,9 +3,7 @@ the real SDK clients with a static token (the edge of the world), a workspace, a
 
 from __future__ import annotations
 
-import shutil
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,20 +12,11 @@ import pytest
 from jobs.aca.clients import AzureClients, install_clients, reset_clients
 from jobs.aca.config import AcaConfig, load_aca_config
 from jobs.settings import JobSettings
+from tests.conftest import make_workspace, wait_for  # noqa: F401  (wait_for: for the tests here)
 from tests.standins.azure import ACCOUNT_KEY, AzureStandIn, StaticTokenCredential, standin_config
 
 ENV_STORAGE = "tuneopsstorage"
 SHARE = "tuneopsshare"
-
-
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 @pytest.fixture
@@ -79,12 +68,7 @@ def aca(standin, tmp_path, monkeypatch) -> Aca:
 
 @pytest.fixture
 def workspace(tmp_path, tiny_model, example_dataset) -> Path:
-    ws = tmp_path / "ws"
-    (ws / "datasets").mkdir(parents=True)
-    (ws / "model-cache").mkdir()
-    shutil.copy(example_dataset, ws / "datasets" / "train.jsonl")
-    (ws / "model-cache" / "tiny").symlink_to(tiny_model, target_is_directory=True)
-    return ws
+    return make_workspace(tmp_path / "ws", tiny_model, example_dataset)
 
 
 @pytest.fixture

@@ -4,12 +4,9 @@ processes (`python -m jobs.worker`) that a test can start, SIGKILL and replace. 
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -17,20 +14,11 @@ import pytest
 from jobs import store
 from jobs.domain import RunEvent
 from jobs.settings import JobSettings
+from tests.conftest import make_workspace, wait_for  # noqa: F401  (wait_for: for the tests here)
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 FAST = {"save_steps": 2, "eval_generations": 0}
-
-
-def wait_for(predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def session_members(sid: int) -> list[int]:
@@ -61,11 +49,7 @@ def trainer_groups(workspace: Path) -> list[int]:
 
 @pytest.fixture
 def workspace(tmp_path, tiny_model, example_dataset) -> Path:
-    ws = tmp_path / "ws"
-    (ws / "datasets").mkdir(parents=True)
-    (ws / "model-cache").mkdir()
-    shutil.copy(example_dataset, ws / "datasets" / "train.jsonl")
-    (ws / "model-cache" / "tiny").symlink_to(tiny_model, target_is_directory=True)
+    ws = make_workspace(tmp_path / "ws", tiny_model, example_dataset)
     yield ws
     # Never leave a trainer behind, whatever the test did; and never touch a process that merely got a reused pid:
     # only members of a launch's group that work in this workspace.

@@ -8,13 +8,13 @@ import re
 import time
 
 import pytest
-from conftest import events_of, kinds, trainer_groups, wait_for
 
 from jobs import service, store
 from jobs.domain import RunState
 from jobs.procs import group_alive
 from payload.config import DEMO_OVERRIDES
 from payload.events import read_events
+from tests.jobs.conftest import events_of, kinds, trainer_groups, wait_for
 
 
 def submit(settings, **kw):

@@ -10,13 +10,13 @@ import sys
 import textwrap
 
 import pytest
-from conftest import wait_for
 
 from jobs.domain import Run, RunState
 from jobs.executor import ExecStatus
 from jobs.local import LOG_HEADER, LocalExecutor
 from jobs.procs import pid_alive
 from jobs.runconfig import build_train_config
+from tests.conftest import wait_for
 
 pytestmark = pytest.mark.usefixtures("fake_trainer")
 
@@ -137,10 +137,7 @@ def test_a_failing_trainer_is_failed_with_its_log(settings, monkeypatch):
 def test_stop_ends_the_whole_process_group(settings, monkeypatch):
     monkeypatch.setenv("FAKE_STEP_S", "0.5")
     ex = LocalExecutor(settings, grace_s=10)
-    run = prepared_run(max_steps=100)
-    start(ex, run, settings)
-    wait_for(lambda: ex.read(run, 0, 0).events, 20, "the first event")
-    pgid = int((settings.workspace / "runs/ft-0001/attempt-1.pid").read_text().split()[0])
+    run, pgid = started_long_run(ex, settings)
     members = wait_for(lambda: [p for p in _group(pgid)] if len(_group(pgid)) == 2 else None, 10,
                        "launcher and trainer")
     ex.stop(run)
@@ -154,10 +151,7 @@ def test_stop_kills_a_trainer_that_ignores_sigterm(settings, monkeypatch):
     monkeypatch.setenv("FAKE_STEP_S", "0.5")
     monkeypatch.setenv("FAKE_IGNORE_TERM", "1")
     ex = LocalExecutor(settings, grace_s=1.0)
-    run = prepared_run(max_steps=100)
-    start(ex, run, settings)
-    wait_for(lambda: ex.read(run, 0, 0).events, 20, "the first event")
-    pgid = int((settings.workspace / "runs/ft-0001/attempt-1.pid").read_text().split()[0])
+    run, pgid = started_long_run(ex, settings)
     members = _group(pgid)
     ex.stop(run)
     assert members and all(gone(pid) for pid in members)
@@ -170,7 +164,7 @@ def test_a_trainer_killed_from_outside_is_failed(settings, monkeypatch):
     run = prepared_run(max_steps=100)
     start(ex, run, settings)
     wait_for(lambda: ex.status(run).status is ExecStatus.RUNNING, 10, "running")
-    pgid = int((settings.workspace / "runs/ft-0001/attempt-1.pid").read_text().split()[0])
+    pgid = launch_group(settings)
     os.killpg(pgid, signal.SIGKILL)
     wait_for(lambda: ex.status(run).status.finished, 10, "the end to be seen")
     info = ex.status(run)
@@ -201,10 +195,7 @@ def test_the_trainer_does_not_get_the_bots_secrets(settings, monkeypatch):
     monkeypatch.setenv("TUNEOPS_PROBE", "kept")
     monkeypatch.setenv("FAKE_STEP_S", "0.5")
     ex = LocalExecutor(settings)
-    run = prepared_run(max_steps=100)
-    start(ex, run, settings)
-    wait_for(lambda: ex.read(run, 0, 0).events, 20, "the first event")
-    pgid = int((settings.workspace / "runs/ft-0001/attempt-1.pid").read_text().split()[0])
+    run, pgid = started_long_run(ex, settings)
     members = _group(pgid)
     assert len(members) == 2  # launcher and trainer
     for pid in members:
@@ -212,6 +203,19 @@ def test_the_trainer_does_not_get_the_bots_secrets(settings, monkeypatch):
         assert b"TUNEOPS_PROBE=kept" in environ
         assert not any(item.startswith(b"SLACK_") for item in environ)
     ex.stop(run)
+
+
+def launch_group(settings) -> int:
+    """The process group of ft-0001's launch: the launcher's pid leads it."""
+    return int((settings.workspace / "runs/ft-0001/attempt-1.pid").read_text().split()[0])
+
+
+def started_long_run(ex: LocalExecutor, settings) -> tuple[Run, int]:
+    """A 100-step fake run past its first event, and its launch's process group."""
+    run = prepared_run(max_steps=100)
+    start(ex, run, settings)
+    wait_for(lambda: ex.read(run, 0, 0).events, 20, "the first event")
+    return run, launch_group(settings)
 
 
 def _group(pgid: int) -> list[int]:
