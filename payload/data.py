@@ -386,6 +386,17 @@ def padding_waste(batches_lengths: Iterable[list[int]], padded: bool) -> float:
 # Collators
 # ---------------------------------------------------------------------------------------------------------------
 
+def _right_padded(features: list[dict[str, list[int]]], pad_token_id: int
+                  ) -> tuple[list[list[int]], list[list[int]], list[int]]:
+    """Ids and labels of each feature padded on the right to the longest one (padding is never a target), and how
+    much padding each row got."""
+    longest = max(len(f["input_ids"]) for f in features)
+    pads = [longest - len(f["input_ids"]) for f in features]
+    ids = [f["input_ids"] + [pad_token_id] * pad for f, pad in zip(features, pads)]
+    labels = [f["labels"] + [IGNORE_INDEX] * pad for f, pad in zip(features, pads)]
+    return ids, labels, pads
+
+
 class PaddingFreeCollator:
     """Flattens a micro-batch into one row with no padding at all: position ids restart per example and there is
     no attention mask, so transformers builds a block-diagonal mask (examples never attend to each other).
@@ -420,13 +431,9 @@ class PackedRowsCollator:
     def __call__(self, features: list[dict[str, list[int]]]) -> dict[str, Any]:
         import torch
 
-        longest = max(len(f["input_ids"]) for f in features)
-        ids, labels, positions = [], [], []
-        for f in features:
-            pad = longest - len(f["input_ids"])
-            ids.append(f["input_ids"] + [self.pad_token_id] * pad)
-            labels.append(f["labels"] + [IGNORE_INDEX] * pad)
-            positions.append((f.get("position_ids") or list(range(len(f["input_ids"])))) + list(range(pad)))
+        ids, labels, pads = _right_padded(features, self.pad_token_id)
+        positions = [(f.get("position_ids") or list(range(len(f["input_ids"])))) + list(range(pad))
+                     for f, pad in zip(features, pads)]
         return {
             "input_ids": torch.tensor(ids, dtype=torch.long),
             "labels": torch.tensor(labels, dtype=torch.long),
@@ -443,13 +450,8 @@ class PaddedCollator:
     def __call__(self, features: list[dict[str, list[int]]]) -> dict[str, Any]:
         import torch
 
-        longest = max(len(f["input_ids"]) for f in features)
-        ids, labels, mask = [], [], []
-        for f in features:
-            pad = longest - len(f["input_ids"])
-            ids.append(f["input_ids"] + [self.pad_token_id] * pad)
-            labels.append(f["labels"] + [IGNORE_INDEX] * pad)
-            mask.append([1] * len(f["input_ids"]) + [0] * pad)
+        ids, labels, pads = _right_padded(features, self.pad_token_id)
+        mask = [[1] * len(f["input_ids"]) + [0] * pad for f, pad in zip(features, pads)]
         return {
             "input_ids": torch.tensor(ids, dtype=torch.long),
             "labels": torch.tensor(labels, dtype=torch.long),
