@@ -35,8 +35,9 @@ LOG_HEADER = "[tuneops]"
 LAUNCH_GRACE_S = 30.0
 # One read returns at most this much log; the rest comes on the next tick, which keeps ticks short.
 MAX_LOG_READ = 256 * 1024
-# Variables of the bot's own that the trainer has no use for: keep them out of its environment and its logs.
-_PRIVATE_ENV_PREFIXES = ("SLACK_",)
+# Variables of the bot's and the worker's own that the trainer has no use for: keep them out of its environment and
+# its logs (TUNEOPS_STORAGE_KEY opens the whole Azure storage account).
+_PRIVATE_ENV_PREFIXES = ("SLACK_", "TUNEOPS_STORAGE_KEY")
 
 
 def clean_env(env: dict[str, str]) -> dict[str, str]:

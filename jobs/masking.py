@@ -13,8 +13,8 @@ from collections.abc import Iterable, Mapping
 MASK = "***"
 # Shorter values would blank ordinary words in every line.
 MIN_LEN = 8
-SECRET_NAME_PARTS = ("TOKEN", "SECRET", "PASSWORD", "API_KEY", "ACCESS_KEY", "ACCOUNT_KEY", "CONNECTION_STRING",
-                     "SAS")
+SECRET_NAME_PARTS = ("TOKEN", "SECRET", "PASSWORD", "API_KEY", "ACCESS_KEY", "ACCOUNT_KEY", "STORAGE_KEY",
+                     "CONNECTION_STRING", "SAS")
 
 
 def secret_values(env: Mapping[str, str]) -> tuple[str, ...]:

@@ -41,8 +41,8 @@ def test_what_the_bot_uses_loads_neither_torch_nor_slack():
 
 def test_known_secret_values_are_masked():
     env = {"HF_TOKEN": "hf_abcdefghijkl", "WANDB_API_KEY": "0123456789abcdef", "HOME": "/home/someone",
-           "DB_PASSWORD": "short", "MY_SAS": "sv=2024&sig=abcdefgh"}
+           "DB_PASSWORD": "short", "MY_SAS": "sv=2024&sig=abcdefgh", "TUNEOPS_STORAGE_KEY": "c3RvcmFnZWtleQ=="}
     secrets = secret_values(env)
-    assert set(secrets) == {"hf_abcdefghijkl", "0123456789abcdef", "sv=2024&sig=abcdefgh"}
+    assert set(secrets) == {"hf_abcdefghijkl", "0123456789abcdef", "sv=2024&sig=abcdefgh", "c3RvcmFnZWtleQ=="}
     assert mask("login hf_abcdefghijkl at /home/someone", secrets) == "login *** at /home/someone"
     assert mask_lines(["a 0123456789abcdef b", "plain"], secrets) == ["a *** b", "plain"]

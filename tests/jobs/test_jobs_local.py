@@ -192,6 +192,7 @@ def test_status_of_an_attempt_never_started(settings):
 
 def test_the_trainer_does_not_get_the_bots_secrets(settings, monkeypatch):
     monkeypatch.setenv("SLACK_BOT_TOKEN", "xoxb-not-for-the-trainer")
+    monkeypatch.setenv("TUNEOPS_STORAGE_KEY", "c3RvcmFnZWtleQ==")
     monkeypatch.setenv("TUNEOPS_PROBE", "kept")
     monkeypatch.setenv("FAKE_STEP_S", "0.5")
     ex = LocalExecutor(settings)
@@ -201,7 +202,7 @@ def test_the_trainer_does_not_get_the_bots_secrets(settings, monkeypatch):
     for pid in members:
         environ = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
         assert b"TUNEOPS_PROBE=kept" in environ
-        assert not any(item.startswith(b"SLACK_") for item in environ)
+        assert not any(item.startswith((b"SLACK_", b"TUNEOPS_STORAGE_KEY")) for item in environ)
     ex.stop(run)
 
 
