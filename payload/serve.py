@@ -431,9 +431,12 @@ def load_engine(base: Path, adapter: Path | None, *, load_in_4bit: bool | None =
             bnb_4bit_compute_dtype=compute)
     else:
         kwargs["dtype"] = compute
+    from safetensors import SafetensorError
+
     try:
         model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
-    except (OSError, ValueError, KeyError, ImportError, RuntimeError) as e:  # RuntimeError: out of GPU memory
+    # RuntimeError: out of GPU memory; SafetensorError: a weights file cut short or damaged
+    except (OSError, ValueError, KeyError, ImportError, RuntimeError, SafetensorError) as e:
         raise StartupError(f"cannot load the base model from {base}: {_first_line(e)}") from None
 
     tokenizer_dir = adapter if adapter is not None and (adapter / "tokenizer_config.json").is_file() else base
@@ -453,7 +456,7 @@ def load_engine(base: Path, adapter: Path | None, *, load_in_4bit: bool | None =
 
         try:
             model = PeftModel.from_pretrained(model, adapter)
-        except (OSError, ValueError, RuntimeError, KeyError) as e:
+        except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as e:
             raise StartupError(f"cannot apply the adapter in {adapter} to {base}: {_first_line(e)}") from None
         description += f", adapter {adapter}"
     model.eval()
@@ -469,10 +472,14 @@ def _check_adapter_fits(adapter: Path, adapter_config: dict[str, Any], base: Pat
     weights = adapter / "adapter_model.safetensors"
     if not weights.is_file():
         return  # an older .bin adapter: peft's own load is the check
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(str(weights), framework="pt") as f:
-        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (OSError, SafetensorError) as e:
+        raise StartupError(f"{weights} cannot be read ({_first_line(e)}); the adapter folder is damaged, copy it again "
+                           "from the run folder") from None
     linears = {name: (m.in_features, m.out_features) for name, m in model.named_modules()
                if isinstance(getattr(m, "in_features", None), int) and isinstance(getattr(m, "out_features", None), int)}
     problem = adapter_mismatch(shapes, linears)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -20,6 +21,7 @@ from hypothesis import strategies as st
 from payload.serve import (
     APIError,
     SamplingParams,
+    StartupError,
     StopScanner,
     adapter_mismatch,
     build_app,
@@ -396,6 +398,22 @@ def test_startup_errors_are_one_line_and_exit_2(tiny_model, tmp_path):
         assert done.returncode == 2, done.stderr
         lines = done.stderr.strip().splitlines()
         assert len(lines) == 1 and message in lines[0], done.stderr
+
+
+def test_damaged_weights_are_a_startup_error(tiny_model, adapter_dir, tmp_path):
+    """A weights file cut short (a copy interrupted on the share) is one line naming the folder, not a traceback."""
+    adapter = tmp_path / "ft-0008" / "adapter"
+    shutil.copytree(adapter_dir, adapter)
+    weights = adapter / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:200])
+    with pytest.raises(StartupError, match="adapter_model.safetensors cannot be read .* the adapter folder is damaged"):
+        load_engine(tiny_model, adapter)
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model, base)
+    for weights in base.glob("*.safetensors"):
+        weights.write_bytes(weights.read_bytes()[:200])
+    with pytest.raises(StartupError, match=f"cannot load the base model from {base}"):
+        load_engine(base, None)
 
 
 def test_adapter_for_another_base_is_refused(tiny_model, adapter_dir, tmp_path):
