@@ -23,6 +23,7 @@ from pathlib import Path
 from azure.core.exceptions import ResourceNotFoundError
 
 from jobs.aca import share as sharefs
+from jobs.executor import BackendError
 
 log = logging.getLogger(__name__)
 
@@ -210,8 +211,10 @@ def sync_workspace(share, sources: Iterable[Source], *, concurrency: int = 8, ca
                 local[rel] = lf
         cache.save()
 
-    if lock is not None:
-        lock.acquire()
+    # Without the lock, this sync's manifest could overwrite the entries of one that holds it: wait, or give up.
+    if lock is not None and not lock.acquire():
+        raise BackendError("Another workspace sync to the share has been going on for too long; the run will be "
+                           "started again later.", transient=True)
     try:
         manifest = read_manifest(share)
         to_send = plan(local, manifest)

@@ -161,3 +161,22 @@ def test_plan_and_stale_are_pure():
                 "other/z": {"size": 1, "sha256": "z"}}
     assert plan(local, manifest) == ["b", "c"]
     assert stale(local, manifest, ["x"]) == ["x/y"]
+
+
+def test_a_sync_that_cannot_get_the_lock_sends_nothing(aca, tmp_path, redis_url):
+    import pytest
+    import redis
+
+    from jobs.executor import BackendError
+
+    src = make_tree(tmp_path / "data", n=3)
+    conn = redis.Redis.from_url(redis_url)
+    holder = conn.lock("sync", timeout=60)
+    assert holder.acquire()
+    with pytest.raises(BackendError, match="Another workspace sync") as e:
+        sync_workspace(aca.clients.share, [Source(src, "ws")], cache=HashCache(tmp_path / "hashes.json"),
+                       lock=conn.lock("sync", timeout=60, blocking_timeout=0.2))
+    assert e.value.transient
+    assert share_files(aca.standin) == {}  # no file, no manifest written without the lock
+    assert holder.owned()
+    holder.release()
