@@ -151,6 +151,13 @@ def provision_task(op_id: str, clients: AzureClients | None = None) -> str:
     def notice(text: str) -> None:
         emit("notice", text=text)
 
+    def fail(message: str) -> str:
+        _finish(conn, op_id, "failed", message)
+        emit("failed", error=message, log_tail=[])
+        return "failed"
+
+    # Ours, not the user's: the worker log has the trace, the thread a short message (never a queued op left hanging).
+    ours = f"{op_id} failed because of an error in tuneops; the worker log has the details."
     try:
         clients = clients or clients_for(settings)
         lock = conn.lock(_lock_name(op.kind, clients), timeout=LOCK_TTL_S, blocking_timeout=LOCK_WAIT_S)
@@ -160,23 +167,19 @@ def provision_task(op_id: str, clients: AzureClients | None = None) -> str:
                 raise BackendError("Another provisioning of the same resource has been running for too long; "
                                    "try again later.", transient=True)
     except BackendError as e:
-        _finish(conn, op_id, "failed", str(e))
-        emit("failed", error=str(e), log_tail=[])
-        return "failed"
+        return fail(str(e))
+    except Exception:
+        log.exception("%s (%s) could not begin", op_id, op.kind)
+        return fail(ours)
     try:
         conn.hset(OP_KEY.format(op_id), "state", "running")
         result = _run(op, clients, settings, notice)
     except BackendError as e:
         log.warning("%s (%s) failed: %s", op_id, op.kind, e)
-        _finish(conn, op_id, "failed", str(e))
-        emit("failed", error=str(e), log_tail=[])
-        return "failed"
-    except Exception:  # ours, not the user's: the worker log has the trace, the thread a short message
+        return fail(str(e))
+    except Exception:
         log.exception("%s (%s) failed unexpectedly", op_id, op.kind)
-        message = f"{op_id} failed because of an error in tuneops; the worker log has the details."
-        _finish(conn, op_id, "failed", message)
-        emit("failed", error=message, log_tail=[])
-        return "failed"
+        return fail(ours)
     finally:
         try:
             lock.release()

@@ -166,6 +166,21 @@ def test_a_failed_provision_says_what_to_do_without_a_stack_trace(aca, settings)
         ops.enqueue_provision(settings, "everything", "U1", "C1")
 
 
+def test_an_error_of_ours_before_the_op_begins_is_reported_not_left_queued(aca, settings, caplog):
+    class Broken:  # clients whose set-up fails in a way tuneops did not foresee
+        @property
+        def cfg(self):
+            raise RuntimeError("clients set-up failed")
+
+    op_id = ops.enqueue_provision(settings, "finetune", "U1", "C1")
+    assert ops.provision_task(op_id, clients=Broken()) == "failed"
+    last = op_events(settings, op_id)[-1]
+    assert last.kind == "failed" and last.data["error"] == (f"{op_id} failed because of an error in tuneops; the "
+                                                            "worker log has the details.")
+    assert ops.get_op(store.connect(settings), op_id).state == "failed"
+    assert "clients set-up failed" in caplog.text  # the trace is in the worker log
+
+
 def test_two_provisions_of_the_same_job_are_serialized_not_interleaved(aca, settings):
     # Slow ARM writes widen the window in which two unserialized provisions would interleave.
     aca.standin.inject(Fault("arm", path=r"/jobs/tuneops-ft$", method="PUT", status=None, delay=0.5, times=10))
