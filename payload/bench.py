@@ -34,7 +34,15 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
 
     from payload import data
     from payload.config import TrainConfig
-    from payload.train import add_lora, load_model, make_collator, pick_attention, pick_compute_dtype, pick_threads
+    from payload.train import (
+        add_lora,
+        cpu_budget,
+        load_model,
+        make_collator,
+        pick_attention,
+        pick_compute_dtype,
+        pick_threads,
+    )
 
     variant = VARIANTS[spec["variant"]]
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -67,7 +75,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     collate = make_collator(cfg, attention, tokenizer.pad_token_id)
     model = add_lora(cfg, load_model(cfg, spec["model"], True, device, dtype, attention))
     _, n_params = model.get_nb_trainable_parameters()
-    torch.set_num_threads(pick_threads(n_params, os.cpu_count() or 1, spec.get("threads", 0)))
+    torch.set_num_threads(pick_threads(n_params, cpu_budget(), spec.get("threads", 0)))
 
     seen = {"tokens": 0, "positions": 0}
 
