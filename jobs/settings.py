@@ -141,18 +141,9 @@ def duration_setting(env: Mapping[str, str], name: str, default: float, problems
     """A duration variable (seconds, or 24h / 30m / 1h30m) between `lo` and `hi`; a problem line when it is not."""
     from jobs.durations import describe_duration, parse_duration
 
-    raw = env.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = parse_duration(raw)
-        if lo <= value <= hi:
-            return value
-    except ValueError:
-        pass
     bounds = f" from {describe_duration(lo)} to {describe_duration(hi)}" if hi != float("inf") else ""
-    problems.append(f"{name}={raw!r} is not a duration{bounds}: set it to {what}, in seconds or like 24h, 30m, 1h30m")
-    return default
+    return _number(env, name, default, parse_duration, lo, hi, problems,
+                   f"is not a duration{bounds}: set it to {what}, in seconds or like 24h, 30m, 1h30m")
 
 
 def _number(env: Mapping[str, str], name: str, default, kind, lo: float, hi: float, problems: list[str],
