@@ -49,6 +49,14 @@ MAX_INFLIGHT = 5000
 IDLE_LANE_S = 600.0
 STOP_FLUSH_S = 5.0
 MAX_UNEXPECTED = 3
+# Log and progress events that wait behind each other in a lane are rendered together: a lane that fell behind (its
+# channel's budget is spent) catches up in one message instead of one message per event.
+QUIET_KINDS = {"log", "progress"}
+MAX_COALESCED = 1000
+# Progress edits of cards share the channels' posting budget with the thread messages; while many runs are busy, all
+# their cards together are edited at most about once per this many seconds, so that log excerpts and errors get most
+# of the budget.
+CARD_SHARE_S = 4.0
 
 Post = Callable[[], Awaitable[Any]]
 
@@ -60,11 +68,14 @@ class Transient(Exception):
 @dataclass
 class _Throttle:
     interval_s: float
+    share_s: float = CARD_SHARE_S
+    busy: int = 0                # runs with work waiting (set by the notifier's tick)
     last: dict[str, float] = field(default_factory=dict)
     dirty: set[str] = field(default_factory=set)
 
     def due(self, run_id: str, now: float) -> bool:
-        return now - self.last.get(run_id, -1e18) >= self.interval_s
+        interval = max(self.interval_s, self.busy * self.share_s)
+        return now - self.last.get(run_id, -1e18) >= interval
 
 
 @dataclass
@@ -77,6 +88,14 @@ class _Item:
     sent: int = 0
     hold: bool = False                          # its log lines wait in the batcher: ack later
     failures: int = 0
+    absorbed: list[_Item] = field(default_factory=list)  # quiet items rendered together with this one
+
+    @property
+    def quiet(self) -> bool:
+        """Log lines, progress or a routine flush: nothing whose own message must keep its place."""
+        if self.kind == "flush":
+            return not self.force
+        return self.kind == "event" and self.event is not None and self.event.kind in QUIET_KINDS
 
 
 @dataclass
@@ -116,6 +135,7 @@ class Notifier:
         self.lanes: dict[str, _Lane] = {}
         self._inflight: set[str] = set()
         self._unacked: list[str] = []
+        self._idle: list[str] = []  # runs whose lanes were dropped: this process lets go of them
         self._shown: dict[str, str] = {}  # run id / approval id -> the message last sent to Slack
         self._stop = asyncio.Event()
         self._stopping = False
@@ -174,6 +194,9 @@ class Notifier:
             try:
                 self.tick()
                 await self._retry_acks()
+                if self._idle:
+                    idle, self._idle = self._idle, []
+                    await asyncio.to_thread(self.stream.release, idle)
             except Exception:
                 log.exception("notifier tick failed")
 
@@ -228,6 +251,8 @@ class Notifier:
     def tick(self, retry_now: bool = False) -> None:
         """Queue what is due (held log lines, throttled card edits), restart lanes, forget idle ones."""
         now = self.clock()
+        self.throttle.busy = sum(1 for lane in self.lanes.values()
+                                 if lane.items or lane.outbox or lane.batcher.pending or lane.busy)
         for key, lane in list(self.lanes.items()):
             if (lane.batcher.pending or lane.outbox) and not lane.flush_queued:
                 lane.flush_queued = True
@@ -241,6 +266,7 @@ class Notifier:
             elif (not lane.busy and not lane.held and not lane.batcher.pending and not lane.outbox
                   and now - lane.last_active > IDLE_LANE_S):
                 del self.lanes[key]
+                self._idle.append(key)
 
     def _kick(self, lane: _Lane, force: bool = False) -> None:
         if lane.busy or not lane.items:
@@ -286,6 +312,10 @@ class Notifier:
             lane.last_active = self.clock()
 
     async def _process(self, lane: _Lane, item: _Item) -> None:
+        if item.posts is None and item.quiet and not ops.is_op_id(lane.key):
+            while len(lane.items) > 1 and lane.items[1].quiet and len(item.absorbed) < MAX_COALESCED:
+                item.absorbed.append(lane.items[1])
+                del lane.items[1]
         if item.posts is None:
             try:
                 item.posts = await self._render(lane, item)
@@ -295,13 +325,14 @@ class Notifier:
             what, post = item.posts[item.sent]
             await self._send(lane.key, what, post)
             item.sent += 1
-        if item.kind == "flush":
-            lane.flush_queued = False
-        elif item.kind == "card":
-            lane.card_queued = False
+        for it in (item, *item.absorbed):
+            if it.kind == "flush":
+                lane.flush_queued = False
+            elif it.kind == "card":
+                lane.card_queued = False
         done = []
-        if item.entry_id:
-            (lane.held if item.hold else done).append(item.entry_id)
+        ids = [it.entry_id for it in (item, *item.absorbed) if it.entry_id]
+        (lane.held if item.hold else done).extend(ids)
         if not lane.batcher.pending and not lane.outbox and lane.held:
             done += lane.held
             lane.held = []
@@ -343,6 +374,8 @@ class Notifier:
     async def _render(self, lane: _Lane, item: _Item) -> list[tuple[str, Post]]:
         """What an item makes Slack do, as calls to make in order. Runs once per item; the calls are retried."""
         now = self.clock()
+        if item.absorbed:
+            return await self._render_quiet(lane, item, now)
         if item.kind == "flush":
             lane.outbox.extend(lane.batcher.flush(now, force=item.force))
             run = await self._get_run(lane.key) if lane.outbox else None
@@ -353,6 +386,35 @@ class Notifier:
             return [("card", lambda: self.show_card(run))] if run and run.card_ts else []
         assert item.event is not None
         return await self._render_event(lane, item, item.event, now)
+
+    async def _render_quiet(self, lane: _Lane, item: _Item, now: float) -> list[tuple[str, Post]]:
+        """Log lines and progress of several items at once: the lines go through the batcher together, the card is
+        edited once."""
+        lines: list[str] = []
+        progress = False
+        for it in (item, *item.absorbed):
+            if it.kind == "event" and it.event.kind == "log":
+                data = it.event.data
+                if data.get("skipped"):
+                    lines.append(omitted_marker(int(data["skipped"])))
+                lines += [str(line) for line in data.get("lines") or []]
+            elif it.kind == "event":
+                progress = True
+        run = await self._get_run(lane.key)
+        if run is None:
+            log.warning("events for unknown run %s dropped", lane.key)
+            return []
+        lane.outbox.extend(lane.batcher.feed(lines, now) if lines else lane.batcher.flush(now))
+        item.hold = lane.batcher.pending > 0
+        posts: list[tuple[str, Post]] = []
+        if lane.outbox:
+            posts.append(("log excerpt", lambda: self._post_outbox(lane, run)))
+        if progress:
+            if not run.card_ts or self.throttle.due(run.id, now):
+                posts.append(("card", lambda: self.show_card(run)))
+            else:
+                self.throttle.dirty.add(run.id)
+        return posts
 
     def _drop_outbox(self, lane: _Lane) -> list[tuple[str, Post]]:
         lane.outbox.clear()

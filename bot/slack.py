@@ -109,6 +109,9 @@ class SlackGateway:
         if initial_comment:
             kwargs["initial_comment"] = self.redactor(initial_comment)
         resp = await self._call("files_upload_v2", channel, True, **kwargs)
+        if self.budget is not None:
+            # files_upload_v2 makes two Web API calls in one slot: the channel rests one more slot after it.
+            await self.budget.penalize(channel, self.budget.interval_s)
         return resp["file"]["id"]
 
     async def auth_test(self) -> dict[str, Any]:

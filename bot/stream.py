@@ -89,6 +89,32 @@ return moved
 """
 
 
+# KEYS: stream, owners. ARGV: group, me, run ids. Lets go of the runs none of whose entries this consumer still holds
+# (checked in the same script, so no entry can be handed to it meanwhile); returns how many it let go.
+_RELEASE = """
+local mine = redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1000, ARGV[2])
+if #mine >= 1000 then return 0 end
+local busy = {}
+for _, p in ipairs(mine) do
+  local e = redis.call('XRANGE', KEYS[1], p[1], p[1])
+  if #e > 0 then
+    local f = e[1][2]
+    for i = 1, #f, 2 do
+      if f[i] == 'run_id' then busy[f[i + 1]] = true break end
+    end
+  end
+end
+local released = 0
+for i = 3, #ARGV do
+  if not busy[ARGV[i]] and redis.call('HGET', KEYS[2], ARGV[i]) == ARGV[2] then
+    redis.call('HDEL', KEYS[2], ARGV[i])
+    released = released + 1
+  end
+end
+return released
+"""
+
+
 def consumer_name() -> str:
     """Unique per process, and says where it runs (for XINFO and logs)."""
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
@@ -108,6 +134,7 @@ class EventStream:
         self.group = group
         self._deliver = conn.register_script(_DELIVER)
         self._take_over = conn.register_script(_TAKE_OVER)
+        self._release = conn.register_script(_RELEASE)
         self._ready = False
         self._last_reap = 0.0
 
@@ -194,6 +221,12 @@ class EventStream:
     def ack(self, entry_ids: list[str]) -> None:
         if entry_ids:
             self.conn.xack(store.EVENT_STREAM, self.group, *entry_ids)
+
+    def release(self, run_ids: list[str]) -> int:
+        """Stop owning runs this process has nothing left of (idle lanes), so that the owners hash stays small."""
+        if not run_ids:
+            return 0
+        return int(self._release(keys=[store.EVENT_STREAM, OWNERS], args=[self.group, self.name, *run_ids]))
 
     def owner_of(self, run_id: str) -> str | None:
         return self.conn.hget(OWNERS, run_id)

@@ -41,9 +41,9 @@ def describe_target(settings: JobSettings) -> str:
             return f"the ACA inference app (its config cannot be read: {e})"
         name = cfg.app_name or "(ACA_APP_NAME not set)"
         return f"the ACA inference app {name}" + (f" at {cfg.app_endpoint}" if cfg.app_endpoint else "")
-    port = settings.serve_port or "a free port"
-    return (f"the local inference server (payload.serve) at {serving.public_host(settings.serve_host)}:{port}, "
-            "replacing the one running now")
+    host = serving.public_host(settings.serve_host)
+    where = f"at {host}:{settings.serve_port}" if settings.serve_port else f"on {host} (a free port)"
+    return f"the local inference server (payload.serve) {where}, replacing the one running now"
 
 
 def deploy_event(approval: Approval, **extra: Any) -> RunEvent:

@@ -58,7 +58,7 @@ def test_the_completion_shows_two_samples_escaped_and_stays_within_limits():
 def request(state: ApprovalState, **kw) -> Approval:
     now = 1_800_000_000.0
     fields = dict(id="dp-0007", run_id="ft-0042", requested_by="U0BOB", channel="C0TRAIN",
-                  target="the local inference server (payload.serve) at 127.0.0.1:a free port", backend="local",
+                  target="the local inference server (payload.serve) on 127.0.0.1 (a free port)", backend="local",
                   created_at=now, expires_at=now + 86400, state=state)
     return Approval(**{**fields, **kw})
 

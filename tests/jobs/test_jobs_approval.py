@@ -155,3 +155,54 @@ def test_the_expiry_task_marks_a_request_nobody_decided(settings):
     assert approval.expire_approval(req.id) == "expired"
     states = [e.data["state"] for e in store.run_events(store.connect(settings), run.id) if e.kind == "approval"]
     assert states == ["pending", "expired"]
+
+
+def approved(settings, run: Run) -> Approval:
+    req = approval.request_deploy(settings, run.id, "U0ALICE", "C0TRAIN")
+    return approval.decide(settings, req.id, "U0APPROVER", True, APPROVERS)
+
+
+def test_a_local_deploy_that_cannot_start_fails_with_its_reason(settings):
+    from jobs.deploy import deploy_approved
+
+    run = succeeded_run(settings)  # its adapter folder was never written
+    req = approved(settings, run)
+    assert deploy_approved(req.id) == "failed"
+    assert deploy_approved(req.id) == "nothing to do"  # a second copy of the job does nothing
+    failed = approval.get_approval(settings, req.id)
+    assert failed.state is ApprovalState.FAILED
+    assert failed.error == f"the adapter of {run.id} is not at runs/{run.id}/adapter any more; run it again"
+    events = [e.data for e in store.run_events(store.connect(settings), run.id) if e.kind == "deploy"]
+    assert [e["state"] for e in events] == ["deploying", "failed"] and events[-1]["error"] == failed.error
+
+
+def test_following_an_azure_deploy_records_how_its_operation_ended(settings):
+    from jobs.aca.ops import OP_KEY
+    from jobs.deploy import follow_aca_deploy
+
+    conn = store.connect(settings)
+    results = {"pv-0001": ("failed", "The inference app tuneops-infer does not exist yet: run `/finetune provision "
+                                     "inference` first, then deploy again."),
+               "pv-0002": ("succeeded", "Updated the inference app tuneops-infer: restarted revision r2. "
+                                        "Endpoint: https://tuneops-infer.example.io")}
+    for op_id, (state, result) in results.items():
+        run = succeeded_run(settings)
+        req = approved(settings, run)
+
+        def hand_over(a: Approval, r: Run, op_id=op_id):
+            a.move(ApprovalState.DEPLOYING)
+            a.op_id = op_id
+            return []
+
+        approval.update_approval(conn, req.id, hand_over)
+        conn.hset(OP_KEY.format(op_id), mapping={"kind": "deploy", "state": "running", "target": run.id})
+        assert follow_aca_deploy(req.id) == "following"
+        conn.hset(OP_KEY.format(op_id), mapping={"state": state, "result": result})
+        assert follow_aca_deploy(req.id) == ("failed" if state == "failed" else "deployed")
+        done = approval.get_approval(settings, req.id)
+        if state == "failed":
+            assert done.state is ApprovalState.FAILED and "provision inference" in done.error
+        else:
+            assert done.state is ApprovalState.DEPLOYED and done.url == "https://tuneops-infer.example.io"
+            assert done.api_url == "https://tuneops-infer.example.io/v1"
+        assert store.load_run(conn, run.id).deployments[0]["state"] == str(done.state)
