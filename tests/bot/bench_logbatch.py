@@ -13,6 +13,7 @@ import random
 import re
 import time
 
+from bot.bench_thread import run_lines  # the same synthetic trainer log as the end-to-end benchmark
 from bot.logbatch import LogBatcher
 from bot.redact import Redactor
 
@@ -20,34 +21,10 @@ RUNS, LINES, DURATION_S, RATE_PER_S = 20, 10_000, 600, 1.0
 ID = re.compile(r"\[r(\d+):(\d+)\]")
 
 
-def run_lines(rng: random.Random, run: int) -> tuple[list[str], set[int]]:
-    out: list[str] = []
-    errors: set[int] = set()
-
-    def add(text: str, error: bool = False, indent: str = "") -> None:
-        if error:
-            errors.add(len(out))
-        out.append(f"{indent}[r{run}:{len(out)}] {text}")
-
-    while len(out) < LINES:
-        r = rng.random()
-        if r < 0.002:
-            add("Traceback (most recent call last):", True)
-            for _ in range(12):
-                add(f'File "/app/payload/train.py", line {rng.randint(1, 900)}, in step', True, indent="  ")
-            add("RuntimeError: CUDA error: device-side assert triggered", True)
-        elif r < 0.005:
-            add(f"2025-01-01 12:00:00 ERROR shard {rng.randint(0, 99)} failed to load", True)
-        else:
-            add(f"{{'loss': {rng.random() * 3:.4f}, 'grad_norm': {rng.random():.3f}, 'learning_rate': 1e-4}} "
-                f"HF_TOKEN=hf_{'x' * 34}")
-    return out[:LINES], {e for e in errors if e < LINES}
-
-
 def main() -> None:
     rng = random.Random(7)
     redactor = Redactor(["a-known-storage-key-value==", "xoxb-configured-bot-token-000"])
-    streams = [run_lines(rng, i) for i in range(RUNS)]
+    streams = [run_lines(rng, i, LINES) for i in range(RUNS)]
     batchers = [LogBatcher(redact=redactor) for _ in range(RUNS)]
     per_s = LINES / DURATION_S
     pos = [0] * RUNS
