@@ -3,6 +3,8 @@
 `python -m jobs.launch --dir runs/ft-0001 --attempt 1 [--timeout S] -- python -m payload.train --config ...`
 Only a parent can wait for a process; writing the exit status to a file lets any worker, on any host that sees the
 folder, know how the trainer ended. The local executor starts it in a session of its own, with stdout to the log.
+The trainer's output passes through the launcher, which masks the known secret values of its environment, so no
+secret reaches the log file that `/finetune logs` and the thread's excerpts are read from.
 """
 
 from __future__ import annotations
@@ -12,8 +14,11 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
+from typing import BinaryIO
 
+from jobs.masking import environment_secrets, mask
 from jobs.procs import start_time
 from jobs.timeouts import timeout_file, wait_with_limit
 
@@ -52,6 +57,15 @@ def read_exit(run_dir: Path, attempt: int) -> int | None:
         return None
 
 
+def pump_masked(src: BinaryIO, dst: BinaryIO, secrets: tuple[str, ...]) -> None:
+    """Copy the trainer's output line by line, masking known secret values, until it closes its end."""
+    for raw in iter(src.readline, b""):
+        if secrets:
+            raw = mask(raw.decode("utf-8", "surrogateescape"), secrets).encode("utf-8", "surrogateescape")
+        dst.write(raw)
+        dst.flush()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jobs.launch", description=__doc__.splitlines()[0])
     parser.add_argument("--dir", required=True, type=Path, help="the run folder")
@@ -70,12 +84,18 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, lambda *_: None)
     try:
-        child = subprocess.Popen(command)
+        child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     except OSError as e:
         print(f"[tuneops] cannot start the trainer {command[0]!r}: {e.strerror}", flush=True)
         write_atomic(exit_file(args.dir, args.attempt), "127\n")
         return 127
+    pump = threading.Thread(target=pump_masked, args=(child.stdout, sys.stdout.buffer, environment_secrets()),
+                            daemon=True)
+    pump.start()
     code = wait_with_limit(child, args.timeout or None, timeout_file(args.dir, args.attempt))
+    # What the trainer wrote last must be in the log before the exit status says it is over. A grandchild that
+    # still holds the pipe open must not keep the launcher waiting.
+    pump.join(timeout=10)
     write_atomic(exit_file(args.dir, args.attempt), f"{code}\n")
     return code if code >= 0 else 128 - code
 

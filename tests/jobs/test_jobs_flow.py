@@ -167,9 +167,12 @@ def test_a_failed_run_reports_its_error_and_log_tail_and_resumes_from_its_checkp
     assert failed.data["log_tail"][-2:] == ["Traceback (most recent call last):",
                                             "RuntimeError: fake failure with token ***"]
     assert len(failed.data["log_tail"]) <= 20
-    # The trainer printed the token; nothing of it reached Redis.
+    # The trainer wrote the token into its own events file; the launcher kept it out of the log file, and nothing
+    # of it reached Redis.
     conn = store.connect(settings)
-    assert token in (settings.workspace / "runs" / run.id / "train.log").read_text()
+    run_dir = settings.workspace / "runs" / run.id
+    assert token in (run_dir / "events.jsonl").read_text()
+    assert token not in (run_dir / "train.log").read_text()
     assert not any(token in str(fields) for _, fields in conn.xrange(store.EVENT_STREAM))
     assert token not in conn.get(store.run_key(run.id))
 

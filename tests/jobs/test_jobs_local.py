@@ -206,6 +206,20 @@ def test_the_trainer_does_not_get_the_bots_secrets(settings, monkeypatch):
     ex.stop(run)
 
 
+def test_a_secret_the_trainer_prints_never_reaches_the_log_file(settings, monkeypatch):
+    canary = "hf_launcherCanary0123456789abcdefXYZ"
+    monkeypatch.setenv("HF_TOKEN", canary)
+    monkeypatch.setenv("FAKE_FAIL_AT", "2")
+    monkeypatch.setenv("FAKE_LEAK", "1")
+    ex = LocalExecutor(settings)
+    run = prepared_run(max_steps=4)
+    start(ex, run, settings)
+    wait_for(lambda: ex.status(run).status.finished, 30, "the trainer to fail")
+    log = (settings.workspace / "runs/ft-0001/train.log").read_text()
+    assert "RuntimeError: fake failure with token ***" in log
+    assert canary not in log
+
+
 def launch_group(settings) -> int:
     """The process group of ft-0001's launch: the launcher's pid leads it."""
     return int((settings.workspace / "runs/ft-0001/attempt-1.pid").read_text().split()[0])
