@@ -23,7 +23,7 @@ from collections import Counter
 from contextlib import ExitStack
 from pathlib import Path
 
-TOKEN = "xoxb-bench-thread-token"
+TOKEN = "xoxb-bench"  # a stand-in token, not a real one
 CHANNEL = "C0BENCH"
 LINE_ID = re.compile(r"\[r(\d+):(\d+)\]")
 
