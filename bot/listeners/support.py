@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 
 import redis
 
-from bot import blocks
+from bot import blocks, grammar
 from bot.runtime import BotRuntime
 from jobs.executor import BackendError
 from jobs.service import RunRejected
@@ -23,6 +23,18 @@ REDIS_DOWN = ("tuneops cannot reach its Redis right now, so nothing was changed.
               "persists, an admin can run `tuneops doctor`.")
 OUR_FAULT = ("Something went wrong on tuneops' side ({what}); it is logged. `/finetune list` shows what state the "
              "runs are in; try again, or ask an admin to look at the bot's log.")
+
+
+def needs_aca(cmd: grammar.Provision | grammar.SecretSet | grammar.SecretList, backend: str) -> str:
+    """Why `provision` and `secret` do nothing on another backend: they act on Azure resources. Pure."""
+    if isinstance(cmd, grammar.Provision):
+        configs = {"finetune": "infra/finetuning.config.json", "inference": "infra/inference.config.json",
+                   None: "infra/finetuning.config.json and infra/inference.config.json"}[cmd.target]
+        need = f"`provision` needs TUNEOPS_BACKEND=aca and {configs} in the workspace"
+    else:
+        need = ("`secret` stores values in Azure Key Vault and needs TUNEOPS_BACKEND=aca; with the local backend, "
+                "set HF_TOKEN or WANDB_API_KEY in the worker's environment instead")
+    return f"{need}. This bot runs the `{backend}` backend."
 
 
 async def call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:

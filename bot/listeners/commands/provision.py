@@ -6,8 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from bot import blocks, grammar
-from bot.listeners.commands.pending import what_it_needs
-from bot.listeners.support import answer, answering_errors, call
+from bot.listeners.support import answer, answering_errors, call, needs_aca
 from bot.ops import describe_op
 from bot.runtime import BotRuntime
 
@@ -33,7 +32,7 @@ def _queue(settings, target: str | None, user: str, channel: str) -> tuple[list[
 
 async def handle(ack, cmd: grammar.Provision, command: dict[str, Any], rt: BotRuntime) -> None:
     if rt.settings.jobs.backend != "aca":
-        await ack(**rt.gateway.clean(blocks.render_problem(what_it_needs(cmd, rt.settings.jobs.backend))))
+        await ack(**rt.gateway.clean(blocks.render_problem(needs_aca(cmd, rt.settings.jobs.backend))))
         return
     await ack()
     url, user, channel = command["response_url"], command["user_id"], command["channel_id"]

@@ -9,8 +9,7 @@ from typing import Any
 from slack_sdk.errors import SlackApiError
 
 from bot import blocks, grammar, secretform
-from bot.listeners.commands.pending import what_it_needs
-from bot.listeners.support import answer, answering_errors, call
+from bot.listeners.support import answer, answering_errors, call, needs_aca
 from bot.runtime import BotRuntime
 from jobs.executor import BackendError
 
@@ -37,7 +36,7 @@ def set_problem(name: str, workspace) -> str | None:
 
 async def handle_set(ack, cmd: grammar.SecretSet, command: dict[str, Any], rt: BotRuntime) -> None:
     if rt.settings.jobs.backend != "aca":
-        await ack(**rt.gateway.clean(blocks.render_problem(what_it_needs(cmd, rt.settings.jobs.backend))))
+        await ack(**rt.gateway.clean(blocks.render_problem(needs_aca(cmd, rt.settings.jobs.backend))))
         return
     problem = set_problem(cmd.name, rt.settings.jobs.workspace)
     if problem:
@@ -57,7 +56,7 @@ async def handle_set(ack, cmd: grammar.SecretSet, command: dict[str, Any], rt: B
 
 async def handle_list(ack, cmd: grammar.SecretList, command: dict[str, Any], rt: BotRuntime) -> None:
     if rt.settings.jobs.backend != "aca":
-        await ack(**rt.gateway.clean(blocks.render_problem(what_it_needs(cmd, rt.settings.jobs.backend))))
+        await ack(**rt.gateway.clean(blocks.render_problem(needs_aca(cmd, rt.settings.jobs.backend))))
         return
     await ack()
     url = command["response_url"]
