@@ -3,6 +3,7 @@ in a thread); slow work is enqueued for the workers. Every refusal is a RunRejec
 
 from __future__ import annotations
 
+import functools
 import re
 import time
 from pathlib import Path, PurePosixPath
@@ -87,6 +88,20 @@ def check_dataset(workspace: Path, dataset: str | None) -> tuple[str, Path]:
     return str(rel), full
 
 
+def validated(path: Path, max_seq_length: int):
+    """The validator's report on a dataset file, computed once per version of the file: a team starts many runs on
+    the same dataset, and each check reads and parses all of it in the bot process."""
+    st = path.stat()
+    return _validate_version(str(path), st.st_mtime_ns, st.st_size, max_seq_length)
+
+
+@functools.lru_cache(maxsize=64)
+def _validate_version(path: str, mtime_ns: int, size: int, max_seq_length: int):
+    from payload.validate import validate_dataset
+
+    return validate_dataset(path, max_seq_length=max_seq_length)
+
+
 def format_dataset_errors(rel: str, full: Path, errors: list[str]) -> str:
     shown = [e.replace(str(full), rel, 1) for e in errors[:MAX_REPORTED_ERRORS]]
     lines = [f"dataset {rel} has problems; fix them and run again:", *(f"  {e}" for e in shown)]
@@ -149,10 +164,8 @@ def submit_run(settings: JobSettings, *, requester: str, channel: str, model: st
     params, config = _params(settings, model_ref, dataset_ref, epochs, lr, max_steps)
     run_name = _check_name(name)
 
-    from payload.validate import validate_dataset
-
     try:
-        report = validate_dataset(str(dataset_path), max_seq_length=config.max_seq_length)
+        report = validated(dataset_path, config.max_seq_length)
     except (OSError, UnicodeError) as e:
         raise RunRejected(f"dataset {dataset_ref} cannot be read ({e}): check the file") from None
     if not report.ok:

@@ -194,3 +194,17 @@ def test_tail_logs_of_a_run_that_never_started_is_empty(settings):
 def test_get_run_of_garbage_is_none(settings):
     assert service.get_run(settings, "not-a-run") is None
     assert service.get_run(settings, "ft-0005") is None
+
+
+def test_a_dataset_fixed_after_a_refusal_is_checked_again(settings):
+    """The validator's report is reused only while the file is unchanged."""
+    lines = [json.dumps({"messages": [{"role": "user", "content": f"q{i}"},
+                                      {"role": "assistant", "content": f"a{i}"}]}) for i in range(12)]
+    path = settings.workspace / "datasets" / "fixme.jsonl"
+    path.write_text("\n".join(["{not json", *lines[1:]]) + "\n")
+    with pytest.raises(RunRejected, match="fixme.jsonl:1: "):
+        submit(settings, dataset="datasets/fixme.jsonl")
+    assert service.validated(path, 1024) is service.validated(path, 1024)  # unchanged: checked once
+    path.write_text("\n".join(lines) + "\n")
+    run = submit(settings, dataset="datasets/fixme.jsonl")
+    assert run.state is RunState.QUEUED
