@@ -80,6 +80,34 @@ def _finish(settings: JobSettings, approval_id: str, *, url: str = "", api_url: 
     return changed[0] if changed else None
 
 
+# An approved request whose deploy task has not begun for this long lost it (its worker died): enqueue it again.
+APPROVED_STALE_S = 30.0
+LOST_DEPLOY = ("the worker running the deploy stopped before it finished; nothing was changed for certain. Ask again "
+               "with `/finetune deploy {run}`")
+
+
+def recover_deploys(settings: JobSettings) -> dict[str, list[str]]:
+    """Part of the reconcile pass: an approved deploy whose task was lost runs again; a local deploy whose worker
+    died mid-way is failed with a reason, so no request waits in "deploying" for ever. An ACA deploy that has its
+    operation is left to the operation's own follow chain."""
+    from jobs.approval import APPROVAL_KEY
+    from jobs.tasks import job_pending
+
+    conn = store.connect(settings)
+    done: dict[str, list[str]] = {"redeployed": [], "failed": []}
+    for key in conn.scan_iter(APPROVAL_KEY.format("dp-*"), count=200):
+        approval = get_approval(settings, key.rsplit(":", 1)[-1])
+        if approval is None or job_pending(settings, f"deploy-{approval.id}"):
+            continue
+        if approval.state is ApprovalState.APPROVED and time.time() - (approval.decided_at or 0) > APPROVED_STALE_S:
+            enqueue_deploy(settings, approval.id)
+            done["redeployed"].append(approval.id)
+        elif approval.state is ApprovalState.DEPLOYING and not approval.op_id:
+            if _finish(settings, approval.id, error=LOST_DEPLOY.format(run=approval.run_id)) is not None:
+                done["failed"].append(approval.id)
+    return done
+
+
 def deploy_approved(approval_id: str) -> str:
     """The RQ task enqueued by the approving click."""
     from jobs.tasks import current_settings

@@ -468,6 +468,9 @@ def reconcile_once(settings: JobSettings) -> dict[str, list[str]]:
             done["cancelled"].append(run.id)
     if store.queued_ids(conn) and len(active) < settings.max_running:
         enqueue_admit(settings)
+    from jobs.deploy import recover_deploys  # deploy's tasks enqueue through this module
+
+    done.update(recover_deploys(settings))
     if any(done.values()):
         log.info("reconcile: %s", done)
     return done

@@ -206,3 +206,36 @@ def test_following_an_azure_deploy_records_how_its_operation_ended(settings):
             assert done.state is ApprovalState.DEPLOYED and done.url == "https://tuneops-infer.example.io"
             assert done.api_url == "https://tuneops-infer.example.io/v1"
         assert store.load_run(conn, run.id).deployments[0]["state"] == str(done.state)
+
+
+def test_reconcile_recovers_a_deploy_whose_worker_died(settings):
+    from rq.job import Job
+
+    from jobs.deploy import LOST_DEPLOY
+
+    conn = store.connect(settings)
+    run = succeeded_run(settings)
+    req = approved(settings, run)
+    assert tasks.reconcile_once(settings)["redeployed"] == []  # its deploy task is still queued
+
+    def lose_the_task_and_age(a: Approval, r: Run):
+        a.decided_at = time.time() - 60
+        return []
+
+    Job.fetch(f"deploy-{req.id}", connection=tasks.rq_connection(settings)).delete()
+    approval.update_approval(conn, req.id, lose_the_task_and_age)
+    assert tasks.reconcile_once(settings)["redeployed"] == [req.id]
+    assert tasks.get_queue(settings).jobs[-1].id == f"deploy-{req.id}"
+
+    def begin(a: Approval, r: Run):  # the worker took the task and died while deploying
+        a.move(ApprovalState.DEPLOYING)
+        return []
+
+    approval.update_approval(conn, req.id, begin)
+    Job.fetch(f"deploy-{req.id}", connection=tasks.rq_connection(settings)).delete()
+    assert tasks.reconcile_once(settings)["failed"] == [req.id]
+    failed = approval.get_approval(settings, req.id)
+    assert failed.state is ApprovalState.FAILED and failed.error == LOST_DEPLOY.format(run=run.id)
+    events = [e.data for e in store.run_events(conn, run.id) if e.kind == "deploy"]
+    assert events[-1]["state"] == "failed" and "/finetune deploy" in events[-1]["error"]
+    assert tasks.reconcile_once(settings)["failed"] == []  # decided once
