@@ -191,6 +191,9 @@ class ThreadPrinter:
             say(f"{t}  ├─ thread{broadcast}: {lines[0]}")
             for line in lines[1:]:
                 say(f"{'':10}│     {line}")
+        elif call.method == "files.completeUploadExternal":
+            for f in call.response.get("files", []):
+                say(f"{t}  ├─ thread: 📈 file uploaded: {f.get('title')} ({f.get('name')})")
         elif call.method == "response_url":
             lines = plain(_blocks(p)) or [p.get("text", "")]
             say(f"{t}  (only you) {lines[0]}")
@@ -251,7 +254,9 @@ async def drive(env: dict[str, str], slack, standin, max_steps: int, started: fl
                 final = [m for m in slack.thread(CHANNEL, run.thread_ts)
                          if f"{run.id} finished" in m.text or f"{run.id} failed" in m.text
                          or "cancelled by" in m.text or "ran out of time" in m.text]
-                if final:
+                # A succeeded run's loss curve is uploaded right after its completion message.
+                uploaded = run.state != "succeeded" or slack.calls_to("files.completeUploadExternal")
+                if final and uploaded:
                     break
             await asyncio.sleep(0.3)
         await asyncio.sleep(0.5)  # let the last card edit print

@@ -323,8 +323,9 @@ def make_callback(cfg: TrainConfig, events: EventWriter, stop: StopSignal, total
         def on_save(self, args, state, control, **kw):
             path = ckpt_root / f"{ckpts.PREFIX}{state.global_step}"
             ckpts.mark_complete(path, state.global_step)
+            # Rotation is routine (the checkpoint event says what was saved): it stays out of the run's log excerpts.
             for old in ckpts.rotate(ckpt_root, cfg.save_total_limit):
-                log.info("removed old checkpoint %s", old.name)
+                log.debug("removed old checkpoint %s", old.name)
             events.emit("checkpoint", step=state.global_step, path=str(path))
 
         def on_log(self, args, state, control, logs=None, **kw):
