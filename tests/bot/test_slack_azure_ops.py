@@ -62,22 +62,28 @@ async def provision_twice(bot, slack, aca, aca_worker):
     one = await op_outcome(slack, "pv-0001")
     two = await op_outcome(slack, "pv-0002")
     assert one and two, ([m.text for m in slack.root_messages("C0TRAIN")], worker_log(aca_worker))
-    (root1, thread1), (root2, thread2) = one, two
-    assert f"asked by <@{ADMIN}>" in json.dumps(root1.blocks)
-    steps = [m.text for m in thread1]
+    # Two workers take the two ops at once: either may win the job's lock. The winner creates the job, the other
+    # waits for it and then finds nothing to change.
+    outcomes = {"pv-0001": one, "pv-0002": two}
+    created = "Created the ACA job tuneops-ft."
+    [winner] = [op for op, (_, thread) in outcomes.items() if thread[-1].text.endswith(created)]
+    [waiter] = [op for op in outcomes if op != winner]
+    (root_w, thread_w), (root_x, thread_x) = outcomes[winner], outcomes[waiter]
+    assert all(f"asked by <@{ADMIN}>" in json.dumps(r.blocks) for r in (root_w, root_x))
+    steps = [m.text for m in thread_w]
     assert any("queued" in s for s in steps) and any("creating the ACA job tuneops-ft" in s for s in steps)
-    assert thread1[-1].text == f"<@{ADMIN}> pv-0001 is done: Created the ACA job tuneops-ft."
-    assert thread2[-1].text == (f"<@{ADMIN}> pv-0002 is done: The ACA job tuneops-ft was already up to date; "
-                                "nothing changed.")
-    assert any("waiting for another provisioning of the same resource" in m.text for m in thread2)
+    assert thread_w[-1].text == f"<@{ADMIN}> {winner} is done: {created}"
+    assert thread_x[-1].text == (f"<@{ADMIN}> {waiter} is done: The ACA job tuneops-ft was already up to date; "
+                                 "nothing changed.")
+    assert any("waiting for another provisioning of the same resource" in m.text for m in thread_x)
     # it went on only after the first one had finished: the ops' own events say so (the notifier posts the threads
     # of different ops side by side, so their messages' order across threads proves nothing)
     ended = {e.run_id: e.ts for e in store.run_events(store.connect(bot.settings.jobs)) if e.kind == "succeeded"}
-    assert ended["pv-0002"] > ended["pv-0001"]
-    assert "portal.azure.com" in json.dumps(thread1[-1].blocks)
+    assert ended[waiter] > ended[winner]
+    assert "portal.azure.com" in json.dumps(thread_w[-1].blocks)
     # the roots were edited to say how each op ended
     assert await slack.until(lambda: all("done" in json.dumps(slack.messages["C0TRAIN"][r.ts].blocks)
-                                         for r in (root1, root2)), 10)
+                                         for r in (root_w, root_x)), 10)
     # one job, created once: the second op changed nothing
     assert list(aca.standin.jobs) == ["tuneops-ft"]
     assert len(aca.standin.requests_to("arm", "PUT", r"/jobs/tuneops-ft$")) == 1
