@@ -511,24 +511,31 @@ class Notifier:
         if run.state is RunState.QUEUED:
             position = await asyncio.to_thread(service.queue_position, self.settings, run.id)
         card = blocks.render_run_card(run, position)
-        shown = json.dumps(card, sort_keys=True)
-        if run.card_ts:
-            # Several events of one run often describe the same card (state, then started): edit it once.
-            if self._shown.get(run.id) != shown:
-                await self.gateway.update_message(run.channel, run.card_ts, card, budgeted=True)
-        else:
-            ts = await self.gateway.post_message(run.channel, card)
-            await asyncio.to_thread(service.set_thread, self.settings, run.id, run.channel, ts)
+        ts = await self._post_or_edit(run.id, run.channel, card, run.card_ts,
+                                      lambda ts: service.set_thread(self.settings, run.id, run.channel, ts))
+        if ts:
             run.thread_ts = run.card_ts = ts
-        self._remember(run.id, shown)
         self.throttle.last[run.id] = self.clock()
         self.throttle.dirty.discard(run.id)
         return run
 
-    def _remember(self, key: str, shown: str) -> None:
+    async def _post_or_edit(self, key: str, channel: str, card: dict[str, Any], ts: str,
+                            record: Callable[[str], None], thread_ts: str | None = None) -> str | None:
+        """Post a card the first time (recording its ts with `record`) or edit it in place; returns the new ts when
+        it was posted. Several events often describe the same card (state, then started): an unchanged card is not
+        sent again."""
+        shown = json.dumps(card, sort_keys=True)
+        posted = None
+        if ts:
+            if self._shown.get(key) != shown:
+                await self.gateway.update_message(channel, ts, card, budgeted=True)
+        else:
+            posted = await self.gateway.post_message(channel, card, thread_ts=thread_ts)
+            await asyncio.to_thread(record, posted)
         if len(self._shown) >= SHOWN_CACHE:
             self._shown.clear()
         self._shown[key] = shown
+        return posted
 
     async def show_approval(self, run: Run, approval_id: str) -> None:
         """Post a deploy request's card in the run's thread (first time) or edit it to show the latest decision."""
@@ -537,14 +544,8 @@ class Notifier:
             log.warning("%s: no deploy request %s or no thread to show it in", run.id, approval_id)
             return
         card = blocks.render_approval_card(approval, run)
-        shown = json.dumps(card, sort_keys=True)
-        if approval.card_ts:
-            if self._shown.get(approval.id) != shown:
-                await self.gateway.update_message(run.channel, approval.card_ts, card, budgeted=True)
-        else:
-            ts = await self.gateway.post_message(run.channel, card, thread_ts=run.thread_ts)
-            await asyncio.to_thread(approvals.set_card, self.settings, approval.id, ts)
-        self._remember(approval.id, shown)
+        await self._post_or_edit(approval.id, run.channel, card, approval.card_ts,
+                                 lambda ts: approvals.set_card(self.settings, approval.id, ts), thread_ts=run.thread_ts)
 
     async def _post_deploy_result(self, run: Run, approval_id: str, data: dict[str, Any]) -> None:
         approval = await asyncio.to_thread(approvals.get_approval, self.settings, approval_id)
