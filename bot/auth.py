@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from bot.grammar import Command, Help, Provision, SecretList, SecretSet
-from jobs.domain import Run
+from jobs.core.domain import Run
 
 ADMIN_COMMANDS = (SecretSet, SecretList, Provision)
 

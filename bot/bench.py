@@ -20,7 +20,8 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
-from bot.demo import REPO_ROOT, DemoError, _free_port, _stop, import_standin
+from bot.demo import REPO_ROOT, DemoError, _free_port, _stop
+from bot.standin import slack as standin
 
 
 def start_private_redis(stack: ExitStack, tmp: Path) -> str:
@@ -121,7 +122,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", metavar="FILE", help="run the bot under cProfile and write its stats to FILE")
     args = ap.parse_args(argv)
 
-    standin = import_standin()
     tmp = Path(tempfile.mkdtemp(prefix="tuneops-bench-"))
     with ExitStack() as stack:
         stack.callback(shutil.rmtree, tmp, True)

@@ -68,15 +68,14 @@ async def bench(args) -> dict:
     from slack_sdk.web.async_client import AsyncWebClient
 
     from bot.bench import start_private_redis
-    from bot.demo import import_standin
     from bot.notifier import Notifier
     from bot.ratelimit import ChannelBudget
     from bot.slack import SlackGateway
-    from jobs import store
-    from jobs.domain import Run, RunEvent, RunState
-    from jobs.settings import JobSettings
+    from bot.standin import slack as standin
+    from jobs.core import store
+    from jobs.core.domain import Run, RunEvent, RunState
+    from jobs.core.settings import JobSettings
 
-    standin = import_standin()
     rng = random.Random(7)
     with ExitStack() as stack, tempfile.TemporaryDirectory(prefix="tuneops-bench-") as tmp:
         redis_url = start_private_redis(stack, Path(tmp))

@@ -8,8 +8,10 @@ from __future__ import annotations
 import re
 from typing import Any, Iterable
 
+from bot import words
 from bot.grammar import GENERAL_USAGE, USAGE, ParseError
-from jobs.domain import Run, RunState
+from jobs.core.domain import Run, RunState
+from jobs.runs.service import can_resume
 
 MAX_BLOCKS = 50
 MAX_SECTION = 3000
@@ -148,7 +150,7 @@ def render_run_card(run: Run, position: int | None = None) -> Message:
     if run.links:
         blocks.append(context(render_links(run.links)))
     if run.state in (RunState.FAILED, RunState.TIMED_OUT) and run.error:
-        blocks.append(context(f"Error: {escape(truncate(run.error, 500))}"))
+        blocks.append(context(f"Error: {words.with_hint(escape(truncate(run.error, 500)), run.error_hint)}"))
     if run.state is RunState.CANCELLED and run.cancelled_by:
         blocks.append(context(f"Cancelled by {mention(run.cancelled_by)}."))
     if not run.state.terminal:
@@ -251,10 +253,8 @@ def button(text: str, action_id: str, value: str, *, style: str | None = None,
 
 
 def resumable(run: Run) -> bool:
-    """Resume is offered after a timeout, and after a failure or cancel that left a checkpoint to continue from."""
-    if run.state is RunState.TIMED_OUT:
-        return True
-    return run.state in (RunState.FAILED, RunState.CANCELLED) and run.last_checkpoint_step > 0
+    """Resume is offered by the rule the service enforces (jobs.runs.transitions.can_resume)."""
+    return can_resume(run)
 
 
 def run_actions(run: Run) -> dict[str, Any]:
@@ -268,8 +268,9 @@ def run_actions(run: Run) -> dict[str, Any]:
     return {"type": "actions", "block_id": f"run_done:{run.id}", "elements": elements}
 
 
-def render_failed(run: Run, error: str, log_tail: list[str]) -> Message:
-    head = f":x: <@{run.requester}> {run.id} failed: {escape(truncate(error or 'no reason given', 1500))}"
+def render_failed(run: Run, error: str, log_tail: list[str], hint: dict[str, Any] | None = None) -> Message:
+    said = words.with_hint(escape(truncate(error or 'no reason given', 1500)), hint)
+    head = f":x: <@{run.requester}> {run.id} failed: {said}"
     blocks = [section(head)]
     tail = list(log_tail)[-LOG_LINES:]
     if tail:
@@ -309,6 +310,24 @@ def render_timed_out(run: Run, checkpoint_step: int | None) -> Message:
 def render_log_excerpt(run: Run, excerpt: str) -> Message:
     """A batch of log lines (bot.logbatch: a code block, escaped and cut to fit one section) for the thread."""
     return message(f"{run.id}: log", [section(excerpt)])
+
+
+def render_cancelling(run: Run, by: str) -> Message:
+    text = f"Cancelling, asked by {mention(by)}"
+    return message(f"{run.id}: {text}", [section(f":information_source: {text}")])
+
+
+def render_resumed(run: Run, data: dict[str, Any]) -> Message:
+    """A run back in line: resumed by a person, or by itself after a timeout (TUNEOPS_AUTO_RESUME)."""
+    step = int(data.get("checkpoint_step") or 0)
+    if data.get("auto"):
+        where = f"from the checkpoint of step {step}" if step else "from the start (no checkpoint)"
+        text = (f"{run.id} ran out of time; resuming it by itself ({data.get('done', '?')} of "
+                f"{data.get('allowed', '?')}, TUNEOPS_AUTO_RESUME) {where}")
+    else:
+        where = f"from the checkpoint of step {step}" if step else "from the start (no checkpoint was saved)"
+        text = f"Resumed by {mention(str(data.get('by', '')))}; training goes on {where}"
+    return message(f"{run.id}: {text}", [section(f":information_source: {text}")])
 
 
 def render_notice(run: Run, text: str) -> Message:
@@ -448,7 +467,7 @@ def slack_date(ts: float | None, fallback: str = "") -> str:
     """A moment Slack shows in each reader's own time zone."""
     if ts is None:
         return "—"
-    from jobs.approval import when
+    from jobs.deploys.approval import when
 
     return f"<!date^{int(ts)}^{{date_short_pretty}} at {{time}}|{fallback or when(ts)}>"
 
@@ -473,7 +492,8 @@ def _decision_line(approval) -> str:
         return line + f" :arrows_counterclockwise: Deploying{op}…"
     if state == "deployed":
         return line + f" :rocket: Deployed {slack_date(approval.finished_at)}: {_endpoint_links(approval)}"
-    return line + f" :x: The deploy failed: {escape(truncate(approval.error or 'no reason given', 800))}"
+    failed = words.with_hint(escape(truncate(approval.error or 'no reason given', 800)), approval.error_hint)
+    return line + f" :x: The deploy failed: {failed}"
 
 
 def _endpoint_links(approval) -> str:
@@ -485,7 +505,7 @@ def _endpoint_links(approval) -> str:
 
 def render_approval_card(approval, run: Run) -> Message:
     """The deploy request in the run's thread: what would be deployed where, the evidence, and the decision (with
-    Approve / Reject while it is pending). `approval` is a jobs.approval.Approval."""
+    Approve / Reject while it is pending). `approval` is a jobs.deploys.approval.Approval."""
     metrics = run.metrics or {}
     head = (f":shield: *Deploy request {escape(approval.id)}*: {mention(approval.requested_by)} asks to deploy "
             f"*{escape(run.display_name)}* (requested by {mention(run.requester)}).")
@@ -536,6 +556,6 @@ def render_deploy_result(approval, run: Run) -> Message:
                                   f"[{{\"role\": \"user\", \"content\": \"Hi\"}}]}}'`"))
         return message(text, blocks)
     error = approval.error or "no reason given"
-    text = f":x: {people} the deploy of {run.id} failed: {escape(truncate(error, 2000))}"
+    text = f":x: {people} the deploy of {run.id} failed: {words.with_hint(escape(truncate(error, 2000)), approval.error_hint)}"
     return message(text, [section(text), context(f"`/finetune deploy {run.id}` asks for a new deploy once the "
                                                  "cause is fixed.")])

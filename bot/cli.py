@@ -12,14 +12,14 @@ import sys
 
 
 def _settings_or_exit(kind: str):
-    from jobs.settings import SettingsError
+    from jobs.core.settings import SettingsError
 
     try:
         if kind == "bot":
             from bot.settings import BotSettings
 
             return BotSettings.from_env()
-        from jobs.settings import JobSettings
+        from jobs.core.settings import JobSettings
 
         return JobSettings.from_env()
     except SettingsError as e:
@@ -48,10 +48,13 @@ def cmd_bot(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from jobs.worker import run_worker
-
-    run_worker(_settings_or_exit("jobs"), burst=args.burst)
-    return 0
+    # The worker is the top of jobs/, which the bot does not import: this process becomes `python -m jobs.worker`.
+    _settings_or_exit("jobs")  # a bad configuration is said here, in the CLI's words
+    argv = [sys.executable, "-m", "jobs.worker"] + (["--burst"] if args.burst else [])
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, argv)
+    return 0  # not reached
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -123,17 +123,6 @@ def start_worker(stack: ExitStack, env: dict[str, str], log_path: Path) -> subpr
     return proc
 
 
-def import_standin():
-    try:
-        from tests.standins import slack as standin
-    except ImportError:
-        if not (REPO_ROOT / "tests" / "standins" / "slack.py").is_file():
-            raise DemoError("the demo needs a checkout of the repository (it uses tests/standins/slack.py)") from None
-        sys.path.insert(0, str(REPO_ROOT))
-        from tests.standins import slack as standin
-    return standin
-
-
 # ---- printing the thread ------------------------------------------------------------------------------------------
 
 EMOJI = {":mag:": "🔍", ":inbox_tray:": "📥", ":rocket:": "🚀", ":white_check_mark:": "✅", ":x:": "❌",
@@ -221,7 +210,7 @@ async def drive(env: dict[str, str], slack, standin, max_steps: int, started: fl
 
     from bot.server import build_web_app, make_bot
     from bot.settings import BotSettings
-    from jobs import service
+    from jobs.runs import service
 
     settings = BotSettings.from_env(env)
     app, runtime, notifier = make_bot(settings)
@@ -289,7 +278,7 @@ def main(max_steps: int = 200, keep: bool = False) -> int:
         if not keep:
             stack.callback(shutil.rmtree, tmp, True)
         try:
-            standin = import_standin()
+            from bot.standin import slack as standin
             say("tuneops demo: a real QLoRA run of a tiny model, driven from a local stand-in for Slack")
             redis_url = start_redis(stack, tmp)
             ws = make_workspace(tmp)

@@ -4,12 +4,14 @@ what is missing and what to do. Exit code 0 only when everything needed is there
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 
+from bot import words
+from jobs.backends import get_backend
+from jobs.core import queue
+from jobs.core.errors import BackendError
 
 
 @dataclass(frozen=True)
@@ -22,7 +24,7 @@ class Check:
 def check_config(env: Mapping[str, str]):
     """(Check, BotSettings or None, JobSettings or None)."""
     from bot.settings import BotSettings
-    from jobs.settings import JobSettings, SettingsError
+    from jobs.core.settings import JobSettings, SettingsError
 
     try:
         settings = BotSettings.from_env(env)
@@ -77,48 +79,23 @@ def check_workers(jobs) -> Check:
     import redis
     from rq import Worker
 
-    from jobs import tasks
-
     try:
-        workers = Worker.all(queue=tasks.get_queue(jobs))
+        workers = Worker.all(queue=queue.get_queue(jobs))
     except redis.RedisError:
         return Check("workers", False, "cannot list workers: Redis is not reachable (see above).")
     if not workers:
         return Check("workers", False, "no worker listens on the run queue, so runs would wait forever: start "
                                        "`tuneops worker` (one or more).")
-    return Check("workers", True, f"{len(workers)} worker(s) on queue '{tasks.QUEUE_NAME}'")
+    return Check("workers", True, f"{len(workers)} worker(s) on queue '{queue.QUEUE_NAME}'")
 
 
 def check_backend(jobs) -> list[Check]:
-    if jobs.backend == "aca":
-        # The Azure backend's own read-only checks: the config files, the job, the share, Key Vault, Log Analytics.
-        from jobs.aca import api
-
-        return [Check(what, ok, detail) for what, ok, detail in api.doctor(jobs)]
-    checks = []
-    ws = Path(jobs.workspace)
-    if not ws.is_dir():
-        checks.append(Check("workspace", False, f"TUNEOPS_WORKSPACE={ws} does not exist: create it, with datasets/ "
-                                                "for the JSONL files and model-cache/ for the models."))
-        return checks
-    checks.append(Check("workspace", True, str(ws)))
-    model = ws / jobs.default_model
-    candidates = [model, ws / "model-cache" / jobs.default_model]
-    if any((c / "config.json").is_file() for c in candidates):
-        checks.append(Check("default model", True, jobs.default_model))
-    else:
-        checks.append(Check("default model", False, f"TUNEOPS_DEFAULT_MODEL={jobs.default_model} has no config.json "
-                                                    f"under {model}: put the model there (nothing is downloaded at "
-                                                    "run time), or set TUNEOPS_DEFAULT_MODEL to one that is."))
-    probe = subprocess.run([jobs.python, "-c", f"import {jobs.train_module}"], capture_output=True, text=True,
-                           timeout=120)
-    if probe.returncode == 0:
-        checks.append(Check("trainer", True, f"{jobs.python} imports {jobs.train_module}"))
-    else:
-        last = (probe.stderr.strip().splitlines() or ["(no output)"])[-1]
-        checks.append(Check("trainer", False, f"{jobs.python} cannot import {jobs.train_module}: {last}. Install the "
-                                              "payload there (pip install -e '.[payload]') or set TUNEOPS_PYTHON."))
-    return checks
+    """The backend's own read-only checks (the local workspace and trainer; the Azure config, job, share, ...)."""
+    try:
+        backend = get_backend(jobs)
+    except BackendError as e:
+        return [Check("backend", False, words.refusal(e))]
+    return [Check(c.what, c.ok, c.detail) for c in backend.doctor()]
 
 
 def run_checks(env: Mapping[str, str] = os.environ) -> list[Check]:

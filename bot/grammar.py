@@ -13,7 +13,7 @@ import shlex
 from dataclasses import dataclass
 from typing import Literal, Union
 
-from jobs.domain import RUN_ID_RE
+from jobs.core.domain import RUN_ID_RE
 
 MAX_TEXT = 1000          # a command line longer than this is a paste gone wrong, not a command
 MAX_NAME = 64

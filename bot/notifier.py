@@ -23,15 +23,16 @@ import aiohttp
 import redis
 from slack_sdk.errors import SlackApiError, SlackClientError
 
-from bot import blocks, ops
+from bot import blocks, ops, threads
 from bot.charts import render_loss_curve
 from bot.logbatch import LogBatcher, omitted_marker
 from bot.slack import SlackGateway
 from bot.stream import GROUP, EventStream
-from jobs import approval as approvals
-from jobs import service, store
-from jobs.domain import Run, RunEvent, RunState
-from jobs.settings import JobSettings
+from jobs.core import store
+from jobs.core.domain import Run, RunEvent, RunState
+from jobs.core.settings import JobSettings
+from jobs.deploys import approval as approvals
+from jobs.runs import service
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +124,7 @@ class Notifier:
                  progress_interval_s: float = PROGRESS_INTERVAL_S, log_interval_s: float = LOG_INTERVAL_S,
                  block_ms: int = 1000, clock=time.monotonic, tick_s: float = 1.0, max_inflight: int = MAX_INFLIGHT):
         self.settings = settings
+        self.threads = threads.Threads(settings)
         self.gateway = gateway
         self.stream = EventStream(store.connect(settings), consumer)
         self.consumer = self.stream.name
@@ -383,7 +385,7 @@ class Notifier:
         if item.kind == "card":
             self.throttle.dirty.discard(lane.key)
             run = await self._get_run(lane.key)
-            return [("card", lambda: self.show_card(run))] if run and run.card_ts else []
+            return [("card", lambda: self.show_card(run))] if run and await self._ts(run.id) else []
         assert item.event is not None
         return await self._render_event(lane, item, item.event, now)
 
@@ -410,7 +412,7 @@ class Notifier:
         if lane.outbox:
             posts.append(("log excerpt", lambda: self._post_outbox(lane, run)))
         if progress:
-            if not run.card_ts or self.throttle.due(run.id, now):
+            if not await self._ts(run.id) or self.throttle.due(run.id, now):
                 posts.append(("card", lambda: self.show_card(run)))
             else:
                 self.throttle.dirty.add(run.id)
@@ -422,15 +424,17 @@ class Notifier:
 
     async def _render_event(self, lane: _Lane, item: _Item, event: RunEvent, now: float) -> list[tuple[str, Post]]:
         if ops.is_op_id(event.run_id):  # an Azure operation (pv-0001): its own root message and thread
-            return [(f"{event.kind} message", lambda: ops.show_op_event(self.settings, self.gateway, event))]
+            return [(f"{event.kind} message", lambda: ops.show_op_event(self.settings, self.gateway, self.threads,
+                                                                        event))]
         run = await self._get_run(event.run_id)
         if run is None:
             log.warning("event %s for unknown run %s dropped", event.kind, event.run_id)
             return []
         kind, data = event.kind, event.data
         posts: list[tuple[str, Post]] = []
+        shown = await self._ts(run.id)
         if kind == "progress":
-            if not run.card_ts or self.throttle.due(run.id, now):
+            if not shown or self.throttle.due(run.id, now):
                 posts.append(("card", lambda: self.show_card(run)))
             else:
                 self.throttle.dirty.add(run.id)
@@ -444,7 +448,7 @@ class Notifier:
             if lane.outbox:
                 posts.append(("log excerpt", lambda: self._post_outbox(lane, run)))
             return posts
-        if kind in CARD_KINDS or not run.card_ts:
+        if kind in CARD_KINDS or not shown:
             posts.append(("card", lambda: self.show_card(run)))
         if kind in ENDED_KINDS:
             # The last lines of the run go before the message that ends its story.
@@ -462,12 +466,17 @@ class Notifier:
             posts.append(("loss curve", lambda: self._upload_chart(run, metrics)))
             return posts
         elif kind == "failed":
-            message = blocks.render_failed(run, str(data.get("error") or run.error), list(data.get("log_tail") or []))
+            message = blocks.render_failed(run, str(data.get("error") or run.error), list(data.get("log_tail") or []),
+                                           data.get("hint") or run.error_hint)
             broadcast = True
         elif kind == "cancelled":
             message = blocks.render_cancelled(run, str(data.get("by") or run.cancelled_by))
         elif kind == "timed_out":
             message = blocks.render_timed_out(run, data.get("checkpoint_step") or run.last_checkpoint_step)
+        elif kind == "cancelling":
+            message = blocks.render_cancelling(run, str(data.get("by", "")))
+        elif kind == "resumed":
+            message = blocks.render_resumed(run, data)
         elif kind == "notice":
             message = blocks.render_notice(run, str(data.get("text", "")))
         elif kind == "approval":
@@ -482,39 +491,44 @@ class Notifier:
             posts.append((f"{kind} message", lambda: self._post_thread(run, message, broadcast)))
         return posts
 
+    async def _ts(self, run_id: str) -> str:
+        """The ts of the run's card, the root of its thread; "" before the card is posted."""
+        return await asyncio.to_thread(self.threads.get, threads.RUN_CARD, run_id)
+
     async def _post_thread(self, run: Run, message: dict[str, Any], broadcast: bool = False) -> None:
-        if run.thread_ts:
-            await self.gateway.post_message(run.channel, message, thread_ts=run.thread_ts, reply_broadcast=broadcast)
+        thread_ts = await self._ts(run.id)
+        if thread_ts:
+            await self.gateway.post_message(run.channel, message, thread_ts=thread_ts, reply_broadcast=broadcast)
 
     async def _post_outbox(self, lane: _Lane, run: Run) -> None:
         """Post the log excerpts waiting for this run, oldest first; each leaves the outbox once Slack took it."""
+        thread_ts = await self._ts(run.id)
         while lane.outbox:
-            if not run.thread_ts:
+            if not thread_ts:
                 lane.outbox.clear()
                 return
             await self.gateway.post_message(run.channel, blocks.render_log_excerpt(run, lane.outbox[0]),
-                                            thread_ts=run.thread_ts)
+                                            thread_ts=thread_ts)
             lane.outbox.popleft()
 
     async def _upload_chart(self, run: Run, metrics: dict[str, Any]) -> None:
-        if not run.thread_ts:
+        thread_ts = await self._ts(run.id)
+        if not thread_ts:
             return
         png = await asyncio.to_thread(render_loss_curve, (), run.id, metrics=metrics)
         if png is None:
             return  # no loss was logged: no chart rather than an empty one
         await self.gateway.upload_file(run.channel, png, f"{run.id}-loss.png", title=f"{run.id}: loss curve",
-                                       thread_ts=run.thread_ts)
+                                       thread_ts=thread_ts)
 
     async def show_card(self, run: Run) -> Run:
-        """Post the run's card (first time) or edit it in place; returns the run with its thread recorded."""
+        """Post the run's card (first time, recording where) or edit it in place."""
         position = None
         if run.state is RunState.QUEUED:
             position = await asyncio.to_thread(service.queue_position, self.settings, run.id)
         card = blocks.render_run_card(run, position)
-        ts = await self._post_or_edit(run.id, run.channel, card, run.card_ts,
-                                      lambda ts: service.set_thread(self.settings, run.id, run.channel, ts))
-        if ts:
-            run.thread_ts = run.card_ts = ts
+        await self._post_or_edit(run.id, run.channel, card, await self._ts(run.id),
+                                 lambda ts: self.threads.set(threads.RUN_CARD, run.id, ts))
         self.throttle.last[run.id] = self.clock()
         self.throttle.dirty.discard(run.id)
         return run
@@ -540,12 +554,15 @@ class Notifier:
     async def show_approval(self, run: Run, approval_id: str) -> None:
         """Post a deploy request's card in the run's thread (first time) or edit it to show the latest decision."""
         approval = await asyncio.to_thread(approvals.get_approval, self.settings, approval_id)
-        if approval is None or not run.thread_ts:
+        thread_ts = await self._ts(run.id)
+        if approval is None or not thread_ts:
             log.warning("%s: no deploy request %s or no thread to show it in", run.id, approval_id)
             return
         card = blocks.render_approval_card(approval, run)
-        await self._post_or_edit(approval.id, run.channel, card, approval.card_ts,
-                                 lambda ts: approvals.set_card(self.settings, approval.id, ts), thread_ts=run.thread_ts)
+        card_ts = await asyncio.to_thread(self.threads.get, threads.APPROVAL_CARD, approval.id)
+        await self._post_or_edit(approval.id, run.channel, card, card_ts,
+                                 lambda ts: self.threads.set(threads.APPROVAL_CARD, approval.id, ts),
+                                 thread_ts=thread_ts)
 
     async def _post_deploy_result(self, run: Run, approval_id: str, data: dict[str, Any]) -> None:
         approval = await asyncio.to_thread(approvals.get_approval, self.settings, approval_id)
@@ -555,5 +572,6 @@ class Notifier:
         approval.state = approvals.ApprovalState(data.get("state", approval.state))
         approval.url, approval.api_url = str(data.get("url") or ""), str(data.get("api_url") or "")
         approval.error = str(data.get("error") or "")
+        approval.error_hint = dict(data.get("hint") or {})
         await self._post_thread(run, blocks.render_deploy_result(approval, run),
                                 broadcast=approval.state is approvals.ApprovalState.FAILED)

@@ -10,9 +10,20 @@ import asyncio
 import logging
 from typing import Any
 
-from bot.blocks import Message, context, escape, mention, message, render_links, section, truncate
+from bot import threads, words
+from bot.blocks import (
+    Message,
+    context,
+    escape,
+    mention,
+    message,
+    render_links,
+    section,
+    truncate,
+)
 from bot.slack import SlackGateway
-from jobs.domain import RunEvent
+from jobs.core import store
+from jobs.core.domain import RunEvent
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +81,8 @@ def render_op_succeeded(op, data: dict[str, Any]) -> Message:
 
 def render_op_failed(op, data: dict[str, Any]) -> Message:
     error = str(data.get("error") or op.result or "no reason given")
-    head = f":x: {mention(op.requester)} {op.id} failed: {escape(truncate(error, 2500))}"
+    said = words.with_hint(escape(truncate(error, 2500)), data.get("hint"))
+    head = f":x: {mention(op.requester)} {op.id} failed: {said}"
     blocks = [section(head)]
     after = {
         "finetune": "Provisioning is idempotent: once the cause is fixed, `/finetune provision finetune` again.",
@@ -94,22 +106,20 @@ def render_op_event(op, event: RunEvent) -> Message | None:
     return None
 
 
-async def show_op_event(settings, gateway: SlackGateway, event: RunEvent) -> None:
+async def show_op_event(settings, gateway: SlackGateway, posted: threads.Threads, event: RunEvent) -> None:
     """Render one op event: post the op's root message the first time (and record its thread), write the event into
     the thread, and edit the root when the op has ended. Slack and Redis errors propagate to the notifier, which
     knows which of them are worth retrying."""
-    from jobs.aca import api
-
-    op = await asyncio.to_thread(api.get_op, settings, event.run_id)
+    op = await asyncio.to_thread(lambda: store.load_op(store.connect(settings), event.run_id))
     if op is None or not op.channel:
         log.warning("event %s for unknown operation %s dropped", event.kind, event.run_id)
         return
-    if not op.thread_ts:
-        ts = await gateway.post_message(op.channel, render_op_root(op))
-        await asyncio.to_thread(api.set_op_thread, settings, op.id, ts)
-        op.thread_ts = ts
+    thread_ts = await asyncio.to_thread(posted.get, threads.OP_ROOT, op.id)
+    if not thread_ts:
+        thread_ts = await gateway.post_message(op.channel, render_op_root(op))
+        await asyncio.to_thread(posted.set, threads.OP_ROOT, op.id, thread_ts)
     reply = render_op_event(op, event)
     if reply is not None:
-        await gateway.post_message(op.channel, reply, thread_ts=op.thread_ts)
+        await gateway.post_message(op.channel, reply, thread_ts=thread_ts)
     if event.kind in ("succeeded", "failed"):
-        await gateway.update_message(op.channel, op.thread_ts, render_op_root(op))
+        await gateway.update_message(op.channel, thread_ts, render_op_root(op))

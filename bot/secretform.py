@@ -9,10 +9,13 @@ is masked from that block on.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
+from bot import words
 from bot.blocks import Message, context, escape, line_sections, message, section
+from jobs.core.errors import BackendError
 
 CALLBACK_ID = "tuneops_secret_set"
 NAME_BLOCK = "tuneops_secret_name"
@@ -21,6 +24,8 @@ NAME_ACTION = "name"
 VALUE_ACTION = "value"
 MAX_INPUT = 3000            # Slack's limit for a plain_text_input; Key Vault would take 25 KB
 MAX_LIST = 40
+# An environment variable name, as the secret form asks for (the backend may add rules of its own).
+ENV_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,62}[A-Za-z0-9]$")
 
 
 def _plain(text: str) -> dict[str, str]:
@@ -86,28 +91,22 @@ def read_form(view: dict[str, Any]) -> SecretForm:
                       channel if isinstance(channel, str) else "")
 
 
-def form_errors(form: SecretForm) -> dict[str, str]:
+def form_errors(form: SecretForm, backend) -> dict[str, str]:
     """Per input block, what is wrong with the submission (shown under the field by Slack); {} when it is fine.
 
-    The value is checked by jobs.aca.secrets.check_secret, the same check `set_secret` makes; its messages never
+    The value is checked by the backend's check_secret, the same check `set_secret` makes; its messages never
     hold the value."""
-    from jobs.aca.resources import InvalidSecretName, secret_name
-    from jobs.aca.secrets import check_secret
-    from jobs.executor import BackendError
-
     errors: dict[str, str] = {}
-    try:
-        secret_name(form.name)
-    except InvalidSecretName:
+    if not ENV_NAME.match(form.name):
         errors[NAME_BLOCK] = ("Use an environment variable name: 2-64 letters, digits and _, starting with a "
                               "letter (HF_TOKEN).")
     if not form.value.strip():
         errors[VALUE_BLOCK] = "Paste the secret's value."
     elif NAME_BLOCK not in errors:
         try:
-            check_secret(form.name, form.value)
+            backend.check_secret(form.name, form.value)
         except BackendError as e:
-            errors[VALUE_BLOCK] = str(e)
+            errors[VALUE_BLOCK] = words.refusal(e)
     return errors
 
 
@@ -148,7 +147,7 @@ def saved_without_reference(name: str, vault_name: str, reason: str) -> Outcome:
 
 
 def render_secret_list(secrets: list) -> Message:
-    """Names and dates of the vault's secrets (jobs.aca.secrets.SecretInfo), never values."""
+    """Names and dates of the vault's secrets (the backend protocol's SecretInfo), never values."""
     if not secrets:
         text = "Key Vault holds no secrets yet. `/finetune secret set HF_TOKEN` adds one."
         return message(text, [section(text)])

@@ -1,6 +1,6 @@
 """The bot's configuration, read once from the environment and checked, with one line per problem found.
 
-The jobs side's settings (Redis, backend, workspace, ...) are read by `jobs.settings` and carried inside.
+The jobs side's settings (Redis, backend, workspace, ...) are read by `jobs.core.settings` and carried inside.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from urllib.parse import urlparse
 
 from bot.auth import AccessPolicy
-from jobs.settings import JobSettings, SettingsError, duration_setting
+from jobs.core.settings import JobSettings, SettingsError, duration_setting
 
 SLACK_API_URL = "https://slack.com/api/"
 

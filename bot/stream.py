@@ -19,8 +19,8 @@ import uuid
 
 import redis
 
-from jobs import store
-from jobs.domain import RunEvent
+from jobs.core import store
+from jobs.core.domain import RunEvent
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +195,7 @@ class EventStream:
         for entry_id in sorted(entries, key=_id_key):
             fields = _as_dict(entries[entry_id])
             try:
-                out.append((entry_id, store._parse_entry(fields)))  # the store's own reading of an entry
+                out.append((entry_id, store.parse_entry(fields)))  # the store's own reading of an entry
             except (KeyError, ValueError, TypeError) as e:
                 log.warning("skipping malformed or trimmed event stream entry %s: %s", entry_id, e)
                 self.ack([entry_id])

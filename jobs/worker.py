@@ -14,8 +14,9 @@ import redis
 from rq import Worker
 from rq.scheduler import RQScheduler
 
-from jobs import tasks
-from jobs.settings import JobSettings, SettingsError, redact_url
+from jobs import reconcile
+from jobs.core import queue
+from jobs.core.settings import JobSettings, SettingsError, configure, redact_url
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +27,7 @@ SCHEDULER_LOCK_TTL_S = 61
 STALE_AFTER_S = 15
 
 
-def break_stale_scheduler_lock(conn: redis.Redis, queue_name: str = tasks.QUEUE_NAME) -> bool:
+def break_stale_scheduler_lock(conn: redis.Redis, queue_name: str = queue.QUEUE_NAME) -> bool:
     """Free the queue's scheduler lock when the scheduler holding it is dead.
 
     RQ's lock outlives a killed scheduler by a minute, and no `enqueue_in` job runs meanwhile; a new worker would sit
@@ -57,7 +58,7 @@ def _scheduler_gone(conn, lock_key: str, name: str) -> bool:
     if ttl is not None and 0 <= ttl < SCHEDULER_LOCK_TTL_S - STALE_AFTER_S:
         return True
     info = conn.hgetall(f"rq:scheduler:{name}")
-    return bool(info) and tasks.process_gone(conn, f"rq:scheduler:{name}")
+    return bool(info) and queue.process_gone(conn, f"rq:scheduler:{name}")
 
 
 class TuneopsWorker(Worker):
@@ -75,13 +76,13 @@ def run_worker(settings: JobSettings, burst: bool = False) -> None:
     """Run an RQ worker with the scheduler on the tuneops queue until stopped (or, with burst, until it is empty)."""
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    tasks.configure(settings)
-    conn = tasks.rq_connection(settings)
+    configure(settings)
+    conn = queue.rq_connection(settings)
     break_stale_scheduler_lock(conn)
     # Runs a dead worker left behind are put back on track before this one takes jobs; the chain repeats it.
-    tasks.reconcile_once(settings)
-    tasks.ensure_reconcile(settings)
-    worker = TuneopsWorker([tasks.get_queue(settings)], connection=conn, maintenance_interval=MAINTENANCE_INTERVAL_S)
+    reconcile.reconcile_once(settings)
+    reconcile.ensure_reconcile(settings)
+    worker = TuneopsWorker([queue.get_queue(settings)], connection=conn, maintenance_interval=MAINTENANCE_INTERVAL_S)
     worker.work(burst=burst, with_scheduler=True, logging_level="INFO")
 
 

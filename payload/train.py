@@ -8,6 +8,8 @@ Reads the run config and the dataset, checks the data before any model is loaded
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib.util
 import json
 import logging
 import math
@@ -18,6 +20,7 @@ import sys
 import time
 import traceback
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +30,9 @@ from payload.config import ConfigError, TrainConfig, load_config
 from payload.events import PREFIX, EventWriter, encode, make_event
 from payload.modelpath import ModelNotFound, hub_failure, resolve_model
 from payload.runtime import torch_problem
+
+# torch, transformers, peft and bitsandbytes are imported inside the functions that use them ("heavy" below): a bad
+# config or dataset is reported before seconds go into importing them.
 
 log = logging.getLogger("payload.train")
 
@@ -90,11 +96,11 @@ def _write_json_atomic(path: Path, obj: Any) -> None:
 
 
 def _peak_memory(device: str) -> tuple[float, str]:
-    import torch
+    import torch  # heavy
 
     if device == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20, "cuda_max_allocated"
-    import resource
+    import resource  # Unix only, and only the CPU figure needs it
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process_max_rss"
 
@@ -137,7 +143,26 @@ def read_dataset(cfg: TrainConfig) -> data.ReadResult:
     return result
 
 
-def prepare_data(cfg: TrainConfig, result: data.ReadResult, tokenizer, flatten: bool = False) -> dict[str, Any]:
+@dataclass(frozen=True)
+class PreparedData:
+    """The checked records split, tokenized and packed: what the Trainer trains and evaluates on, and the figures
+    that go into the start event and metrics.json."""
+
+    format: str | None                              # the dataset's format: messages, prompt_completion or text
+    train_records: list[data.Record]
+    eval_records: list[data.Record]
+    train_examples: list[data.TokenizedExample]     # only those with an answer token within max_seq_length
+    eval_examples: list[data.TokenizedExample]
+    train_items: list[dict[str, list[int]]]         # the Trainer's rows: packs, or one example each
+    eval_items: list[dict[str, list[int]]]
+    truncated: int                                  # examples cut at max_seq_length, kept or not
+    tokens_per_epoch: int
+    trainable_tokens_per_epoch: int
+    padding_waste: float
+    pack_fill: float | None                         # None without packing
+
+
+def prepare_data(cfg: TrainConfig, result: data.ReadResult, tokenizer, flatten: bool = False) -> PreparedData:
     """Split, tokenize and pack checked records. Raises TrainError when nothing trainable is left.
     `flatten`: packs of a micro-batch go into one row (varlen attention), else one row per pack."""
     if result.format == "messages" and data.ensure_chat_template(tokenizer):
@@ -162,20 +187,20 @@ def prepare_data(cfg: TrainConfig, result: data.ReadResult, tokenizer, flatten: 
         train_items, eval_items = data.single_examples(train_ex), data.single_examples(eval_ex)
     batches = [[len(x["input_ids"]) for x in train_items[i:i + cfg.micro_batch_size]]
                for i in range(0, len(train_items), cfg.micro_batch_size)]
-    return {
-        "format": result.format, "train_records": train_recs, "eval_records": eval_recs,
-        "train_examples": train_ex, "eval_examples": eval_ex, "train_items": train_items, "eval_items": eval_items,
-        "truncated": truncated,
-        "tokens_per_epoch": sum(len(e.input_ids) for e in train_ex),
-        "trainable_tokens_per_epoch": sum(e.trainable_tokens for e in train_ex),
+    return PreparedData(
+        format=result.format, train_records=train_recs, eval_records=eval_recs,
+        train_examples=train_ex, eval_examples=eval_ex, train_items=train_items, eval_items=eval_items,
+        truncated=truncated,
+        tokens_per_epoch=sum(len(e.input_ids) for e in train_ex),
+        trainable_tokens_per_epoch=sum(e.trainable_tokens for e in train_ex),
         # Flattened packs compute no padding at all; rows of packs pad to the longest pack of their micro-batch.
-        "padding_waste": data.padding_waste(batches, padded=not (cfg.packing and flatten)),
-        "pack_fill": data.pack_fill(train_ex, cfg.max_seq_length) if cfg.packing else None,
-    }
+        padding_waste=data.padding_waste(batches, padded=not (cfg.packing and flatten)),
+        pack_fill=data.pack_fill(train_ex, cfg.max_seq_length) if cfg.packing else None,
+    )
 
 
 def load_tokenizer(model_ref: str, local: bool, base_model: str):
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # heavy
 
     try:
         tok = AutoTokenizer.from_pretrained(model_ref, token=None if local else os.environ.get("HF_TOKEN") or None)
@@ -190,7 +215,7 @@ def load_tokenizer(model_ref: str, local: bool, base_model: str):
 
 
 def pick_compute_dtype(cfg: TrainConfig, device: str):
-    import torch
+    import torch  # heavy
 
     name = cfg.compute_dtype
     if name == "auto":
@@ -203,8 +228,6 @@ def pick_compute_dtype(cfg: TrainConfig, device: str):
 def pick_attention(device: str) -> str:
     """Flash attention's varlen kernels when installed on a GPU (packs cost the sum of their examples' squares),
     else PyTorch's SDPA."""
-    import importlib.util
-
     if device == "cuda" and importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2"
     return "sdpa"
@@ -222,7 +245,7 @@ def make_collator(cfg: TrainConfig, attention: str, pad_token_id: int | None):
 
 def load_model(cfg: TrainConfig, model_ref: str, local: bool, device: str, dtype, attention: str = "sdpa"):
     """The base model (4-bit NF4 with double quantization unless turned off), ready for k-bit training."""
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig  # heavy
 
     kwargs: dict[str, Any] = {"dtype": dtype, "device_map": {"": 0} if device == "cuda" else "cpu",
                               "attn_implementation": attention}
@@ -250,7 +273,7 @@ def load_model(cfg: TrainConfig, model_ref: str, local: bool, device: str, dtype
 
 
 def add_lora(cfg: TrainConfig, model):
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training  # heavy
 
     gc_kwargs = {"use_reentrant": False}
     if cfg.load_in_4bit:
@@ -272,7 +295,7 @@ def quantization_summary(model, cfg: TrainConfig, dtype_name: str) -> dict[str, 
     summary: dict[str, Any] = {"load_in_4bit": cfg.load_in_4bit, "compute_dtype": dtype_name}
     if not cfg.load_in_4bit:
         return summary
-    import bitsandbytes as bnb
+    import bitsandbytes as bnb  # heavy
 
     layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     states = [getattr(m.weight, "quant_state", None) for m in layers]
@@ -289,7 +312,7 @@ def quantization_summary(model, cfg: TrainConfig, dtype_name: str) -> dict[str, 
 
 
 def make_callback(cfg: TrainConfig, events: EventWriter, stop: StopSignal, total_steps: int):
-    from transformers import TrainerCallback
+    from transformers import TrainerCallback  # heavy; the callback class below derives from it
 
     ckpt_root = Path(cfg.output_dir) / CHECKPOINTS_DIR
 
@@ -352,7 +375,7 @@ def make_callback(cfg: TrainConfig, events: EventWriter, stop: StopSignal, total
 
 def eval_loss(model, items: list[dict], collator, batch_size: int, device: str) -> float | None:
     """Token-weighted mean loss over the answer tokens of `items` (None when there are none)."""
-    import torch
+    import torch  # heavy
 
     total = 0.0
     count = 0
@@ -370,7 +393,7 @@ def eval_loss(model, items: list[dict], collator, batch_size: int, device: str) 
 
 
 def generate(model, tokenizer, prompt_ids: list[int], max_new_tokens: int, device: str) -> str:
-    import torch
+    import torch  # heavy
 
     ids = torch.tensor([prompt_ids], device=device)
     with torch.no_grad():
@@ -380,16 +403,14 @@ def generate(model, tokenizer, prompt_ids: list[int], max_new_tokens: int, devic
     return tokenizer.decode(out[0, len(prompt_ids):], skip_special_tokens=True).strip()
 
 
-def final_evaluation(cfg: TrainConfig, model, tokenizer, prepared: dict, collator, device: str,
+def final_evaluation(cfg: TrainConfig, model, tokenizer, prepared: PreparedData, collator, device: str,
                      dtype_name: str = "fp32") -> dict[str, Any]:
     """Eval loss of the base model against the fine-tuned one on the held-out split, and both generations for a
     few held-out prompts: the evidence an approver looks at before a deploy."""
-    import contextlib
+    import torch  # heavy
 
-    import torch
-
-    items = prepared["eval_items"]
-    result: dict[str, Any] = {"eval_examples": len(prepared["eval_examples"])}
+    items = prepared.eval_items
+    result: dict[str, Any] = {"eval_examples": len(prepared.eval_examples)}
     if not items:
         return result
     # The same mixed precision the Trainer trained under (it autocasts when bf16/fp16 is on).
@@ -400,12 +421,12 @@ def final_evaluation(cfg: TrainConfig, model, tokenizer, prepared: dict, collato
 
 
 def _evaluate(cfg, model, tokenizer, prepared, collator, device, result):
-    items = prepared["eval_items"]
+    items = prepared.eval_items
     result["eval_loss"] = eval_loss(model, items, collator, cfg.micro_batch_size, device)
     with model.disable_adapter():
         result["base_eval_loss"] = eval_loss(model, items, collator, cfg.micro_batch_size, device)
     generations = []
-    for rec in prepared["eval_records"][: cfg.eval_generations]:
+    for rec in prepared.eval_records[: cfg.eval_generations]:
         prompt_ids, reference = data.prompt_for_generation(rec, tokenizer)
         prompt_ids = prompt_ids[-(cfg.max_seq_length - 1):]
         entry = {"line": rec.line, "prompt": tokenizer.decode(prompt_ids, skip_special_tokens=True),
@@ -441,8 +462,6 @@ def save_adapter(model, tokenizer, out_dir: Path) -> Path:
 def _wandb_enabled(cfg: TrainConfig) -> bool:
     if not (cfg.report_to_wandb and os.environ.get("WANDB_API_KEY")):
         return False
-    import importlib.util
-
     if importlib.util.find_spec("wandb") is None:
         log.warning("WANDB_API_KEY is set but the wandb package is not installed; not reporting to W&B")
         return False
@@ -461,7 +480,7 @@ def run(cfg: TrainConfig, events: EventWriter, stop: StopSignal) -> dict[str, An
         model_ref, local = resolve_model(cfg.base_model)
     except ModelNotFound as e:
         raise TrainError(str(e)) from None
-    import torch
+    import torch  # heavy, and only once the data and the model's path are known to be good
 
     problem = torch_problem()
     if problem:
@@ -474,7 +493,7 @@ def run(cfg: TrainConfig, events: EventWriter, stop: StopSignal) -> dict[str, An
     tokenizer = load_tokenizer(model_ref, local, cfg.base_model)
     attention = pick_attention(device)
     prepared = prepare_data(cfg, records, tokenizer, flatten=attention == "flash_attention_2")
-    total_steps = plan_steps(len(prepared["train_items"]), cfg.micro_batch_size, cfg.gradient_accumulation_steps,
+    total_steps = plan_steps(len(prepared.train_items), cfg.micro_batch_size, cfg.gradient_accumulation_steps,
                              cfg.num_epochs, cfg.max_steps)
 
     # 2. Where to resume from: the newest complete checkpoint; incomplete newer ones are skipped, not deleted.
@@ -485,14 +504,14 @@ def run(cfg: TrainConfig, events: EventWriter, stop: StopSignal) -> dict[str, An
     if resume:
         log.info("resuming from %s", resume.path.name)
     events.emit("start", total_steps=total_steps, run_id=cfg.run_id, base_model=cfg.base_model, device=device,
-                examples=len(prepared["train_records"]) + len(prepared["eval_records"]),
-                train_examples=len(prepared["train_examples"]), eval_examples=len(prepared["eval_examples"]),
-                sequences=len(prepared["train_items"]), tokens_per_epoch=prepared["tokens_per_epoch"],
+                examples=len(prepared.train_records) + len(prepared.eval_records),
+                train_examples=len(prepared.train_examples), eval_examples=len(prepared.eval_examples),
+                sequences=len(prepared.train_items), tokens_per_epoch=prepared.tokens_per_epoch,
                 resumed_from_step=resumed_from, resumed_from=str(resume.path) if resume else None,
                 skipped_checkpoints=[f"{c.path.name}: {c.reason}" for c in skipped])
 
     # 3. Model: 4-bit base + LoRA adapter.
-    from transformers import PrinterCallback, Trainer, TrainingArguments, set_seed
+    from transformers import PrinterCallback, Trainer, TrainingArguments, set_seed  # heavy
 
     set_seed(cfg.seed)
     model = load_model(cfg, model_ref, local, device, dtype, attention)
@@ -506,7 +525,7 @@ def run(cfg: TrainConfig, events: EventWriter, stop: StopSignal) -> dict[str, An
 
     # 4. Train.
     collator = make_collator(cfg, attention, tokenizer.pad_token_id)
-    has_eval = bool(prepared["eval_items"])
+    has_eval = bool(prepared.eval_items)
     args = TrainingArguments(
         output_dir=str(ckpt_root),
         per_device_train_batch_size=cfg.micro_batch_size,
@@ -541,8 +560,8 @@ def run(cfg: TrainConfig, events: EventWriter, stop: StopSignal) -> dict[str, An
         dataloader_num_workers=0,
     )
     callback = make_callback(cfg, events, stop, total_steps)
-    trainer = Trainer(model=model, args=args, train_dataset=prepared["train_items"],
-                      eval_dataset=prepared["eval_items"] if has_eval else None,
+    trainer = Trainer(model=model, args=args, train_dataset=prepared.train_items,
+                      eval_dataset=prepared.eval_items if has_eval else None,
                       data_collator=collator, callbacks=[callback])
     trainer.remove_callback(PrinterCallback)       # our events are the log; its dict lines would repeat them
     stop.in_training = True
@@ -587,10 +606,10 @@ def run(cfg: TrainConfig, events: EventWriter, stop: StopSignal) -> dict[str, An
         "base_eval_loss": evaluation.get("base_eval_loss"),
         "eval_examples": evaluation["eval_examples"],
         "generations": evaluation.get("generations", []),
-        "train_examples": len(prepared["train_examples"]),
-        "truncated_examples": prepared["truncated"],
-        "tokens_per_epoch": prepared["tokens_per_epoch"],
-        "trainable_tokens_per_epoch": prepared["trainable_tokens_per_epoch"],
+        "train_examples": len(prepared.train_examples),
+        "truncated_examples": prepared.truncated,
+        "tokens_per_epoch": prepared.tokens_per_epoch,
+        "trainable_tokens_per_epoch": prepared.trainable_tokens_per_epoch,
         "tokens_seen": trainer.state.num_input_tokens_seen,
         "tokens_this_run": tokens_this_run,
         "train_runtime_s": round(train_runtime, 3),
@@ -601,8 +620,8 @@ def run(cfg: TrainConfig, events: EventWriter, stop: StopSignal) -> dict[str, An
         "packing": cfg.packing,
         "attention": attention,
         "collator": type(collator).__name__,
-        "padding_waste": round(prepared["padding_waste"], 4),
-        "pack_fill": None if prepared["pack_fill"] is None else round(prepared["pack_fill"], 4),
+        "padding_waste": round(prepared.padding_waste, 4),
+        "pack_fill": None if prepared.pack_fill is None else round(prepared.pack_fill, 4),
         "adapter": str(adapter),
     }
     _write_json_atomic(out_dir / METRICS_FILE, metrics)
@@ -618,7 +637,7 @@ def run(cfg: TrainConfig, events: EventWriter, stop: StopSignal) -> dict[str, An
 
 def _is_oom(err: BaseException) -> bool:
     try:
-        import torch
+        import torch  # heavy, and may be missing or broken: then the message alone decides
 
         if isinstance(err, torch.OutOfMemoryError):
             return True
@@ -635,7 +654,7 @@ def _fallback_output_dir(config_path: str) -> str | None:
     try:
         text = Path(config_path).read_text(encoding="utf-8")
         if Path(config_path).suffix in (".yaml", ".yml"):
-            import yaml
+            import yaml  # optional: only YAML configs need PyYAML
 
             raw = yaml.safe_load(text)
         else:
@@ -692,7 +711,7 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(f"output_dir '{cfg.output_dir}': cannot write there: {e.strerror}", None)
 
     try:
-        import transformers
+        import transformers  # heavy, and only once the config is known to be good
 
         transformers.logging.set_verbosity_error()
         transformers.logging.disable_progress_bar()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import socket
 import subprocess
@@ -93,3 +92,13 @@ def example_dataset() -> Path:
     from payload.tinymodel import example_dataset_path
 
     return example_dataset_path()
+
+
+def shown(settings, run):
+    """The run with where the bot posted its card (bot.threads), as `thread_ts` and `card_ts`: tests follow the
+    thread as a reader of the channel would."""
+    from bot.threads import RUN_CARD, Threads
+
+    if run is not None:
+        run.thread_ts = run.card_ts = Threads(settings).get(RUN_CARD, run.id)
+    return run

@@ -1,4 +1,4 @@
-"""What the listeners share: calling jobs.service off the event loop, private answers, and turning failures into
+"""What the listeners share: calling jobs.runs.service off the event loop, private answers, and turning failures into
 messages a person can act on (never a stack trace)."""
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ from typing import Any, TypeVar
 
 import redis
 
-from bot import blocks, grammar
+from bot import blocks, words
 from bot.runtime import BotRuntime
-from jobs.executor import BackendError
-from jobs.service import RunRejected
+from jobs import backends
+from jobs.core.errors import BackendError, RunRejected
 
 log = logging.getLogger("bot.listeners")
 T = TypeVar("T")
@@ -25,20 +25,14 @@ OUR_FAULT = ("Something went wrong on tuneops' side ({what}); it is logged. `/fi
              "runs are in; try again, or ask an admin to look at the bot's log.")
 
 
-def needs_aca(cmd: grammar.Provision | grammar.SecretSet | grammar.SecretList, backend: str) -> str:
-    """Why `provision` and `secret` do nothing on another backend: they act on Azure resources. Pure."""
-    if isinstance(cmd, grammar.Provision):
-        configs = {"finetune": "infra/finetuning.config.json", "inference": "infra/inference.config.json",
-                   None: "infra/finetuning.config.json and infra/inference.config.json"}[cmd.target]
-        need = f"`provision` needs TUNEOPS_BACKEND=aca and {configs} in the workspace"
-    else:
-        need = ("`secret` stores values in Azure Key Vault and needs TUNEOPS_BACKEND=aca; with the local backend, "
-                "set HF_TOKEN or WANDB_API_KEY in the worker's environment instead")
-    return f"{need}. This bot runs the `{backend}` backend."
+def unsupported(rt: BotRuntime, capability: str) -> str:
+    """Why this bot's backend does not offer `capability` (secrets, provisioning), as a sentence; "" when it does."""
+    why = backends.unsupported(rt.settings.jobs, capability)
+    return f"{why[0].upper()}{why[1:]}." if why else ""
 
 
 async def call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """jobs.service is synchronous (quick Redis calls): run it in a thread so the event loop keeps acking."""
+    """jobs.runs.service is synchronous (quick Redis calls): run it in a thread so the event loop keeps acking."""
     return await asyncio.to_thread(fn, *args, **kwargs)
 
 
@@ -56,7 +50,7 @@ async def answering_errors(rt: BotRuntime, response_url: str, what: str) -> Asyn
     try:
         yield
     except (RunRejected, BackendError) as e:  # a BackendError's message says what to do (Azure config, quota, roles)
-        await answer(rt, response_url, blocks.render_problem(str(e)))
+        await answer(rt, response_url, blocks.render_problem(words.refusal(e)))
     except redis.exceptions.ConnectionError:
         log.exception("%s: Redis is unreachable", what)
         await answer(rt, response_url, blocks.render_problem(REDIS_DOWN))

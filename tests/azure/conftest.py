@@ -9,11 +9,18 @@ from pathlib import Path
 
 import pytest
 
-from jobs.aca.clients import AzureClients, install_clients, reset_clients
-from jobs.aca.config import AcaConfig, load_aca_config
-from jobs.settings import JobSettings
+import jobs.core.settings as jobs_settings
+from jobs.backends.aca.clients import AzureClients, install_clients, reset_clients
+from jobs.backends.aca.config import AcaConfig, load_aca_config
+from jobs.backends.aca.standin import (
+    ACCOUNT_KEY,
+    AzureStandIn,
+    StaticTokenCredential,
+    standin_config,
+)
+from jobs.core import queue
+from jobs.core.settings import JobSettings
 from tests.conftest import make_workspace, wait_for  # noqa: F401  (wait_for: for the tests here)
-from tests.standins.azure import ACCOUNT_KEY, AzureStandIn, StaticTokenCredential, standin_config
 
 ENV_STORAGE = "tuneopsstorage"
 SHARE = "tuneopsshare"
@@ -73,21 +80,19 @@ def workspace(tmp_path, tiny_model, example_dataset) -> Path:
 
 @pytest.fixture
 def settings(redis_url, workspace, monkeypatch, tmp_path):
-    from jobs import tasks
 
     # The sync's local hash cache goes under the test's folder, not the user's ~/.cache.
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     s = JobSettings(redis_url=redis_url, backend="aca", workspace=workspace, monitor_interval_s=0.2,
                     python=sys.executable)
-    tasks.configure(s)
+    jobs_settings.configure(s)
     yield s
-    tasks.configure(None)
+    jobs_settings.configure(None)
 
 
 def run_worker_burst(settings: JobSettings) -> None:
     """Run the queued jobs in this process with RQ's own worker class (no fork, so the installed clients serve)."""
     from rq import SimpleWorker
 
-    from jobs import tasks
 
-    SimpleWorker([tasks.get_queue(settings)], connection=tasks.rq_connection(settings)).work(burst=True)
+    SimpleWorker([queue.get_queue(settings)], connection=queue.rq_connection(settings)).work(burst=True)

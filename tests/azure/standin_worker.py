@@ -12,11 +12,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from jobs.aca.clients import AzureClients, install_clients
-from jobs.aca.config import load_aca_config
-from jobs.settings import JobSettings
+from jobs.backends.aca.clients import AzureClients, install_clients
+from jobs.backends.aca.config import load_aca_config
+from jobs.backends.aca.standin import StaticTokenCredential
+from jobs.core.settings import JobSettings
 from jobs.worker import run_worker
-from tests.standins.azure import StaticTokenCredential
 
 
 def main() -> int:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from jobs.aca.config import (
+from jobs.backends.aca.config import (
     SEED_IMAGE,
     AcaConfigError,
     load_aca_config,
@@ -127,7 +127,7 @@ def test_the_shipped_example_configs_load(tmp_path):
 def test_each_client_is_made_once_per_process_and_kept_across_config_edits(tmp_path):
     import dataclasses
 
-    from jobs.aca.clients import get_clients, reset_clients
+    from jobs.backends.aca.clients import get_clients, reset_clients
 
     class Cred:
         def get_token(self, *a, **k):

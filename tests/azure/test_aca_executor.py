@@ -6,13 +6,20 @@ import json
 
 import pytest
 
-from jobs.aca.executor import AcaExecutor, split_complete
-from jobs.aca.provision import provision_finetune
-from jobs.domain import Run
-from jobs.executor import BackendError, ExecStatus
-from jobs.runconfig import build_train_config
+from jobs.backends.aca.executor import AcaExecutor, split_complete
+from jobs.backends.aca.provision import provision_finetune
+from jobs.backends.aca.standin import (
+    ExecutionPlan,
+    Fault,
+    dies_at_once,
+    simulated_trainer,
+    sleeper,
+)
+from jobs.backends.protocol import ExecStatus
+from jobs.core.domain import Run
+from jobs.core.errors import BackendError
+from jobs.core.runconfig import build_train_config
 from tests.azure.conftest import SHARE, wait_for
-from tests.standins.azure import ExecutionPlan, Fault, dies_at_once, simulated_trainer, sleeper
 
 
 def new_run(run_id="ft-0001", attempts=1, model="model-cache/tiny"):

@@ -8,12 +8,14 @@ import sys
 
 import pytest
 
-from jobs import service, store
-from jobs.aca.provision import provision_finetune
-from jobs.domain import RunState
+from jobs.backends.aca.provision import provision_finetune
+from jobs.backends.aca.standin import ExecutionPlan, simulated_trainer
+from jobs.core import store
+from jobs.core.domain import RunState
+from jobs.runs import service
 from tests.azure import standin_worker
 from tests.azure.conftest import wait_for
-from tests.standins.azure import ExecutionPlan, simulated_trainer
+
 
 @pytest.fixture
 def worker(settings, aca, tmp_path):

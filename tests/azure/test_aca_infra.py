@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from jobs.aca.config import (
+from jobs.backends.aca.config import (
     FINETUNING_OUTPUT_KEYS,
     INFERENCE_OUTPUT_KEYS,
     OPTIONAL_FINETUNING_KEYS,

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from jobs.aca import share as sharefs
-from jobs.aca.logs import run_logs
-from jobs.domain import Run
-from jobs.executor import BackendError
-from tests.standins.azure import Fault
+from jobs.backends.aca import share as sharefs
+from jobs.backends.aca.logs import run_logs
+from jobs.backends.aca.standin import Fault
+from jobs.core.domain import Run
+from jobs.core.errors import BackendError
 
 
 def a_run(execution_id="tuneops-ft-abc1234"):

@@ -8,12 +8,17 @@ import time
 
 import pytest
 
-from jobs import store
-from jobs.aca import ops
-from jobs.aca.provision import deploy_adapter, ensure_secret_reference, provision_finetune, provision_inference
-from jobs.executor import BackendError
+from jobs.backends.aca import ops
+from jobs.backends.aca.provision import (
+    deploy_adapter,
+    ensure_secret_reference,
+    provision_finetune,
+    provision_inference,
+)
+from jobs.backends.aca.standin import SUBSCRIPTION, Fault
+from jobs.core import store
+from jobs.core.errors import BackendError
 from tests.azure.conftest import ENV_STORAGE, run_worker_burst
-from tests.standins.azure import Fault, SUBSCRIPTION
 
 
 def test_provision_twice_gives_one_job_and_says_what_changed(aca):
@@ -173,7 +178,7 @@ def test_an_error_of_ours_before_the_op_begins_is_reported_not_left_queued(aca, 
             raise RuntimeError("clients set-up failed")
 
     op_id = ops.enqueue_provision(settings, "finetune", "U1", "C1")
-    assert ops.provision_task(op_id, clients=Broken()) == "failed"
+    assert ops.run_op(op_id, clients=Broken()) == "failed"
     last = op_events(settings, op_id)[-1]
     assert last.kind == "failed" and last.data["error"] == (f"{op_id} failed because of an error in tuneops; the "
                                                             "worker log has the details.")
@@ -190,7 +195,7 @@ def test_two_provisions_of_the_same_job_are_serialized_not_interleaved(aca, sett
 
     def run(op_id):
         t0 = time.monotonic()
-        ops.provision_task(op_id)
+        ops.run_op(op_id)
         spans[op_id] = (t0, time.monotonic())
 
     threads = [threading.Thread(target=run, args=(op,)) for op in (a, b)]
@@ -213,8 +218,7 @@ def test_an_op_done_once_is_not_done_again(aca, settings):
     op_id = ops.enqueue_provision(settings, "inference", "U1", "C1")
     run_worker_burst(settings)
     n = len(op_events(settings, op_id))
-    assert ops.provision_task(op_id) == "nothing to do"
+    assert ops.run_op(op_id) == "nothing to do"
     assert len(op_events(settings, op_id)) == n
-    ops.set_op_thread(settings, op_id, "1700000000.000100")
-    assert ops.get_op(store.connect(settings), op_id).thread_ts == "1700000000.000100"
+    assert ops.get_op(store.connect(settings), op_id).state == "succeeded"
     assert SUBSCRIPTION in aca.standin.apps["tuneops-infer"]["id"]

@@ -10,10 +10,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from jobs.aca.config import SEED_IMAGE, parse_aca_config
-from jobs.aca.logs import build_log_query, kql_string, portal_links
-from jobs.aca.provision import differs
-from jobs.aca.resources import (
+from jobs.backends.aca.config import SEED_IMAGE, parse_aca_config
+from jobs.backends.aca.logs import build_log_query, kql_string, portal_links
+from jobs.backends.aca.provision import differs
+from jobs.backends.aca.resources import (
     InvalidSecretName,
     app_body,
     describe_changes,
@@ -28,9 +28,9 @@ from jobs.aca.resources import (
     run_script,
     secret_name,
 )
-from jobs.domain import Run
-from jobs.executor import ExecStatus
-from tests.standins.azure import _tokens, run_kql
+from jobs.backends.aca.standin import _tokens, run_kql
+from jobs.backends.protocol import ExecStatus
+from jobs.core.domain import Run
 
 IDENTITY = "/subscriptions/s/resourceGroups/rg/providers/Microsoft.ManagedIdentity/userAssignedIdentities/id"
 BASE = {"SUBSCRIPTION_ID": "sub", "RESOURCE_GROUP_NAME": "rg", "STORAGE_ACCOUNT_NAME": "store1",

@@ -8,16 +8,16 @@ import pickle
 import pytest
 import redis
 
-from jobs import store
-from jobs.aca import ops
-from jobs.aca.executor import AcaExecutor
-from jobs.aca.provision import provision_finetune
-from jobs.aca.secrets import list_secrets, set_secret
-from jobs.domain import Run
-from jobs.executor import BackendError
-from jobs.runconfig import build_train_config
+from jobs.backends.aca import ops
+from jobs.backends.aca.executor import AcaExecutor
+from jobs.backends.aca.provision import provision_finetune
+from jobs.backends.aca.secrets import list_secrets, set_secret
+from jobs.backends.aca.standin import ExecutionPlan, Fault, simulated_trainer
+from jobs.core import store
+from jobs.core.domain import Run
+from jobs.core.errors import BackendError
+from jobs.core.runconfig import build_train_config
 from tests.azure.conftest import run_worker_burst, wait_for
-from tests.standins.azure import ExecutionPlan, Fault, simulated_trainer
 
 VALUE = "hf_Secr3tValue-that-must-not-leak-0123456789"
 
@@ -153,7 +153,7 @@ def test_a_secret_the_container_prints_is_masked_before_it_leaves_the_executor(a
     error = next(e for e in batch.events if e["type"] == "error")
     assert error["message"] == "CUDA out of memory (***)"
     assert "debug: HF_TOKEN=***" in ex.tail_logs(run, 20)
-    from jobs.aca.logs import run_logs
+    from jobs.backends.aca.logs import run_logs
 
     answer = run_logs(aca.clients, run, tail=50)
     assert "debug: HF_TOKEN=***" in answer.lines and not any(VALUE in line for line in answer.lines)

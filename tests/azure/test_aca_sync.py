@@ -6,10 +6,18 @@ import json
 import os
 import threading
 
-from jobs.aca import share as sharefs
-from jobs.aca.sync import MANIFEST, HashCache, LocalFile, Source, plan, stale, sync_workspace
+from jobs.backends.aca import share as sharefs
+from jobs.backends.aca.standin import Fault
+from jobs.backends.aca.sync import (
+    MANIFEST,
+    HashCache,
+    LocalFile,
+    Source,
+    plan,
+    stale,
+    sync_workspace,
+)
 from tests.azure.conftest import SHARE
-from tests.standins.azure import Fault
 
 
 def make_tree(root, n=12, size=3000):
@@ -167,7 +175,7 @@ def test_a_sync_that_cannot_get_the_lock_sends_nothing(aca, tmp_path, redis_url)
     import pytest
     import redis
 
-    from jobs.executor import BackendError
+    from jobs.core.errors import BackendError
 
     src = make_tree(tmp_path / "data", n=3)
     conn = redis.Redis.from_url(redis_url)

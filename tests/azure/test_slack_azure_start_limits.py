@@ -7,19 +7,21 @@ from __future__ import annotations
 import dataclasses
 import threading
 
-from jobs import backends, service, store, tasks
-from jobs.aca.provision import provision_finetune
+from jobs import backends
+from jobs.backends.aca.provision import provision_finetune
+from jobs.backends.aca.standin import Fault
+from jobs.core import queue, store
+from jobs.runs import service, tasks, transitions
 from tests.azure.conftest import wait_for
-from tests.standins.azure import Fault
 
 
 def test_start_jobs_get_the_time_their_backend_needs(settings):
     assert settings.backend == "aca"
-    assert tasks.enqueue_start(settings, "ft-0001").timeout == backends.START_TIMEOUT_S["aca"] == 3600
+    assert transitions.enqueue_start(settings, "ft-0001").timeout == backends.START_TIMEOUT_S["aca"] == 3600
     local = dataclasses.replace(settings, backend="local")
-    assert tasks.enqueue_start(local, "ft-0002").timeout == backends.START_TIMEOUT_S["local"] == 180
+    assert transitions.enqueue_start(local, "ft-0002").timeout == backends.START_TIMEOUT_S["local"] == 180
     # the other tasks are quick on every backend and keep the short limit
-    assert tasks.enqueue_admit(settings).timeout == tasks.JOB_TIMEOUT_S
+    assert transitions.enqueue_admit(settings).timeout == queue.JOB_TIMEOUT_S
 
 
 def test_a_start_longer_than_its_lock_ttl_keeps_the_lock_and_starts_one_execution(aca, settings, monkeypatch):
@@ -45,5 +47,5 @@ def test_a_start_longer_than_its_lock_ttl_keeps_the_lock_and_starts_one_executio
     assert list(aca.standin.executions["tuneops-ft"]) == [first["result"]]
     assert store.load_run(store.connect(settings), run.id).execution_id == first["result"]
     # the lock was released at the end, and a later start of the same attempt finds the execution
-    assert not store.connect(settings).exists(tasks.START_LOCK.format(run.id))
+    assert not store.connect(settings).exists(store.START_LOCK.format(run.id))
     assert tasks.start_run(run.id) == "already started"

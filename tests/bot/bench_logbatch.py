@@ -13,7 +13,9 @@ import random
 import re
 import time
 
-from bot.bench_thread import run_lines  # the same synthetic trainer log as the end-to-end benchmark
+from bot.bench_thread import (
+    run_lines,  # the same synthetic trainer log as the end-to-end benchmark
+)
 from bot.logbatch import LogBatcher
 from bot.redact import Redactor
 

@@ -17,8 +17,13 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from bot.standin.slack import (
+    SlackStandIn,
+    block_actions_body,
+    signed_headers,
+    slash_command_body,
+)
 from tests.conftest import ROOT, free_port
-from tests.standins.slack import SlackStandIn, block_actions_body, signed_headers, slash_command_body
 
 SIGNING_SECRET = "test-signing-secret-0123456789"
 BOT_TOKEN = "xoxb-test-0000-bot-token"

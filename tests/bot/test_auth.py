@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
-from bot.auth import authorize, may_manage
-from bot.grammar import Cancel, Help, ListRuns, Provision, RunCommand, SecretList, SecretSet
-from bot.auth import AccessPolicy
-from jobs.domain import Run
+from bot.auth import AccessPolicy, authorize, may_manage
+from bot.grammar import (
+    Cancel,
+    Help,
+    ListRuns,
+    Provision,
+    RunCommand,
+    SecretList,
+    SecretSet,
+)
+from jobs.core.domain import Run
 
 OPEN = AccessPolicy()
 STRICT = AccessPolicy(allowed_channels=frozenset({"C0TRAIN"}), allowed_users=frozenset({"U0ALICE"}),

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from bot import blocks as B
 from bot.grammar import USAGE, parse
-from jobs.domain import Run, RunState
+from jobs.core.domain import Run, RunState
 
 
 def make_run(**kw) -> Run:

@@ -7,11 +7,17 @@ import json
 import time
 
 from bot import blocks
-from bot.blocks import APPROVE_ACTION, DEPLOY_ACTION, LOGS_ACTION, REJECT_ACTION, RESUME_ACTION
+from bot.blocks import (
+    APPROVE_ACTION,
+    DEPLOY_ACTION,
+    LOGS_ACTION,
+    REJECT_ACTION,
+    RESUME_ACTION,
+)
 from bot.logbatch import LogBatcher
-from jobs.approval import Approval, ApprovalState
-from jobs.domain import Run, RunState
-from tests.standins.slack import _check_message
+from bot.standin.slack import _check_message
+from jobs.core.domain import Run, RunState
+from jobs.deploys.approval import Approval, ApprovalState
 
 
 def run_in(state: RunState, **kw) -> Run:

@@ -10,7 +10,13 @@ import struct
 import numpy as np
 from matplotlib.image import imread
 
-from bot.charts import EVAL_COLOR, TRAIN_COLOR, build_figure, loss_series, render_loss_curve
+from bot.charts import (
+    EVAL_COLOR,
+    TRAIN_COLOR,
+    build_figure,
+    loss_series,
+    render_loss_curve,
+)
 from payload.events import make_event
 
 

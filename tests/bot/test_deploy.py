@@ -12,9 +12,12 @@ import httpx
 import pytest
 
 from bot.blocks import APPROVE_ACTION, DEPLOY_ACTION, REJECT_ACTION
-from jobs import approval, serving, service, store
-from jobs.procs import pid_alive
-from tests.conftest import ROOT
+from jobs.backends.local import inference as serving
+from jobs.core import store
+from jobs.core.procs import pid_alive
+from jobs.deploys import approval
+from jobs.runs import service
+from tests.conftest import ROOT, shown
 
 pytestmark = pytest.mark.timeout(420)
 
@@ -39,7 +42,7 @@ async def answer_of(slack, key: str) -> str:
 async def succeeded_run(bot, slack, text: str, timeout: float = 300):
     _, _, key = await bot.command(text)
     assert await slack.until(lambda: slack.responses[key], 60)
-    run = await slack.until(lambda: (r := service.get_run(bot.settings.jobs, "ft-0001")) and r.state.terminal and r,
+    run = await slack.until(lambda: (r := shown(bot.settings.jobs, service.get_run(bot.settings.jobs, "ft-0001"))) and r.state.terminal and r,
                             timeout)
     assert run and run.state == "succeeded", service.get_run(bot.settings.jobs, "ft-0001")
     done = await slack.until(lambda: [m for m in slack.thread(run.channel, run.thread_ts) if "finished" in m.text],

@@ -9,9 +9,11 @@ import json
 import pytest
 
 from bot.blocks import APPROVE_ACTION
-from jobs import approval, service
+from jobs.backends.aca.standin import ExecutionPlan, simulated_trainer
+from jobs.deploys import approval
+from jobs.runs import service
 from tests.bot.slack_azure import ADMIN, aca, aca_worker, standin, worker_log  # noqa: F401  (fixtures)
-from tests.standins.azure import ExecutionPlan, simulated_trainer
+from tests.conftest import shown
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -26,7 +28,7 @@ def bot_env(bot_env, aca, tmp_path, monkeypatch):  # noqa: F811  (the ACA enviro
 
 async def test_an_approved_deploy_points_the_inference_app_at_the_adapter_and_posts_its_endpoint(
         bot, slack, aca, aca_worker):
-    from jobs.aca.provision import provision_finetune, provision_inference
+    from jobs.backends.aca.provision import provision_finetune, provision_inference
 
     provision_finetune(aca.clients)
     endpoint = provision_inference(aca.clients).endpoint
@@ -34,7 +36,7 @@ async def test_an_approved_deploy_points_the_inference_app_at_the_adapter_and_po
     aca.standin.plan_execution(ExecutionPlan(program=simulated_trainer(steps=4, step_delay=0.05)))
     _, _, key = await bot.command("run --dataset datasets/chat.jsonl --max-steps 4")
     assert await slack.until(lambda: slack.responses[key], 30)
-    run = await slack.until(lambda: (r := service.get_run(bot.settings.jobs, "ft-0001")) and r.state.terminal and r,
+    run = await slack.until(lambda: (r := shown(bot.settings.jobs, service.get_run(bot.settings.jobs, "ft-0001"))) and r.state.terminal and r,
                             120)
     assert run and run.state == "succeeded", (run, worker_log(aca_worker)[-3000:])
 

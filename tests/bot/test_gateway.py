@@ -13,7 +13,7 @@ from slack_sdk.web.async_client import AsyncWebClient
 from bot.ratelimit import ChannelBudget
 from bot.redact import Redactor
 from bot.slack import SlackGateway
-from tests.standins.slack import SlackStandIn
+from bot.standin.slack import SlackStandIn
 
 TOKEN = "xoxb-gateway-test-token"
 HF = "hf_" + "Zy9" * 12

@@ -13,9 +13,11 @@ import time
 import aiohttp
 import pytest
 
-from jobs import service, store
+from bot.standin.slack import Message, signed_headers, slash_command_body
+from jobs.core import store
+from jobs.runs import service
 from tests.bot.conftest import SIGNING_SECRET
-from tests.standins.slack import Message, signed_headers, slash_command_body
+from tests.conftest import shown
 
 
 def runs(bot) -> list:
@@ -78,7 +80,6 @@ async def test_a_retried_delivery_starts_one_run(bot, slack):
 
 
 async def test_a_refused_user_and_a_refused_channel(redis_url, bot_env, slack, caplog):
-    from tests.bot.conftest import BotClient
 
     bot_env.update(TUNEOPS_ALLOWED_CHANNELS="C0TRAIN", TUNEOPS_ALLOWED_USERS="U0ALICE")
     async for bot in _serve(bot_env, slack):
@@ -188,16 +189,16 @@ async def test_status_list_and_cancel_of_a_queued_run(bot, slack):
     assert "Cancelling ft-0001" in text_of((await answers(slack, key))[0])
     assert service.get_run(bot.settings.jobs, "ft-0001").state == "cancelled"
     # the thread says by whom, and the card lost its Cancel button
-    run = service.get_run(bot.settings.jobs, "ft-0001")
+    run = shown(bot.settings.jobs, service.get_run(bot.settings.jobs, "ft-0001"))
 
     def cancelled_reply():
-        run_now = service.get_run(bot.settings.jobs, "ft-0001")
+        run_now = shown(bot.settings.jobs, service.get_run(bot.settings.jobs, "ft-0001"))
         if not run_now.thread_ts:
             return None
         return [m for m in slack.thread("C0TRAIN", run_now.thread_ts) if "cancelled by <@U0ALICE>" in m.text]
 
     assert await slack.until(cancelled_reply, 10)
-    run = service.get_run(bot.settings.jobs, "ft-0001")
+    run = shown(bot.settings.jobs, service.get_run(bot.settings.jobs, "ft-0001"))
     card = slack.messages["C0TRAIN"][run.card_ts]
     assert "run_cancel" not in text_of(card.blocks) and "cancelled" in card.text
     _, _, key = await bot.command("cancel ft-0001")

@@ -12,11 +12,12 @@ from slack_sdk.web.async_client import AsyncWebClient
 from bot.notifier import GROUP, Notifier, Transient
 from bot.ratelimit import ChannelBudget
 from bot.slack import SlackGateway
-from jobs import service, store
-from jobs.domain import Run, RunEvent, RunState
-from jobs.settings import JobSettings
-from tests.conftest import free_port
-from tests.standins.slack import SlackStandIn
+from bot.standin.slack import SlackStandIn
+from jobs.core import store
+from jobs.core.domain import Run, RunEvent, RunState
+from jobs.core.settings import JobSettings
+from jobs.runs import service
+from tests.conftest import free_port, shown
 
 TOKEN = "xoxb-notifier-test"
 
@@ -74,7 +75,7 @@ async def test_card_then_throttled_progress_then_thread_messages(setup, slack):
     assert await notifier.step() == 1
     [card] = slack.root_messages("C0TRAIN")
     assert "number 1 in line" in json.dumps(card.blocks)
-    recorded = service.get_run(settings, run.id)
+    recorded = shown(settings, service.get_run(settings, run.id))
     assert recorded.thread_ts == recorded.card_ts == card.ts
 
     change(settings, run.id, lambda r: r.transition(RunState.PREPARING), ("state", {"state": "preparing"}))
@@ -116,7 +117,7 @@ async def test_an_event_stays_pending_until_slack_accepts_it(setup, slack):
     with pytest.raises(Transient):
         await notifier.step()
     assert pending(settings) == 1 and slack.calls_to("chat.postMessage") == []
-    assert service.get_run(settings, run.id).card_ts == ""
+    assert shown(settings, service.get_run(settings, run.id)).card_ts == ""
     client.base_url = real
     assert await notifier.step() == 0  # nothing new: the run's lane tries its held event again
     assert pending(settings) == 0 and len(slack.root_messages("C0TRAIN")) == 1
@@ -141,7 +142,7 @@ async def test_a_requeued_run_keeps_its_card(setup, slack):
     change(settings, run.id, lambda r: (r.transition(RunState.CANCELLED), setattr(r, "cancelled_by", "U0BOB")),
            ("state", {"state": "cancelled"}), ("cancelled", {"by": "U0BOB"}))
     change(settings, run.id, lambda r: r.transition(RunState.QUEUED), ("queued", {"position": 1}),
-           ("notice", {"text": "Resumed by <@U0ALICE>"}))
+           ("resumed", {"by": "U0ALICE", "checkpoint_step": 0, "auto": False}))
     await notifier.step()
     [card] = slack.root_messages("C0TRAIN")
     texts = [m.text for m in slack.thread("C0TRAIN", card.ts)]
@@ -163,7 +164,7 @@ async def test_log_lines_become_excerpts_one_per_interval_errors_at_once_and_sta
     notifier.lanes.clear()
     run = new_run(settings)
     await notifier.step()
-    run = service.get_run(settings, run.id)
+    run = shown(settings, service.get_run(settings, run.id))
 
     log_event(settings, run.id, "loading shards", "shard 1 of 2")
     await notifier.step()
@@ -206,7 +207,7 @@ async def test_a_finished_run_posts_its_last_lines_before_the_completion_and_a_l
                                         r.transition(RunState.SUCCEEDED), setattr(r, "adapter_path", "runs/a")),
            ("state", {"state": "succeeded"}), ("succeeded", {"metrics": metrics, "adapter": "runs/a"}))
     await notifier.step()
-    run = service.get_run(settings, run.id)
+    run = shown(settings, service.get_run(settings, run.id))
     thread = slack.thread("C0TRAIN", run.thread_ts)
     assert [m.text.split(":")[0] for m in thread][-2:] == [f"{run.id}", f"<@U0ALICE> {run.id} finished"]
     assert "the last line, held by the batcher" in thread[-2].blocks[0]["text"]["text"]

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from bot.blocks import CANCEL_ACTION
-from jobs import service
+from jobs.runs import service
 from tests.bot.conftest import workspace_processes
+from tests.conftest import shown
 
 pytestmark = pytest.mark.timeout(420)
 
@@ -20,7 +21,7 @@ def card_versions(card) -> list[str]:
 
 
 async def wait_run(bot, slack, run_id: str, predicate, timeout: float):
-    return await slack.until(lambda: (r := service.get_run(bot.settings.jobs, run_id)) and predicate(r) and r,
+    return await slack.until(lambda: (r := shown(bot.settings.jobs, service.get_run(bot.settings.jobs, run_id))) and predicate(r) and r,
                              timeout)
 
 

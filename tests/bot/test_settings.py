@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from bot.settings import SLACK_API_URL, BotSettings
-from jobs.settings import SettingsError
+from jobs.core.settings import SettingsError
 
 GOOD = {"SLACK_BOT_TOKEN": "xoxb-1-2-abc", "SLACK_SIGNING_SECRET": "sekret", "TUNEOPS_PYTHON": sys.executable}
 

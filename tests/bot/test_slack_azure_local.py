@@ -7,8 +7,9 @@ import json
 
 import pytest
 
-from jobs import service, store
-from jobs.domain import Run
+from jobs.core import store
+from jobs.core.domain import Run
+from jobs.runs import service
 
 
 @pytest.fixture

@@ -9,7 +9,15 @@ import os
 import pytest
 
 from bot import doctor
-from jobs import service, store
+from jobs.backends.aca.standin import (
+    ExecutionPlan,
+    Fault,
+    dies_at_once,
+    simulated_trainer,
+)
+from jobs.core import store
+from jobs.runs import service
+from tests.azure import standin_worker
 from tests.bot.slack_azure import (  # noqa: F401  (fixtures)
     ADMIN,
     aca,
@@ -18,9 +26,7 @@ from tests.bot.slack_azure import (  # noqa: F401  (fixtures)
     standin,
     worker_log,
 )
-from tests.azure import standin_worker
-from tests.conftest import ROOT
-from tests.standins.azure import ExecutionPlan, Fault, dies_at_once, simulated_trainer
+from tests.conftest import ROOT, shown
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -121,13 +127,13 @@ async def test_provision_refusals_and_a_broken_config(bot, slack, aca):
 
 async def test_a_run_on_aca_has_portal_links_in_its_thread_and_card_and_logs_from_log_analytics(
         bot, slack, aca, aca_worker):
-    from jobs.aca.provision import provision_finetune
+    from jobs.backends.aca.provision import provision_finetune
 
     provision_finetune(aca.clients)
     aca.standin.plan_execution(ExecutionPlan(program=simulated_trainer(steps=4, step_delay=0.05)))
     _, _, key = await bot.command("run --dataset datasets/chat.jsonl --max-steps 4")
     assert await slack.until(lambda: slack.responses[key], 30)
-    run = await slack.until(lambda: (r := service.get_run(bot.settings.jobs, "ft-0001")) and r.state.terminal and r,
+    run = await slack.until(lambda: (r := shown(bot.settings.jobs, service.get_run(bot.settings.jobs, "ft-0001"))) and r.state.terminal and r,
                             120)
     assert run and run.state == "succeeded", (run, worker_log(aca_worker)[-3000:])
     assert run.backend == "aca" and set(run.links) == {"job", "execution", "logs"}
@@ -156,14 +162,14 @@ async def test_a_run_on_aca_has_portal_links_in_its_thread_and_card_and_logs_fro
 
 
 async def test_a_container_that_died_before_writing_anything_shows_its_last_words(bot, slack, aca, aca_worker):
-    from jobs.aca.provision import provision_finetune
+    from jobs.backends.aca.provision import provision_finetune
 
     provision_finetune(aca.clients)
     aca.standin.plan_execution(ExecutionPlan(program=dies_at_once(("exec /bin/bash: exec format error",
                                                                    "standard_init_linux.go:228: exec user process"))))
     _, _, key = await bot.command("run --dataset datasets/chat.jsonl --max-steps 4")
     assert await slack.until(lambda: slack.responses[key], 30)
-    run = await slack.until(lambda: (r := service.get_run(bot.settings.jobs, "ft-0001")) and r.state.terminal and r,
+    run = await slack.until(lambda: (r := shown(bot.settings.jobs, service.get_run(bot.settings.jobs, "ft-0001"))) and r.state.terminal and r,
                             120)
     assert run and run.state == "failed", (run, worker_log(aca_worker)[-3000:])
     failed = await slack.until(lambda: [m for m in slack.thread("C0TRAIN", run.thread_ts) if "failed" in m.text], 20)

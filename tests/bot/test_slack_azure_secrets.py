@@ -14,6 +14,7 @@ from rq.job import Job
 
 from bot import secretform
 from bot.redact import redact
+from bot.standin.slack import signed_headers
 from tests.bot.conftest import SIGNING_SECRET
 from tests.bot.slack_azure import (  # noqa: F401  (fixtures)
     ADMIN,
@@ -25,7 +26,6 @@ from tests.bot.slack_azure import (  # noqa: F401  (fixtures)
     view_submission_body,
     worker_log,
 )
-from tests.standins.slack import signed_headers
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -137,9 +137,9 @@ async def test_a_secret_set_through_the_modal_reaches_key_vault_and_the_job_and_
         assert CANARY not in json.dumps(call.params) + json.dumps(call.response), call.method
     assert not [v for v in redis_dump(bot_env["REDIS_URL"]) if CANARY.encode() in v]
     args = rq_job_args(bot_env["REDIS_URL"])
-    assert any("provision_task" in a for a in args) and not [a for a in args if CANARY in a]
+    assert any("run_op" in a for a in args) and not [a for a in args if CANARY in a]
     assert caplog.records and not [r for r in caplog.records if CANARY in r.getMessage()]
-    assert "provision_task('pv-0001')" in worker_log(aca_worker) and CANARY not in worker_log(aca_worker)
+    assert "run_op('pv-0001')" in worker_log(aca_worker) and CANARY not in worker_log(aca_worker)
     to_azure = [r for r in aca.standin.requests if CANARY.encode() in r.body]
     assert [(r.service, r.method) for r in to_azure] == [("vault", "PUT")]
 
@@ -181,12 +181,12 @@ async def test_only_admins_may_set_or_list_secrets(bot, slack, aca):
 
 
 async def test_secret_list_shows_names_and_dates_never_values(bot, slack, aca, bot_env):
-    from jobs.aca import api
-    from jobs.settings import JobSettings
+    from jobs.backends import get_backend
+    from jobs.core.settings import JobSettings
 
-    settings = JobSettings.from_env(bot_env)
-    api.set_secret(settings, "HF_TOKEN", CANARY)
-    api.set_secret(settings, "WANDB_API_KEY", CANARY + ".w")
+    backend = get_backend(JobSettings.from_env(bot_env))
+    backend.set_secret("HF_TOKEN", CANARY)
+    backend.set_secret("WANDB_API_KEY", CANARY + ".w")
     status, ack, key = await bot.command("secret list")
     assert status == 200
     [answer] = await slack.until(lambda: slack.responses[key], 20)

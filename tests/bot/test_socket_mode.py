@@ -11,9 +11,9 @@ import sys
 
 import pytest
 
-from jobs import service
-from tests.conftest import ROOT
-from tests.standins.slack import slash_command_payload
+from bot.standin.slack import slash_command_payload
+from jobs.runs import service
+from tests.conftest import ROOT, shown
 
 
 @pytest.fixture
@@ -36,7 +36,7 @@ def socket_bot(bot_env, slack):
 
 
 def test_socket_mode_answers_commands_and_runs_the_notifier(socket_bot, slack, bot_env):
-    from jobs.settings import JobSettings
+    from jobs.core.settings import JobSettings
 
     envelope = slack.push_envelope("slash_commands", slash_command_payload(
         "help", response_url=slack.response_url("h")))
@@ -53,7 +53,7 @@ def test_socket_mode_answers_commands_and_runs_the_notifier(socket_bot, slack, b
     assert card and "ft-0001: queued" in card[0].text
     settings = JobSettings.from_env(bot_env)
     # the card's ts is recorded right after Slack accepted the card
-    assert slack.wait_for(lambda: service.get_run(settings, "ft-0001").card_ts == card[0].ts, 30)
+    assert slack.wait_for(lambda: shown(settings, service.get_run(settings, "ft-0001")).card_ts == card[0].ts, 30)
 
     socket_bot.send_signal(signal.SIGTERM)
     out, _ = socket_bot.communicate(timeout=30)

@@ -8,7 +8,7 @@ from slack_sdk.errors import SlackApiError
 from slack_sdk.signature import SignatureVerifier
 from slack_sdk.web.async_client import AsyncWebClient
 
-from tests.standins.slack import SlackStandIn, signed_headers, slash_command_body
+from bot.standin.slack import SlackStandIn, signed_headers, slash_command_body
 
 
 @pytest.fixture

@@ -6,8 +6,8 @@ from __future__ import annotations
 import redis
 
 from bot.stream import ALIVE, OWNERS, EventStream
-from jobs import store
-from jobs.domain import RunEvent
+from jobs.core import store
+from jobs.core.domain import RunEvent
 
 
 def emit(conn, run_id: str, n: int) -> None:

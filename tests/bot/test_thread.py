@@ -9,8 +9,8 @@ import json
 import pytest
 
 from bot.blocks import DEPLOY_ACTION, LOGS_ACTION, RESUME_ACTION
-from jobs import service
-from tests.conftest import ROOT
+from jobs.runs import service
+from tests.conftest import ROOT, shown
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -47,7 +47,7 @@ def buttons(msg) -> dict[str, str]:
 async def run_to_end(bot, slack, text: str, run_id: str = "ft-0001", timeout: float = 120):
     _, _, key = await bot.command(text)
     assert await slack.until(lambda: slack.responses[key], 60), "the run was not queued"
-    run = await slack.until(lambda: (r := service.get_run(bot.settings.jobs, run_id)) and r.state.terminal and r,
+    run = await slack.until(lambda: (r := shown(bot.settings.jobs, service.get_run(bot.settings.jobs, run_id))) and r.state.terminal and r,
                             timeout)
     assert run, service.get_run(bot.settings.jobs, run_id)
     return run
@@ -159,7 +159,7 @@ async def test_a_timed_out_run_resumed_with_its_button(story, bot, worker, slack
     note = await slack.until(lambda: slack.responses[key], 30)
     assert "Resuming ft-0001 from the checkpoint of step 4" in json.dumps(note)
 
-    done = await slack.until(lambda: (r := service.get_run(bot.settings.jobs, run.id)) and r.state == "succeeded"
+    done = await slack.until(lambda: (r := shown(bot.settings.jobs, service.get_run(bot.settings.jobs, run.id))) and r.state == "succeeded"
                              and r, 90)
     assert done and done.attempts == 2
     thread = await thread_until(slack, run, lambda msgs: any("finished" in m.text for m in msgs))

@@ -17,11 +17,12 @@ from slack_sdk.web.async_client import AsyncWebClient
 from bot.notifier import Notifier
 from bot.ratelimit import ChannelBudget
 from bot.slack import SlackGateway
+from bot.standin.slack import SlackStandIn
 from bot.stream import ALIVE, OWNERS
-from jobs import store
-from jobs.domain import Run, RunEvent, RunState
-from jobs.settings import JobSettings
-from tests.standins.slack import SlackStandIn
+from jobs.core import store
+from jobs.core.domain import Run, RunEvent, RunState
+from jobs.core.settings import JobSettings
+from tests.conftest import shown
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -109,7 +110,7 @@ async def test_a_429_storm_across_two_bot_processes_loses_nothing_and_keeps_each
         def finished():
             done = {}
             for run in runs:
-                ts = store.load_run(conn, run.id).thread_ts
+                ts = shown(settings, store.load_run(conn, run.id)).thread_ts
                 msgs = slack.thread(CHANNEL, ts) if ts else []
                 if not any("finished" in m.text for m in msgs):
                     return None
@@ -121,7 +122,7 @@ async def test_a_429_storm_across_two_bot_processes_loses_nothing_and_keeps_each
         await survivor.stop()
         await budget_redis.aclose()
 
-    assert threads, [(r.id, [m.text for m in slack.thread(CHANNEL, store.load_run(conn, r.id).thread_ts or "")])
+    assert threads, [(r.id, [m.text for m in slack.thread(CHANNEL, shown(settings, store.load_run(conn, r.id)).thread_ts or "")])
                      for r in runs]
     limited = [c for c in slack.calls if c.status == 429]
     assert len(limited) >= 3, "the stand-in should have answered with 429s"

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from jobs import store
-from jobs.domain import RunEvent
-from jobs.settings import JobSettings
+import jobs.core.settings as jobs_settings
+from jobs.core import store
+from jobs.core.domain import RunEvent
+from jobs.core.settings import JobSettings
 from tests.conftest import make_workspace, wait_for  # noqa: F401  (wait_for: for the tests here)
 
 HERE = Path(__file__).resolve().parent
@@ -53,7 +54,7 @@ def workspace(tmp_path, tiny_model, example_dataset) -> Path:
     yield ws
     # Never leave a trainer behind, whatever the test did; and never touch a process that merely got a reused pid:
     # only members of a launch's group that work in this workspace.
-    from jobs.procs import group_members
+    from jobs.core.procs import group_members
 
     for pgid in trainer_groups(ws):
         for pid in group_members(pgid):
@@ -74,13 +75,12 @@ def fake_trainer(monkeypatch):
 @pytest.fixture
 def settings(redis_url, workspace):
     """Settings for the fake trainer; tests of the real trainer replace train_module."""
-    from jobs import tasks
 
     s = JobSettings(redis_url=redis_url, workspace=workspace, max_running=2, monitor_interval_s=0.5,
                     python=sys.executable, train_module="fake_train", train_overrides=FAST)
-    tasks.configure(s)  # for tasks called in this process
+    jobs_settings.configure(s)  # for tasks called in this process
     yield s
-    tasks.configure(None)
+    jobs_settings.configure(None)
 
 
 def settings_env(settings: JobSettings) -> dict[str, str]:

@@ -8,11 +8,15 @@ import time
 
 import pytest
 
-from jobs import approval, store, tasks
-from jobs.approval import Approval, ApprovalState, decision_refusal
-from jobs.domain import Run, RunEvent, RunState
-from jobs.durations import describe_duration, parse_duration
-from jobs.service import RunRejected
+import jobs.core.settings as jobs_settings
+from bot import words
+from jobs import reconcile
+from jobs.core import queue, store
+from jobs.core.domain import Run, RunEvent, RunState
+from jobs.core.durations import describe_duration, parse_duration
+from jobs.core.errors import RunRejected
+from jobs.deploys import approval
+from jobs.deploys.approval import Approval, ApprovalState, decision_refusal
 
 APPROVERS = frozenset({"U0APPROVER", "U0BOSS"})
 
@@ -27,7 +31,6 @@ def succeeded_run(settings, **kw) -> Run:
         for state in (RunState.PREPARING, RunState.RUNNING, RunState.SUCCEEDED):
             r.transition(state)
         r.adapter_path = f"runs/{r.id}/adapter"
-        r.thread_ts = r.card_ts = "1700000000.000001"
         return []
 
     store.update_run(conn, run.id, finish)
@@ -48,21 +51,27 @@ def pending_request(**kw) -> Approval:
     ("U0APPROVER", True, None),
     ("U0APPROVER", False, None),
 ])
+def said(req, user, approve, approvers, now):
+    """The refusal as the person reads it: the jobs check says why (a code), the bot says it in words."""
+    why = decision_refusal(req, user, approve, approvers, now)
+    return None if why is None else words.refusal(approval.DecisionRefused(why, req, approvers))
+
+
 def test_who_may_decide(user, approve, expected):
-    reason = decision_refusal(pending_request(), user, approve, APPROVERS, time.time())
+    reason = said(pending_request(), user, approve, APPROVERS, time.time())
     assert (reason is None) if expected is None else (expected in reason)
 
 
 def test_four_eyes_even_for_an_approver_and_the_state_and_the_clock():
     req = pending_request(requested_by="U0APPROVER")
-    reason = decision_refusal(req, "U0APPROVER", True, APPROVERS, time.time())
+    reason = said(req, "U0APPROVER", True, APPROVERS, time.time())
     assert "someone else has to approve it (four eyes)" in reason and "<@U0BOSS>" in reason
-    assert decision_refusal(req, "U0APPROVER", False, APPROVERS, time.time()) is None  # withdrawing is fine
-    alone = decision_refusal(req, "U0APPROVER", True, frozenset({"U0APPROVER"}), time.time())
+    assert said(req, "U0APPROVER", False, APPROVERS, time.time()) is None  # withdrawing is fine
+    alone = said(req, "U0APPROVER", True, frozenset({"U0APPROVER"}), time.time())
     assert "No other approver is configured" in alone
-    assert "expired" in decision_refusal(req, "U0BOSS", True, APPROVERS, req.expires_at + 1)
+    assert "expired" in said(req, "U0BOSS", True, APPROVERS, req.expires_at + 1)
     req.state, req.decided_by = ApprovalState.REJECTED, "U0BOSS"
-    assert "already rejected by <@U0BOSS>" in decision_refusal(req, "U0APPROVER", True, APPROVERS, time.time())
+    assert "already rejected by <@U0BOSS>" in said(req, "U0APPROVER", True, APPROVERS, time.time())
 
 
 def test_durations():
@@ -99,8 +108,8 @@ def test_two_approvals_at_once_decide_once_and_enqueue_one_deploy(settings):
     conn = store.connect(settings)
     run = succeeded_run(settings)
     req = approval.request_deploy(settings, run.id, "U0ALICE", "C0TRAIN")
-    queue = tasks.get_queue(settings)
-    before = queue.count
+    rq_queue = queue.get_queue(settings)
+    before = rq_queue.count
     results: dict[str, object] = {}
     start = threading.Barrier(2)
 
@@ -121,7 +130,7 @@ def test_two_approvals_at_once_decide_once_and_enqueue_one_deploy(settings):
     assert len(won) == 1 and len(lost) == 1 and "already approved by" in str(lost[0])
     stored = approval.get_approval(settings, req.id)
     assert stored.state is ApprovalState.APPROVED and stored.decided_by == won[0] and stored.decided_at
-    assert queue.count == before + 1 and queue.jobs[-1].id == f"deploy-{req.id}"
+    assert rq_queue.count == before + 1 and rq_queue.jobs[-1].id == f"deploy-{req.id}"
     record = store.load_run(conn, run.id).deployments[0]
     assert record["state"] == "approved" and record["decided_by"] == won[0]
     states = [e.data["state"] for e in store.run_events(conn, run.id) if e.kind == "approval"]
@@ -130,7 +139,7 @@ def test_two_approvals_at_once_decide_once_and_enqueue_one_deploy(settings):
 
 def test_an_expired_request_is_refused_and_marked(settings):
     settings = type(settings)(**{**settings.__dict__, "approval_ttl_s": 1.5})
-    tasks.configure(settings)
+    jobs_settings.configure(settings)
     run = succeeded_run(settings)
     req = approval.request_deploy(settings, run.id, "U0ALICE", "C0TRAIN")
     assert approval.expire_approval(req.id) == "not yet"  # too early: looks again later
@@ -139,7 +148,7 @@ def test_an_expired_request_is_refused_and_marked(settings):
         approval.decide(settings, req.id, "U0APPROVER", True, APPROVERS)
     assert approval.get_approval(settings, req.id).state is ApprovalState.EXPIRED
     assert approval.expire_approval(req.id) == "decided"
-    assert tasks.get_queue(settings).fetch_job(f"deploy-{req.id}") is None
+    assert queue.get_queue(settings).fetch_job(f"deploy-{req.id}") is None
     # the run may be asked for again
     again = approval.request_deploy(settings, run.id, "U0ALICE", "C0TRAIN")
     assert again.id != req.id
@@ -148,7 +157,7 @@ def test_an_expired_request_is_refused_and_marked(settings):
 
 def test_the_expiry_task_marks_a_request_nobody_decided(settings):
     settings = type(settings)(**{**settings.__dict__, "approval_ttl_s": 0.2})
-    tasks.configure(settings)
+    jobs_settings.configure(settings)
     run = succeeded_run(settings)
     req = approval.request_deploy(settings, run.id, "U0ALICE", "C0TRAIN")
     time.sleep(0.3)
@@ -163,7 +172,7 @@ def approved(settings, run: Run) -> Approval:
 
 
 def test_a_local_deploy_that_cannot_start_fails_with_its_reason(settings):
-    from jobs.deploy import deploy_approved
+    from jobs.deploys.deploy import deploy_approved
 
     run = succeeded_run(settings)  # its adapter folder was never written
     req = approved(settings, run)
@@ -177,8 +186,8 @@ def test_a_local_deploy_that_cannot_start_fails_with_its_reason(settings):
 
 
 def test_following_an_azure_deploy_records_how_its_operation_ended(settings):
-    from jobs.aca.ops import OP_KEY
-    from jobs.deploy import follow_aca_deploy
+    from jobs.core.store import OP_KEY
+    from jobs.deploys.deploy import follow_backend_deploy
 
     conn = store.connect(settings)
     results = {"pv-0001": ("failed", "The inference app tuneops-infer does not exist yet: run `/finetune provision "
@@ -196,9 +205,10 @@ def test_following_an_azure_deploy_records_how_its_operation_ended(settings):
 
         approval.update_approval(conn, req.id, hand_over)
         conn.hset(OP_KEY.format(op_id), mapping={"kind": "deploy", "state": "running", "target": run.id})
-        assert follow_aca_deploy(req.id) == "following"
-        conn.hset(OP_KEY.format(op_id), mapping={"state": state, "result": result})
-        assert follow_aca_deploy(req.id) == ("failed" if state == "failed" else "deployed")
+        assert follow_backend_deploy(req.id) == "following"
+        endpoint = "https://tuneops-infer.example.io" if state == "succeeded" else ""
+        conn.hset(OP_KEY.format(op_id), mapping={"state": state, "result": result, "endpoint": endpoint})
+        assert follow_backend_deploy(req.id) == ("failed" if state == "failed" else "deployed")
         done = approval.get_approval(settings, req.id)
         if state == "failed":
             assert done.state is ApprovalState.FAILED and "provision inference" in done.error
@@ -211,31 +221,31 @@ def test_following_an_azure_deploy_records_how_its_operation_ended(settings):
 def test_reconcile_recovers_a_deploy_whose_worker_died(settings):
     from rq.job import Job
 
-    from jobs.deploy import LOST_DEPLOY
+    from jobs.deploys.deploy import LOST_DEPLOY
 
     conn = store.connect(settings)
     run = succeeded_run(settings)
     req = approved(settings, run)
-    assert tasks.reconcile_once(settings)["redeployed"] == []  # its deploy task is still queued
+    assert reconcile.reconcile_once(settings)["redeployed"] == []  # its deploy task is still queued
 
     def lose_the_task_and_age(a: Approval, r: Run):
         a.decided_at = time.time() - 60
         return []
 
-    Job.fetch(f"deploy-{req.id}", connection=tasks.rq_connection(settings)).delete()
+    Job.fetch(f"deploy-{req.id}", connection=queue.rq_connection(settings)).delete()
     approval.update_approval(conn, req.id, lose_the_task_and_age)
-    assert tasks.reconcile_once(settings)["redeployed"] == [req.id]
-    assert tasks.get_queue(settings).jobs[-1].id == f"deploy-{req.id}"
+    assert reconcile.reconcile_once(settings)["redeployed"] == [req.id]
+    assert queue.get_queue(settings).jobs[-1].id == f"deploy-{req.id}"
 
     def begin(a: Approval, r: Run):  # the worker took the task and died while deploying
         a.move(ApprovalState.DEPLOYING)
         return []
 
     approval.update_approval(conn, req.id, begin)
-    Job.fetch(f"deploy-{req.id}", connection=tasks.rq_connection(settings)).delete()
-    assert tasks.reconcile_once(settings)["failed"] == [req.id]
+    Job.fetch(f"deploy-{req.id}", connection=queue.rq_connection(settings)).delete()
+    assert reconcile.reconcile_once(settings)["failed"] == [req.id]
     failed = approval.get_approval(settings, req.id)
     assert failed.state is ApprovalState.FAILED and failed.error == LOST_DEPLOY.format(run=run.id)
     events = [e.data for e in store.run_events(conn, run.id) if e.kind == "deploy"]
     assert events[-1]["state"] == "failed" and "/finetune deploy" in events[-1]["error"]
-    assert tasks.reconcile_once(settings)["failed"] == []  # decided once
+    assert reconcile.reconcile_once(settings)["failed"] == []  # decided once

@@ -8,7 +8,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from jobs.domain import TERMINAL_STATES, TRANSITIONS, IllegalTransition, Run, RunEvent, RunState
+from jobs.core.domain import (
+    TERMINAL_STATES,
+    TRANSITIONS,
+    IllegalTransition,
+    Run,
+    RunEvent,
+    RunState,
+)
 
 
 def new_run(state: RunState = RunState.QUEUED) -> Run:

@@ -11,11 +11,11 @@ import textwrap
 
 import pytest
 
-from jobs.domain import Run, RunState
-from jobs.executor import ExecStatus
-from jobs.local import LOG_HEADER, LocalExecutor
-from jobs.procs import pid_alive
-from jobs.runconfig import build_train_config
+from jobs.backends.local.executor import LOG_HEADER, LocalExecutor
+from jobs.backends.protocol import ExecStatus
+from jobs.core.domain import Run, RunState
+from jobs.core.procs import pid_alive
+from jobs.core.runconfig import build_train_config
 from tests.conftest import wait_for
 
 pytestmark = pytest.mark.usefixtures("fake_trainer")
@@ -104,9 +104,9 @@ def test_another_process_follows_the_execution(settings, monkeypatch):
     start(ex, run, settings)
     probe = textwrap.dedent(f"""
         import json, sys
-        from jobs.domain import Run
-        from jobs.local import LocalExecutor
-        from jobs.settings import JobSettings
+        from jobs.core.domain import Run
+        from jobs.backends.local.executor import LocalExecutor
+        from jobs.core.settings import JobSettings
         run = Run.from_dict(json.loads(sys.argv[1]))
         print(LocalExecutor(JobSettings(workspace={str(settings.workspace)!r})).status(run).status)
     """)
@@ -234,7 +234,7 @@ def started_long_run(ex: LocalExecutor, settings) -> tuple[Run, int]:
 
 
 def _group(pgid: int) -> list[int]:
-    from jobs.procs import group_members
+    from jobs.core.procs import group_members
 
     return group_members(pgid)
 
@@ -242,9 +242,10 @@ def _group(pgid: int) -> list[int]:
 def test_the_backend_is_picked_in_one_place(settings):
     import dataclasses
 
-    from jobs.backends import get_executor
-    from jobs.executor import BackendError
+    from jobs.backends import get_backend
+    from jobs.backends.local.backend import LocalBackend
+    from jobs.core.errors import BackendError
 
-    assert isinstance(get_executor(settings), LocalExecutor)
+    assert isinstance(get_backend(settings), LocalBackend) and isinstance(get_backend(settings), LocalExecutor)
     with pytest.raises(BackendError, match="set TUNEOPS_BACKEND to 'local' or 'aca'"):
-        get_executor(dataclasses.replace(settings, backend="k8s"))
+        get_backend(dataclasses.replace(settings, backend="k8s"))

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from jobs.domain import Run, RunState
-from jobs.executor import ExecStatus, ExecutionInfo
-from jobs.progress import LOG_EVENT_LINES, apply_progress, finish
+from jobs.backends.protocol import ExecStatus, ExecutionInfo
+from jobs.core.domain import Run, RunState
+from jobs.runs.progress import LOG_EVENT_LINES, apply_progress, finish
 from payload.events import make_event
 
 

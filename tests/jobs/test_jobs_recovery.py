@@ -15,15 +15,17 @@ from rq import Queue
 from rq.registry import ScheduledJobRegistry
 from rq.scheduler import RQScheduler
 
-from jobs import service, store, tasks
-from jobs.domain import RunState
-from jobs.progress import move
+from jobs import reconcile
+from jobs.core import queue, store
+from jobs.core.domain import RunState
+from jobs.runs import service, tasks, transitions
+from jobs.runs.progress import move
 from jobs.worker import SCHEDULER_LOCK_TTL_S, break_stale_scheduler_lock
 
 
 @pytest.fixture
 def rq_conn(settings):
-    return tasks.rq_connection(settings)
+    return queue.rq_connection(settings)
 
 
 def dead_pid() -> int:
@@ -33,7 +35,7 @@ def dead_pid() -> int:
 
 
 def hold_scheduler_lock(rq_conn, name: str, *, pid: int | None, ttl: int = SCHEDULER_LOCK_TTL_S) -> str:
-    key = RQScheduler.get_locking_key(tasks.QUEUE_NAME)
+    key = RQScheduler.get_locking_key(queue.QUEUE_NAME)
     rq_conn.set(key, name, ex=ttl)
     if pid is not None:
         rq_conn.hset(f"rq:scheduler:{name}", mapping={"hostname": socket.gethostname(), "pid": pid})
@@ -65,15 +67,15 @@ def test_a_lock_nobody_renews_is_freed_wherever_its_holder_ran(rq_conn):
 
 
 def test_job_pending(settings, rq_conn):
-    assert tasks.job_pending(settings, None) is False
-    assert tasks.job_pending(settings, "no-such-job") is False
-    queued = tasks.enqueue_admit(settings)
-    assert tasks.job_pending(settings, queued.id) is True
-    later = tasks._enqueue(settings, tasks.admit_runs, delay_s=60)
-    assert tasks.job_pending(settings, later.id) is True
+    assert queue.job_pending(settings, None) is False
+    assert queue.job_pending(settings, "no-such-job") is False
+    queued = transitions.enqueue_admit(settings)
+    assert queue.job_pending(settings, queued.id) is True
+    later = queue.enqueue(settings, queue.ADMIT_RUNS, delay_s=60)
+    assert queue.job_pending(settings, later.id) is True
     # Scheduled long ago and still not run: no scheduler is doing its work.
-    ScheduledJobRegistry(tasks.QUEUE_NAME, connection=rq_conn).schedule(later, datetime.now(UTC) - timedelta(minutes=2))
-    assert tasks.job_pending(settings, later.id) is False
+    ScheduledJobRegistry(queue.QUEUE_NAME, connection=rq_conn).schedule(later, datetime.now(UTC) - timedelta(minutes=2))
+    assert queue.job_pending(settings, later.id) is False
 
 
 def running_run(settings, **changes):
@@ -92,41 +94,40 @@ def running_run(settings, **changes):
 
 
 def jobs_of(settings, rq_conn) -> list[tuple[str, tuple]]:
-    queue = Queue(tasks.QUEUE_NAME, connection=rq_conn)
-    return [(job.func_name.rsplit(".", 1)[1], job.args) for job in queue.jobs]
+    return [(job.func_name.rsplit(".", 1)[1], job.args) for job in Queue(queue.QUEUE_NAME, connection=rq_conn).jobs]
 
 
 def test_reconcile_restarts_a_lost_monitor_chain_once(settings, rq_conn):
     run = running_run(settings, execution_id="ft-0001/attempt-1")
-    Queue(tasks.QUEUE_NAME, connection=rq_conn).empty()
-    done = tasks.reconcile_once(settings)
+    Queue(queue.QUEUE_NAME, connection=rq_conn).empty()
+    done = reconcile.reconcile_once(settings)
     assert done["monitored"] == [run.id]
-    token = store.connect(settings).get(tasks.TICK_KEY.format(run.id))
+    token = store.connect(settings).get(store.TICK_KEY.format(run.id))
     assert jobs_of(settings, rq_conn) == [("monitor_run", (run.id, token))]
     # The restarted chain is pending now: a second pass leaves it alone.
-    assert tasks.reconcile_once(settings)["monitored"] == []
+    assert reconcile.reconcile_once(settings)["monitored"] == []
 
 
 def test_reconcile_restarts_a_lost_start_only_after_a_while(settings, rq_conn):
     run = running_run(settings)  # admitted (preparing), no execution: its start task was lost
-    Queue(tasks.QUEUE_NAME, connection=rq_conn).empty()
-    assert tasks.reconcile_once(settings)["started"] == []  # it may still be on its way
+    Queue(queue.QUEUE_NAME, connection=rq_conn).empty()
+    assert reconcile.reconcile_once(settings)["started"] == []  # it may still be on its way
     conn = store.connect(settings)
     # As if time had passed: update_run stamps updated_at, so the aged record is written directly.
     aged = store.load_run(conn, run.id)
-    aged.updated_at = time.time() - tasks.START_STALE_S - 1
+    aged.updated_at = time.time() - reconcile.START_STALE_S - 1
     with conn.pipeline() as pipe:
-        store._write_run(pipe, aged)
+        store.write_run(pipe, aged)
         pipe.execute()
-    assert tasks.reconcile_once(settings)["started"] == [run.id]
+    assert reconcile.reconcile_once(settings)["started"] == [run.id]
     assert ("start_run", (run.id,)) in jobs_of(settings, rq_conn)
 
 
 def test_reconcile_asks_again_for_a_lost_cancel_and_fills_free_slots(settings, rq_conn):
     run = running_run(settings, execution_id="ft-0001/attempt-1", cancelled_by="U2")
     queued = service.submit_run(settings, requester="U1", channel="C1", dataset="datasets/train.jsonl")
-    Queue(tasks.QUEUE_NAME, connection=rq_conn).empty()
-    done = tasks.reconcile_once(settings)
+    Queue(queue.QUEUE_NAME, connection=rq_conn).empty()
+    done = reconcile.reconcile_once(settings)
     assert done["cancelled"] == [run.id]
     names = [name for name, _ in jobs_of(settings, rq_conn)]
     assert "cancel_run" in names and "admit_runs" in names  # one slot of two is free for the queued run
@@ -135,18 +136,18 @@ def test_reconcile_asks_again_for_a_lost_cancel_and_fills_free_slots(settings, r
 
 def test_a_superseded_tick_does_nothing(settings):
     run = running_run(settings, execution_id="ft-0001/attempt-1")
-    current = tasks.schedule_tick(settings, run.id, 60)
+    current = transitions.schedule_tick(settings, run.id, 60)
     before = store.run_events(store.connect(settings), run.id)
     assert tasks.monitor_run(run.id, "monitor-ft-0001-old") == "superseded"
     assert store.run_events(store.connect(settings), run.id) == before
-    assert store.connect(settings).get(tasks.TICK_KEY.format(run.id)) == current
+    assert store.connect(settings).get(store.TICK_KEY.format(run.id)) == current
 
 
 @pytest.mark.usefixtures("fake_trainer")
 def test_a_retried_start_never_starts_a_second_trainer(settings, monkeypatch):
     """The first start died after launching the trainer and before recording it; the retry finds the launch."""
-    from jobs.local import LocalExecutor
-    from jobs.runconfig import build_train_config
+    from jobs.backends.local.executor import LocalExecutor
+    from jobs.core.runconfig import build_train_config
 
     monkeypatch.setenv("FAKE_STEP_S", "0.2")
     run = running_run(settings)

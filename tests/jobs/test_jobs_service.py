@@ -8,9 +8,10 @@ import threading
 import pytest
 from rq import Queue
 
-from jobs import service, store, tasks
-from jobs.domain import RunState
-from jobs.service import RunRejected
+from jobs.core import queue, store
+from jobs.core.domain import RunState
+from jobs.core.errors import RunRejected
+from jobs.runs import service, tasks
 
 
 def submit(settings, **kw):
@@ -19,7 +20,7 @@ def submit(settings, **kw):
 
 
 def queued_jobs(settings) -> list[str]:
-    return [job.func_name for job in Queue(tasks.QUEUE_NAME, connection=tasks.rq_connection(settings)).jobs]
+    return [job.func_name for job in Queue(queue.QUEUE_NAME, connection=queue.rq_connection(settings)).jobs]
 
 
 def nothing_created(settings) -> bool:
@@ -36,7 +37,7 @@ def test_submit_creates_a_queued_run_reports_it_and_asks_for_admission(settings)
     assert service.get_run(settings, run.id) == run
     events = store.run_events(store.connect(settings), run.id)
     assert [(e.kind, e.data) for e in events] == [("queued", {"position": 1})]
-    assert queued_jobs(settings) == ["jobs.tasks.admit_runs"]
+    assert queued_jobs(settings) == ["jobs.runs.tasks.admit_runs"]
     assert service.queue_position(settings, run.id) == 1
 
 
@@ -134,7 +135,7 @@ def test_cancel_a_queued_run_and_the_line_moves(settings):
         ("state", {"state": "cancelled", "previous": "queued"}),
         ("cancelled", {"by": "U2"}),
     ]
-    assert "jobs.tasks.admit_runs" in queued_jobs(settings)
+    assert "jobs.runs.tasks.admit_runs" in queued_jobs(settings)
     tasks.admit_runs()  # what a worker does with that job: here max_running is 2, so b and c are admitted
     assert service.get_run(settings, b.id).state is RunState.PREPARING
     assert service.get_run(settings, c.id).state is RunState.PREPARING
@@ -172,16 +173,19 @@ def test_resume_only_finished_runs_and_back_in_line(settings):
     resumed = service.resume_run(settings, run.id, by="U3")
     assert resumed.state is RunState.QUEUED and resumed.cancelled_by == "" and resumed.finished_at is None
     tail = store.run_events(store.connect(settings), run.id)[-3:]
-    assert [(e.kind, e.data.get("state")) for e in tail] == [("state", "queued"), ("notice", None), ("queued", None)]
-    assert "Resumed by <@U3>" in tail[1].data["text"] and tail[2].data == {"position": 1}
+    assert [(e.kind, e.data.get("state")) for e in tail] == [("state", "queued"), ("resumed", None), ("queued", None)]
+    assert tail[1].data == {"by": "U3", "checkpoint_step": 0, "auto": False} and tail[2].data == {"position": 1}
 
 
-def test_set_thread_records_the_card(settings):
+def test_the_bot_records_where_it_posted_and_jobs_keeps_nothing_of_slack(settings):
+    from bot.threads import RUN_CARD, Threads
+
     run = submit(settings)
-    service.set_thread(settings, run.id, "C9", "1712345678.000100")
+    Threads(settings).set(RUN_CARD, run.id, "1712345678.000100")
+    assert Threads(settings).get(RUN_CARD, run.id) == "1712345678.000100"  # read back by another instance
     stored = service.get_run(settings, run.id)
-    assert (stored.channel, stored.thread_ts, stored.card_ts) == ("C9", "1712345678.000100", "1712345678.000100")
-    assert service.queue_position(settings, run.id) == 1  # saving again keeps its place in line
+    assert not any("ts" in key.split("_") for key in stored.to_dict())
+    assert service.queue_position(settings, run.id) == 1
 
 
 def test_tail_logs_of_a_run_that_never_started_is_empty(settings):

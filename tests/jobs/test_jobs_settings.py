@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from jobs.settings import JobSettings, SettingsError, redact_url
+from jobs.core.settings import JobSettings, SettingsError, redact_url
 
 
 def test_defaults_from_an_empty_environment(tmp_path, monkeypatch):

@@ -6,9 +6,9 @@ import threading
 
 import pytest
 
-from jobs import store
-from jobs.domain import Run, RunEvent, RunState
-from jobs.progress import move
+from jobs.core import store
+from jobs.core.domain import Run, RunEvent, RunState
+from jobs.runs.progress import move
 
 
 def make_run(conn, **kw) -> Run:

@@ -8,8 +8,9 @@ import dataclasses
 
 import pytest
 
-from jobs import service, tasks
-from jobs.domain import RunState
+import jobs.core.settings as jobs_settings
+from jobs.core.domain import RunState
+from jobs.runs import service
 from tests.jobs.conftest import ROOT, events_of, kinds, wait_for
 
 pytestmark = pytest.mark.timeout(180)
@@ -19,7 +20,7 @@ def test_a_run_past_its_limit_times_out_at_its_checkpoint_and_resumes_by_itself(
     monkeypatch.setenv("PYTHONPATH", str(ROOT))
     settings = dataclasses.replace(settings, train_module="tests.standins.story_train", run_timeout_s=3.0,
                                    auto_resume=1)
-    tasks.configure(settings)
+    jobs_settings.configure(settings)
     # The first attempt stalls after the checkpoint of step 4; the resumed one finishes.
     workers.start(settings, TUNEOPS_RUN_TIMEOUT_S="3", TUNEOPS_AUTO_RESUME="1", STORY_HANG_AFTER="4")
     run = service.submit_run(settings, requester="U0ALICE", channel="C0TRAIN", dataset="datasets/train.jsonl",
@@ -33,9 +34,8 @@ def test_a_run_past_its_limit_times_out_at_its_checkpoint_and_resumes_by_itself(
     assert story.index("timed_out") < story.index("state:queued", story.index("timed_out")) < story.index("succeeded")
     [timed_out] = [e for e in events if e.kind == "timed_out"]
     assert timed_out.data["checkpoint_step"] == 4
-    notices = [e.data["text"] for e in events if e.kind == "notice"]
-    assert any("resuming it by itself (1 of 1, TUNEOPS_AUTO_RESUME) from the checkpoint of step 4" in t
-               for t in notices), notices
+    resumed = [e.data for e in events if e.kind == "resumed"]
+    assert resumed == [{"by": "", "checkpoint_step": 4, "auto": True, "done": 1, "allowed": 1}], resumed
     log = (settings.workspace / "runs" / run.id / "train.log").read_text()
     assert "the run time limit of 3s is reached" in log and "resuming after step 4" in log
     assert (settings.workspace / "runs" / run.id / "attempt-1.timeout").exists()

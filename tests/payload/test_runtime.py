@@ -36,7 +36,7 @@ def test_the_trainer_says_torch_is_too_old(torch_disabled, tmp_path, tiny_model,
 
 
 def test_the_server_says_torch_is_too_old(torch_disabled, tiny_model):
-    from payload.serve import StartupError, load_engine
+    from payload.serving.engine import StartupError, load_engine
 
     with pytest.raises(StartupError, match="cannot use torch .* older than it supports"):
         load_engine(tiny_model, None)

@@ -18,17 +18,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from payload.serve import (
-    APIError,
+from payload.serving.app import build_app
+from payload.serving.engine import (
     SamplingParams,
     StartupError,
     StopScanner,
     adapter_mismatch,
-    build_app,
     default_model_id,
-    history_messages,
     load_engine,
 )
+from payload.serving.openai_schema import APIError
+from payload.serving.ui import history_messages
 
 ROOT = Path(__file__).resolve().parents[2]
 QUESTION = [{"role": "user", "content": "Is the gateway healthy?"}]

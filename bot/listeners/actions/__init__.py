@@ -5,7 +5,14 @@ from __future__ import annotations
 
 from slack_bolt.async_app import AsyncApp
 
-from bot.blocks import APPROVE_ACTION, CANCEL_ACTION, DEPLOY_ACTION, LOGS_ACTION, REJECT_ACTION, RESUME_ACTION
+from bot.blocks import (
+    APPROVE_ACTION,
+    CANCEL_ACTION,
+    DEPLOY_ACTION,
+    LOGS_ACTION,
+    REJECT_ACTION,
+    RESUME_ACTION,
+)
 from bot.listeners.actions.deploy_decision import deploy_decision
 from bot.listeners.actions.run_cancel import run_cancel
 from bot.listeners.actions.run_deploy import run_deploy

@@ -1,16 +1,16 @@
 """Approve and Reject on a deploy request's card. Only approvers (TUNEOPS_APPROVERS) decide, never the person who
 asked for the deploy (four eyes); everyone else gets the reason privately. The decision itself is one transaction in
-jobs.approval (two clicks at once deploy once); the card is edited by the notifier when the decision is recorded."""
+jobs.deploys.approval (two clicks at once deploy once); the card is edited by the notifier when the decision is recorded."""
 
 from __future__ import annotations
 
-from bot import blocks
+from bot import blocks, words
 from bot.blocks import APPROVE_ACTION
 from bot.listeners.actions.clicks import Click, button_listener
 from bot.listeners.support import answer, answering_errors, call, log_refusal
 from bot.runtime import BotRuntime
-from jobs import approval
-from jobs.service import RunRejected
+from jobs.core.errors import RunRejected
+from jobs.deploys import approval
 
 
 async def decide(rt: BotRuntime, click: Click) -> None:
@@ -20,8 +20,9 @@ async def decide(rt: BotRuntime, click: Click) -> None:
             decided = await call(approval.decide, rt.settings.jobs, click.value, click.user, approve,
                                  rt.settings.policy.approvers)
         except RunRejected as e:
-            log_refusal(f"{'approve' if approve else 'reject'} {click.value}", click.user, click.channel, str(e))
-            await answer(rt, click.response_url, blocks.render_refusal(str(e)))
+            said = words.refusal(e)
+            log_refusal(f"{'approve' if approve else 'reject'} {click.value}", click.user, click.channel, said)
+            await answer(rt, click.response_url, blocks.render_refusal(said))
             return
         if approve:
             text = (f":white_check_mark: You approved {decided.id}: deploying {decided.run_id} now. The card and the "

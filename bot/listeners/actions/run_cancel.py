@@ -9,7 +9,7 @@ from bot.auth import check_place
 from bot.listeners.commands.manage import cancel
 from bot.listeners.support import answer, log_refusal
 from bot.runtime import runtime_of
-from jobs.domain import RUN_ID_RE
+from jobs.core.domain import RUN_ID_RE
 
 
 async def run_cancel(ack, body: dict[str, Any], action: dict[str, Any], context) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from bot.listeners.actions.clicks import button_listener
 from bot.listeners.commands.deploy import request
-from jobs.domain import RUN_ID_RE
+from jobs.core.domain import RUN_ID_RE
 
 run_deploy = button_listener("deploy", RUN_ID_RE, "/finetune deploy RUN",
                              lambda rt, c: request(rt, c.value, c.user, c.channel, c.response_url))

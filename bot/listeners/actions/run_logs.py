@@ -5,7 +5,7 @@ from __future__ import annotations
 from bot.grammar import Logs
 from bot.listeners.actions.clicks import already_acked, button_listener
 from bot.listeners.commands import logs
-from jobs.domain import RUN_ID_RE
+from jobs.core.domain import RUN_ID_RE
 
 TAIL = 40
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from bot.listeners.actions.clicks import button_listener
 from bot.listeners.commands.resume import resume
-from jobs.domain import RUN_ID_RE
+from jobs.core.domain import RUN_ID_RE
 
 run_resume = button_listener("resume", RUN_ID_RE, "/finetune resume RUN",
                              lambda rt, c: resume(rt, c.value, c.user, c.channel, c.response_url))

@@ -1,7 +1,7 @@
 """`/finetune deploy RUN` and the Deploy button of a finished run: ask for a deploy, which an approver other than
 the person asking must approve (the card with Approve / Reject goes into the run's thread).
 
-Anyone who may use tuneops here may ask; jobs.approval refuses a run that did not succeed or already has a request.
+Anyone who may use tuneops here may ask; jobs.deploys.approval refuses a run that did not succeed or already has a request.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from bot import blocks
 from bot.grammar import Deploy
 from bot.listeners.support import answer, answering_errors, call
 from bot.runtime import BotRuntime
-from jobs import approval
+from jobs.deploys import approval
 
 NO_APPROVERS = ("Deploys need an approver, and none is configured: an admin sets TUNEOPS_APPROVERS to the Slack user "
                 "IDs of the people who may approve them (at least one besides whoever asks), then restarts the bot.")

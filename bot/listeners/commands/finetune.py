@@ -9,7 +9,17 @@ from typing import Any
 
 from bot import blocks, grammar
 from bot.auth import authorize
-from bot.listeners.commands import deploy, list_runs, logs, manage, provision, resume, run, secrets, status
+from bot.listeners.commands import (
+    deploy,
+    list_runs,
+    logs,
+    manage,
+    provision,
+    resume,
+    run,
+    secrets,
+    status,
+)
 from bot.listeners.support import log_refusal
 from bot.runtime import runtime_of
 

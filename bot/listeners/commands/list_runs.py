@@ -9,7 +9,7 @@ from bot.grammar import ListRuns
 from bot.listeners.commands.status import positions_of
 from bot.listeners.support import answer, answering_errors, call
 from bot.runtime import BotRuntime
-from jobs import service
+from jobs.runs import service
 
 LIST_LIMIT = 20
 

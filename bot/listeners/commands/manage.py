@@ -14,8 +14,8 @@ from bot.grammar import Cancel
 from bot.listeners.commands.status import unknown_run
 from bot.listeners.support import answer, answering_errors, call, log_refusal
 from bot.runtime import BotRuntime
-from jobs import service
-from jobs.domain import Run
+from jobs.core.domain import Run
+from jobs.runs import service
 
 
 async def handle_cancel(ack, cmd: Cancel, command: dict[str, Any], rt: BotRuntime) -> None:

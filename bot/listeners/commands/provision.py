@@ -6,33 +6,23 @@ from __future__ import annotations
 from typing import Any
 
 from bot import blocks, grammar
-from bot.listeners.support import answer, answering_errors, call, needs_aca
+from bot.listeners.support import answer, answering_errors, call, unsupported
 from bot.ops import describe_op
 from bot.runtime import BotRuntime
-
-
-def provision_targets(target: str | None, has_app: bool) -> tuple[list[str], str]:
-    """What to provision for `provision [target]`, and a note on what is left out (no app configured); pure."""
-    if target is not None:
-        return [target], ""
-    if has_app:
-        return ["finetune", "inference"], ""
-    return ["finetune"], ("The inference app is left out: infra/inference.config.json has no ACA_APP_NAME (add it "
-                          "to provision the app too).")
+from jobs.backends import get_backend
+from jobs.backends.protocol import PROVISION
 
 
 def _queue(settings, target: str | None, user: str, channel: str) -> tuple[list[str], list[str], str]:
-    from jobs.aca import api
-    from jobs.aca.config import load_aca_config
-
-    cfg = load_aca_config(workspace=settings.workspace)  # a missing or broken config is said now, not in a thread
-    kinds, note = provision_targets(target, bool(cfg.app_name))
-    return kinds, [api.enqueue_provision(settings, kind, user, channel) for kind in kinds], note
+    backend = get_backend(settings)  # a missing or broken config is said now, not in a thread
+    kinds, note = backend.provision_targets(target)
+    return kinds, [backend.enqueue_provision(kind, user, channel) for kind in kinds], note
 
 
 async def handle(ack, cmd: grammar.Provision, command: dict[str, Any], rt: BotRuntime) -> None:
-    if rt.settings.jobs.backend != "aca":
-        await ack(**rt.gateway.clean(blocks.render_problem(needs_aca(cmd, rt.settings.jobs.backend))))
+    why_not = unsupported(rt, PROVISION)
+    if why_not:
+        await ack(**rt.gateway.clean(blocks.render_problem(why_not)))
         return
     await ack()
     url, user, channel = command["response_url"], command["user_id"], command["channel_id"]

@@ -13,7 +13,7 @@ from bot.grammar import Resume
 from bot.listeners.commands.manage import run_to_manage
 from bot.listeners.support import answer, answering_errors, call
 from bot.runtime import BotRuntime
-from jobs import service
+from jobs.runs import service
 
 
 async def handle(ack, cmd: Resume, command: dict[str, Any], rt: BotRuntime) -> None:

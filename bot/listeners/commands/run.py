@@ -1,4 +1,4 @@
-"""`/finetune run`: check the request and the dataset (jobs.service), queue the run, say where it is in line.
+"""`/finetune run`: check the request and the dataset (jobs.runs.service), queue the run, say where it is in line.
 
 The card itself is posted by the notifier when the run's "queued" event arrives.
 """
@@ -11,7 +11,7 @@ from bot import blocks
 from bot.grammar import RunCommand
 from bot.listeners.support import answer, answering_errors, call
 from bot.runtime import BotRuntime
-from jobs import service
+from jobs.runs import service
 
 
 async def handle(ack, cmd: RunCommand, command: dict[str, Any], rt: BotRuntime) -> None:

@@ -8,37 +8,32 @@ from typing import Any
 
 from slack_sdk.errors import SlackApiError
 
-from bot import blocks, grammar, secretform
-from bot.listeners.support import answer, answering_errors, call, needs_aca
+from bot import blocks, grammar, secretform, words
+from bot.listeners.support import answer, answering_errors, call, unsupported
 from bot.runtime import BotRuntime
-from jobs.executor import BackendError
+from jobs.backends import get_backend
+from jobs.backends.protocol import SECRETS
+from jobs.core.errors import BackendError
 
 log = logging.getLogger(__name__)
 
 
-def set_problem(name: str, workspace) -> str | None:
-    """Why a form for `name` would be no use here (a name Key Vault cannot take, no vault configured); None when
-    it would. Quick: the config is two small files."""
-    from jobs.aca.config import load_aca_config
-    from jobs.aca.resources import InvalidSecretName, secret_name
-
+def set_problem(name: str, settings) -> str | None:
+    """Why a form for `name` would be no use here (a name the secret store cannot take, no store configured); None
+    when it would. Quick: the config is two small files."""
     try:
-        secret_name(name)
-    except InvalidSecretName as e:
-        return str(e).replace(repr(name), f"`{blocks.escape(name)}`") + "."
-    try:
-        cfg = load_aca_config(workspace=workspace)
-        cfg.require("Storing secrets", "key_vault_url")
+        get_backend(settings).check_secret_name(name)
     except BackendError as e:
-        return str(e)
+        return words.refusal(e).replace(repr(name), f"`{blocks.escape(name)}`")
     return None
 
 
 async def handle_set(ack, cmd: grammar.SecretSet, command: dict[str, Any], rt: BotRuntime) -> None:
-    if rt.settings.jobs.backend != "aca":
-        await ack(**rt.gateway.clean(blocks.render_problem(needs_aca(cmd, rt.settings.jobs.backend))))
+    why_not = unsupported(rt, SECRETS)
+    if why_not:
+        await ack(**rt.gateway.clean(blocks.render_problem(why_not)))
         return
-    problem = set_problem(cmd.name, rt.settings.jobs.workspace)
+    problem = set_problem(cmd.name, rt.settings.jobs)
     if problem:
         await ack(**rt.gateway.clean(blocks.render_problem(problem)))
         return
@@ -55,13 +50,12 @@ async def handle_set(ack, cmd: grammar.SecretSet, command: dict[str, Any], rt: B
 
 
 async def handle_list(ack, cmd: grammar.SecretList, command: dict[str, Any], rt: BotRuntime) -> None:
-    if rt.settings.jobs.backend != "aca":
-        await ack(**rt.gateway.clean(blocks.render_problem(needs_aca(cmd, rt.settings.jobs.backend))))
+    why_not = unsupported(rt, SECRETS)
+    if why_not:
+        await ack(**rt.gateway.clean(blocks.render_problem(why_not)))
         return
     await ack()
     url = command["response_url"]
     async with answering_errors(rt, url, "listing the secrets"):
-        from jobs.aca import api
-
-        secrets = await call(api.list_secrets, rt.settings.jobs)
+        secrets = await call(lambda: get_backend(rt.settings.jobs).list_secrets())
         await answer(rt, url, secretform.render_secret_list(secrets))

@@ -9,8 +9,8 @@ from bot import blocks
 from bot.grammar import Status
 from bot.listeners.support import answer, answering_errors, call
 from bot.runtime import BotRuntime
-from jobs import service
-from jobs.domain import RunState
+from jobs.core.domain import RunState
+from jobs.runs import service
 
 ACTIVE_LIMIT = 200
 

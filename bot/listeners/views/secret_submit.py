@@ -1,5 +1,5 @@
 """The secret form's submission: check it and ack at once (errors under the fields, or a "saving" view), write the
-value to Key Vault (jobs.aca.api.set_secret, off the event loop), then queue the job's reference update with the name
+value to Key Vault (the backend's set_secret, off the event loop), then queue the job's reference update with the name
 only, and show the outcome in the modal the admin is looking at.
 
 The value lives in this handler's locals and the Key Vault request, nowhere else: it is never logged, posted, put in
@@ -15,11 +15,13 @@ from typing import Any
 
 from slack_sdk.errors import SlackApiError
 
-from bot import grammar, secretform
+from bot import grammar, secretform, words
 from bot.auth import Refusal, authorize
-from bot.listeners.support import call, log_refusal
+from bot.listeners.support import call, log_refusal, unsupported
 from bot.runtime import BotRuntime, runtime_of
-from jobs.executor import BackendError
+from jobs.backends import get_backend
+from jobs.backends.protocol import SECRETS
+from jobs.core.errors import BackendError
 
 log = logging.getLogger(__name__)
 
@@ -31,13 +33,13 @@ async def secret_submit(ack, body: dict[str, Any], view: dict[str, Any], context
     user = (body.get("user") or {}).get("id", "")
     form = secretform.read_form(view)
     refusal = authorize(grammar.SecretSet(form.name or "?"), user, form.channel, rt.settings.policy)
-    if refusal is None and rt.settings.jobs.backend != "aca":
-        refusal = Refusal(f"Secrets need TUNEOPS_BACKEND=aca; this bot runs the `{rt.settings.jobs.backend}` backend.")
+    if refusal is None and unsupported(rt, SECRETS):
+        refusal = Refusal(unsupported(rt, SECRETS))
     if refusal is not None:
         log_refusal("the secret form", user, form.channel, refusal.reason)
         await ack(response_action="update", view=rt.gateway.clean(secretform.refused_view(refusal.reason)))
         return
-    errors = secretform.form_errors(form)
+    errors = secretform.form_errors(form, get_backend(rt.settings.jobs))
     if errors:
         await ack(response_action="errors", errors=rt.gateway.clean(errors))
         return
@@ -46,13 +48,12 @@ async def secret_submit(ack, body: dict[str, Any], view: dict[str, Any], context
 
 
 async def save(rt: BotRuntime, form: secretform.SecretForm, user: str, view_id: str) -> None:
-    from jobs.aca import api
-
+    backend = get_backend(rt.settings.jobs)
     try:
-        info = await call(api.set_secret, rt.settings.jobs, form.name, form.value)
+        info = await call(backend.set_secret, form.name, form.value)
     except BackendError as e:  # its message says what to do and never holds the value
         log.warning("secret %s was not saved for %s: %s", form.name, user, e)
-        await show(rt, view_id, form.channel, user, secretform.not_saved(form.name, str(e)))
+        await show(rt, view_id, form.channel, user, secretform.not_saved(form.name, words.refusal(e)))
         return
     except Exception as e:  # not the exception's text: it could quote the request
         log.error("secret %s was not saved for %s: %s in set_secret", form.name, user, type(e).__name__)
@@ -60,10 +61,10 @@ async def save(rt: BotRuntime, form: secretform.SecretForm, user: str, view_id: 
         return
     log.info("secret %s saved to Key Vault as %s by %s", info.env_name, info.vault_name, user)
     try:
-        op_id = await call(api.enqueue_secret_reference, rt.settings.jobs, info.env_name, user, form.channel)
+        op_id = await call(backend.enqueue_secret_reference, info.env_name, user, form.channel)
     except Exception as e:  # only the name went in, so the trace is safe to log
         log.exception("%s is in Key Vault, but queueing the job's reference to it failed", info.env_name)
-        reason = str(e) if isinstance(e, BackendError) else "Redis or the queue failed (it is logged)"
+        reason = words.refusal(e) if isinstance(e, BackendError) else "Redis or the queue failed (it is logged)"
         await show(rt, view_id, form.channel, user,
                    secretform.saved_without_reference(info.env_name, info.vault_name, reason))
         return

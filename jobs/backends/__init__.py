@@ -1,0 +1,55 @@
+"""The one place that names the backends: picks one from the settings, and knows how long each takes to start a run.
+
+Everything else (jobs.runs, jobs.deploys, the bot) talks to the Backend protocol (`jobs.backends.protocol`).
+"""
+
+from __future__ import annotations
+
+from jobs.backends.protocol import PROVISION, SECRETS, Backend
+from jobs.core.errors import BackendError
+from jobs.core.settings import JobSettings
+
+# How long starting one run may take (the RQ job timeout of `jobs.runs.tasks.start_run`). A local start spawns a
+# process; an ACA start syncs the workspace to Azure Files first, and the first sync of a large model folder (tens of
+# GB) takes many minutes, plus the wait for another worker's sync (the share's manifest is synced by one at a time).
+START_TIMEOUT_S = {"local": 180, "aca": 3600}
+
+
+# What each backend offers beyond training and deploying, known without loading it (the bot asks before its ack).
+CAPABILITIES = {"local": frozenset(), "aca": frozenset({SECRETS, PROVISION})}
+WHY_NOT = {
+    SECRETS: "secrets are kept in Azure Key Vault, which only the aca backend (TUNEOPS_BACKEND=aca) uses; with the "
+             "{backend} backend, set HF_TOKEN or WANDB_API_KEY in the worker's environment instead",
+    PROVISION: "provisioning creates Azure resources, which only the aca backend (TUNEOPS_BACKEND=aca) does, with "
+               "infra/finetuning.config.json and infra/inference.config.json in the workspace; the {backend} backend "
+               "needs nothing provisioned",
+}
+
+
+def unsupported(settings: JobSettings, capability: str) -> str:
+    """Why the configured backend does not offer `capability` (SECRETS, PROVISION), in words; "" when it does."""
+    if capability in CAPABILITIES.get(settings.backend, frozenset()):
+        return ""
+    return WHY_NOT.get(capability, "the {backend} backend does not offer " + capability).format(
+        backend=settings.backend)
+
+
+def start_timeout_s(settings: JobSettings) -> int:
+    return START_TIMEOUT_S.get(settings.backend, max(START_TIMEOUT_S.values()))
+
+
+def get_backend(settings: JobSettings) -> Backend:
+    """The configured backend. Raises BackendError when it cannot be used (e.g. the Azure config is missing)."""
+    if settings.backend == "local":
+        from jobs.backends.local.backend import (
+            LocalBackend,  # only the configured backend is loaded
+        )
+
+        return LocalBackend(settings)
+    if settings.backend == "aca":
+        from jobs.backends.aca.backend import (
+            AcaBackend,  # the azure-* SDKs load only for this backend
+        )
+
+        return AcaBackend(settings)
+    raise BackendError(f"unknown backend {settings.backend!r}: set TUNEOPS_BACKEND to 'local' or 'aca'")

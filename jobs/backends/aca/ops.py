@@ -1,0 +1,188 @@
+"""Azure operations as RQ jobs: provisioning (the training job or the inference app), the job's reference to a
+Key Vault secret after a secret was set, and deploying an adapter to the inference app.
+
+Each operation gets an id like `pv-0001` and a small record in Redis; the bot acks at once and renders the
+operation's RunEvents (kinds "notice", "succeeded", "failed", run_id = the op id) from the same stream as runs'
+events. Two operations on the same Azure resource are serialized by a Redis lock, never interleaved. Job arguments
+are ids only: a secret's value never passes through here.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Callable
+from typing import Any
+
+from jobs.backends.aca import provision
+from jobs.backends.aca.clients import AzureClients, get_clients
+from jobs.backends.aca.config import load_aca_config
+from jobs.backends.aca.resources import InvalidSecretName, secret_name
+from jobs.core import queue, store
+from jobs.core.domain import Op, RunEvent
+from jobs.core.errors import BackendError, Hint
+from jobs.core.settings import current_settings
+
+log = logging.getLogger(__name__)
+
+OP_TASK = "jobs.backends.aca.ops.run_op"      # the one RQ task that runs every kind of op
+OP_ID_RE = re.compile(r"^pv-\d{4,}$")
+KINDS = ("finetune", "inference")
+OP_TIMEOUT_S = 1800
+LOCK_TTL_S = 1800
+LOCK_WAIT_S = 1500
+
+
+def clients_for(settings) -> AzureClients:
+    return get_clients(load_aca_config(workspace=getattr(settings, "workspace", None)))
+
+
+def provision_targets(target: str | None, has_app: bool) -> tuple[list[str], str]:
+    """What to provision for `provision [target]`, and a note on what is left out (no app configured); pure."""
+    if target is not None:
+        return [target], ""
+    if has_app:
+        return ["finetune", "inference"], ""
+    return ["finetune"], ("The inference app is left out: infra/inference.config.json has no ACA_APP_NAME (add it "
+                          "to provision the app too).")
+
+
+def get_op(conn, op_id: str) -> Op | None:
+    return store.load_op(conn, op_id)
+
+
+def _new_op(settings, kind: str, requester: str, channel: str, target: str = "") -> str:
+    conn = store.connect(settings)
+    op_id = f"pv-{conn.incr(store.OP_SEQ):04d}"
+    with conn.pipeline() as pipe:
+        pipe.hset(store.OP_KEY.format(op_id), mapping={"kind": kind, "requester": requester, "channel": channel,
+                                                 "state": "queued", "target": target, "created_at": time.time()})
+        store.append_event(pipe, RunEvent(op_id, "notice", {"text": _queued_text(kind, target), "op": kind}))
+        pipe.execute()
+    return op_id
+
+
+def _queued_text(kind: str, target: str) -> str:
+    return {"finetune": "Provisioning the fine-tuning job: queued.",
+            "inference": "Provisioning the inference app: queued.",
+            "secret": f"Adding {target} to the job's secret references: queued.",
+            "deploy": f"Deploying the adapter of {target}: queued."}[kind]
+
+
+def _enqueue(settings, op_id: str):
+    return queue.enqueue(settings, OP_TASK, op_id, job_id=f"azure-{op_id}", timeout=OP_TIMEOUT_S)
+
+
+def enqueue_provision(settings, kind: str, requester: str, channel: str) -> str:
+    """Queue provisioning KIND (finetune | inference); returns the op id (pv-0001) whose events report the steps and
+    the result."""
+    if kind not in KINDS:
+        raise BackendError(f"Unknown provision target {kind!r}: provision either the training job (finetune) or the "
+                           "inference app (inference)", hint=Hint("provision finetune", "provisions the training job"))
+    op_id = _new_op(settings, kind, requester, channel)
+    _enqueue(settings, op_id)
+    return op_id
+
+
+def enqueue_secret_reference(settings, env_name: str, requester: str, channel: str) -> str:
+    """After `set_secret` wrote the value, queue the job's reference update; only the secret's name is passed."""
+    try:
+        secret_name(env_name)
+    except InvalidSecretName as e:
+        raise BackendError(str(e)) from None
+    op_id = _new_op(settings, "secret", requester, channel, target=env_name)
+    _enqueue(settings, op_id)
+    return op_id
+
+
+def enqueue_deploy(settings, run_id: str, requester: str, channel: str) -> str:
+    """Queue deploying a finished run's adapter to the inference app (after an approver's click)."""
+    op_id = _new_op(settings, "deploy", requester, channel, target=run_id)
+    _enqueue(settings, op_id)
+    return op_id
+
+
+def _lock_name(kind: str, clients: AzureClients) -> str:
+    cfg = clients.cfg
+    if kind in ("finetune", "secret"):
+        return store.AZURE_LOCK.format(f"job:{cfg.job_name}")
+    return store.AZURE_LOCK.format(f"app:{cfg.app_name}")
+
+
+def run_op(op_id: str, clients: AzureClients | None = None) -> str:
+    """The RQ job for every op kind: take the resource's lock, do the op, report each step and the result."""
+    settings = current_settings()
+    conn = store.connect(settings)
+    op = get_op(conn, op_id)
+    if op is None or op.state in ("succeeded", "failed"):
+        return "nothing to do"
+
+    def emit(kind: str, **data: Any) -> None:
+        store.append_event(conn, RunEvent(op_id, kind, data))
+
+    def notice(text: str) -> None:
+        emit("notice", text=text)
+
+    def fail(message: str, hint: Hint | None = None) -> str:
+        _finish(conn, op_id, "failed", message)
+        emit("failed", error=message, hint=hint.as_data() if hint else {}, log_tail=[])
+        return "failed"
+
+    # Ours, not the user's: the worker log has the trace, the thread a short message (never a queued op left hanging).
+    ours = f"{op_id} failed because of an error in tuneops; the worker log has the details."
+    try:
+        clients = clients or clients_for(settings)
+        lock = conn.lock(_lock_name(op.kind, clients), timeout=LOCK_TTL_S, blocking_timeout=LOCK_WAIT_S)
+        if not lock.acquire(blocking=False):
+            notice("waiting for another provisioning of the same resource to finish")
+            if not lock.acquire():
+                raise BackendError("Another provisioning of the same resource has been running for too long; "
+                                   "try again later.", transient=True)
+    except BackendError as e:
+        return fail(e.reason, e.hint)
+    except Exception:
+        log.exception("%s (%s) could not begin", op_id, op.kind)
+        return fail(ours)
+    try:
+        conn.hset(store.OP_KEY.format(op_id), "state", "running")
+        result = _run(op, clients, settings, notice)
+    except BackendError as e:
+        log.warning("%s (%s) failed: %s", op_id, op.kind, e)
+        return fail(e.reason, e.hint)
+    except Exception:
+        log.exception("%s (%s) failed unexpectedly", op_id, op.kind)
+        return fail(ours)
+    finally:
+        try:
+            lock.release()
+        except Exception:
+            log.warning("%s: the Azure lock had expired", op_id)
+    text = result.summary()
+    _finish(conn, op_id, "succeeded", text, endpoint=result.endpoint or "")
+    links = {}
+    if op.kind in ("finetune", "secret"):
+        links = {"job": f"https://portal.azure.com/#resource{clients.cfg.job_id}/overview"}
+    emit("succeeded", text=text, changes=result.changes, created=result.created, endpoint=result.endpoint,
+         links=links, metrics={}, adapter="")
+    return "succeeded"
+
+
+def _finish(conn, op_id: str, state: str, text: str, endpoint: str = "") -> None:
+    conn.hset(store.OP_KEY.format(op_id), mapping={"state": state, "result": text, "finished_at": time.time(),
+                                                   "endpoint": endpoint})
+
+
+def _run(op: Op, clients: AzureClients, settings, notice: Callable[[str], None]):
+    if op.kind == "finetune":
+        return provision.provision_finetune(clients, notice)
+    if op.kind == "inference":
+        return provision.provision_inference(clients, notice)
+    if op.kind == "secret":
+        return provision.ensure_secret_reference(clients, op.target, notice)
+    if op.kind == "deploy":
+        run = store.load_run(store.connect(settings), op.target)
+        if run is None or not run.adapter_path:
+            raise BackendError(f"{op.target} has no adapter to deploy: only a run that succeeded can be deployed.")
+        return provision.deploy_adapter(clients, run.model, run.adapter_path, notice)
+    raise BackendError(f"unknown operation {op.kind!r}")

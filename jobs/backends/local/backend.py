@@ -1,0 +1,121 @@
+"""The local backend whole: the trainer as a process on this machine (LocalExecutor), deploys to a local inference
+server (`jobs.backends.local.inference`), logs from the run's train.log. No portal, no secret store, nothing to
+provision: those it refuses with what to do instead.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+from jobs.backends.local import inference
+from jobs.backends.local.executor import LocalExecutor
+from jobs.backends.protocol import (
+    PROVISION,
+    SECRETS,
+    Check,
+    DeployStarted,
+    LogsAnswer,
+    SecretInfo,
+)
+from jobs.core.domain import Run
+from jobs.core.errors import BackendError
+from jobs.core.settings import JobSettings
+
+# A grep on the local backend looks through this many of the newest lines.
+GREP_WINDOW = 500
+
+def grep_lines(lines: list[str], text: str | None, tail: int) -> list[str]:
+    """The last `tail` lines holding `text` (case-insensitive); pure."""
+    if text:
+        needle = text.lower()
+        lines = [line for line in lines if needle in line.lower()]
+    return lines[-tail:]
+
+
+class LocalBackend(LocalExecutor):
+    def __init__(self, settings: JobSettings, grace_s: float = 10.0):
+        super().__init__(settings, grace_s=grace_s)
+        self.settings = settings
+
+    def _refuse(self, capability: str):
+        raise BackendError(f"the local backend keeps no {capability}: they need the aca backend (TUNEOPS_BACKEND=aca)")
+
+    # Logs -----------------------------------------------------------------------------------------------
+
+    def run_logs(self, run: Run, tail: int, grep: str | None) -> LogsAnswer:
+        lines = self.tail_logs(run, GREP_WINDOW if grep else tail) if run.attempts else []
+        note = f"Searched the last {GREP_WINDOW} lines." if grep and len(lines) >= GREP_WINDOW else ""
+        return LogsAnswer(grep_lines(lines, grep, tail), "the run's log file", note)
+
+
+    # Deploys ------------------------------------------------------------------------------------------------------
+
+    def describe_target(self) -> str:
+        host = inference.public_host(self.settings.serve_host)
+        port = self.settings.serve_port
+        where = f"at {host}:{port}" if port else f"on {host} (a free port)"
+        return f"the local inference server (payload.serve) {where}, replacing the one running now"
+
+    def deploy(self, run: Run, approval_id: str, requester: str) -> DeployStarted:
+        try:
+            server, replaced = inference.replace_server(self.settings, run, approval_id)
+        except inference.ServeError as e:
+            raise BackendError(str(e)) from None
+        return DeployStarted(url=server.url, api_url=server.api_url,
+                             replaced=replaced.run_id if replaced is not None else "")
+
+
+    def deploy_endpoint(self) -> str:
+        server = inference.current(self.settings)
+        return server.url if server is not None else ""
+
+    # Doctor -------------------------------------------------------------------------------------------------------
+
+    def doctor(self) -> list[Check]:
+        """The workspace, the default model in it (nothing is downloaded at run time) and a trainer that imports."""
+        s = self.settings
+        ws = Path(s.workspace)
+        if not ws.is_dir():
+            return [Check("workspace", False, f"TUNEOPS_WORKSPACE={ws} does not exist: create it, with datasets/ "
+                                              "for the JSONL files and model-cache/ for the models.")]
+        checks = [Check("workspace", True, str(ws))]
+        model = ws / s.default_model
+        if any((c / "config.json").is_file() for c in (model, ws / "model-cache" / s.default_model)):
+            checks.append(Check("default model", True, s.default_model))
+        else:
+            checks.append(Check("default model", False, f"TUNEOPS_DEFAULT_MODEL={s.default_model} has no config.json "
+                                                        f"under {model}: put the model there (nothing is downloaded "
+                                                        "at run time), or set TUNEOPS_DEFAULT_MODEL to one that is."))
+        probe = subprocess.run([s.python, "-c", f"import {s.train_module}"], capture_output=True, text=True,
+                               timeout=120)
+        if probe.returncode == 0:
+            checks.append(Check("trainer", True, f"{s.python} imports {s.train_module}"))
+        else:
+            last = (probe.stderr.strip().splitlines() or ["(no output)"])[-1]
+            checks.append(Check("trainer", False, f"{s.python} cannot import {s.train_module}: {last}. Install the "
+                                                  "payload there (pip install -e '.[payload]') or set TUNEOPS_PYTHON."))
+        return checks
+
+    # What only other backends offer -------------------------------------------------------------------------------
+
+    def check_secret_name(self, name: str) -> str:
+        self._refuse(SECRETS)
+
+    def check_secret(self, name: str, value: str) -> str:
+        self._refuse(SECRETS)
+
+    def set_secret(self, name: str, value: str) -> SecretInfo:
+        self._refuse(SECRETS)
+
+    def list_secrets(self) -> list[SecretInfo]:
+        self._refuse(SECRETS)
+
+    def enqueue_secret_reference(self, name: str, requester: str, channel: str) -> str:
+        self._refuse(SECRETS)
+
+    def provision_targets(self, target: str | None) -> tuple[list[str], str]:
+        self._refuse(PROVISION)
+
+    def enqueue_provision(self, kind: str, requester: str, channel: str) -> str:
+        self._refuse(PROVISION)

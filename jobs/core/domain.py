@@ -1,0 +1,186 @@
+"""The domain: a fine-tuning Run, its one state machine, and the RunEvent facts the bot renders.
+
+Pure: no Redis, no Slack, no Azure. `jobs.core.store` persists these; `bot` renders them.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from enum import StrEnum
+from typing import Any
+
+RUN_ID_RE = re.compile(r"^ft-\d{4,}$")
+
+
+class RunState(StrEnum):
+    QUEUED = "queued"
+    PREPARING = "preparing"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    TIMED_OUT = "timed_out"
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL_STATES
+
+    @property
+    def active(self) -> bool:
+        """Holds (or is about to hold) a GPU slot."""
+        return self in (RunState.PREPARING, RunState.RUNNING)
+
+
+TERMINAL_STATES = frozenset({RunState.SUCCEEDED, RunState.FAILED, RunState.CANCELLED, RunState.TIMED_OUT})
+
+# The one place that says which moves are legal. A resume takes a finished-but-resumable run back to preparing
+# (a new execution is started), which then goes to running as usual; jobs/ sends a resumed run back to queued first,
+# so that it waits for a GPU slot like any other run.
+TRANSITIONS: dict[RunState, frozenset[RunState]] = {
+    RunState.QUEUED: frozenset({RunState.PREPARING, RunState.CANCELLED, RunState.FAILED}),
+    RunState.PREPARING: frozenset({RunState.RUNNING, RunState.FAILED, RunState.CANCELLED, RunState.SUCCEEDED,
+                                   RunState.TIMED_OUT}),
+    RunState.RUNNING: frozenset({RunState.SUCCEEDED, RunState.FAILED, RunState.CANCELLED, RunState.TIMED_OUT}),
+    RunState.SUCCEEDED: frozenset(),
+    RunState.CANCELLED: frozenset({RunState.PREPARING, RunState.QUEUED}),
+    RunState.FAILED: frozenset({RunState.PREPARING, RunState.QUEUED}),
+    RunState.TIMED_OUT: frozenset({RunState.PREPARING, RunState.QUEUED}),
+}
+
+
+class IllegalTransition(ValueError):
+    def __init__(self, run_id: str, src: RunState, dst: RunState):
+        super().__init__(f"{run_id}: cannot go from {src} to {dst}")
+        self.src, self.dst = src, dst
+
+
+def check_transition(run_id: str, src: RunState, dst: RunState) -> None:
+    if dst not in TRANSITIONS[src]:
+        raise IllegalTransition(run_id, src, dst)
+
+
+@dataclass
+class Run:
+    id: str
+    requester: str
+    channel: str
+    model: str
+    dataset: str
+    params: dict[str, Any] = field(default_factory=dict)
+    name: str = ""
+    state: RunState = RunState.QUEUED
+    backend: str = "local"
+    execution_id: str = ""
+    pid: int = 0                 # local backend: the launcher of the current attempt, which leads its process group
+    event_cursor: int = 0
+    log_cursor: int = 0
+    created_at: float = field(default_factory=time.time)
+    updated_at: float = field(default_factory=time.time)
+    started_at: float | None = None
+    finished_at: float | None = None
+    step: int = 0
+    total_steps: int = 0
+    loss: float | None = None
+    eta_s: float | None = None
+    last_checkpoint_step: int = 0
+    metrics: dict[str, Any] = field(default_factory=dict)
+    adapter_path: str = ""
+    error: str = ""
+    error_hint: dict[str, str] = field(default_factory=dict)  # the command that helps (jobs.core.errors.Hint data)
+    cancelled_by: str = ""
+    attempts: int = 0
+    auto_resumes: int = 0
+    links: dict[str, str] = field(default_factory=dict)   # portal links of the current execution (ACA), for the card
+    deployments: list[dict[str, Any]] = field(default_factory=list)  # deploy requests, decisions (jobs.deploys.approval)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["state"] = str(self.state)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Run:
+        known = {f for f in cls.__dataclass_fields__}
+        data = {k: v for k, v in d.items() if k in known}
+        data["state"] = RunState(data.get("state", RunState.QUEUED))
+        return cls(**data)
+
+    def transition(self, dst: RunState, now: float | None = None) -> None:
+        """Move to `dst` or raise IllegalTransition. Keeps the timestamps that belong to the states."""
+        check_transition(self.id, self.state, dst)
+        now = time.time() if now is None else now
+        self.state = dst
+        self.updated_at = now
+        if dst is RunState.PREPARING:
+            self.attempts += 1
+            self.finished_at = None
+            self.error = ""
+        elif dst is RunState.RUNNING and self.started_at is None:
+            self.started_at = now
+        elif dst is RunState.QUEUED:
+            self.finished_at = None
+        elif dst.terminal:
+            self.finished_at = now
+
+    @property
+    def display_name(self) -> str:
+        return f"{self.id} ({self.name})" if self.name else self.id
+
+
+# Run events: the facts jobs/ appends for the bot to render. `kind` names the fact; the rest is data.
+EVENT_KINDS = (
+    "queued",        # position
+    "state",         # state, previous
+    "progress",      # step, total_steps, loss, eta_s, epoch, tokens_per_s
+    "eval",          # step, eval_loss
+    "checkpoint",    # step
+    "log",           # lines (list[str])
+    "started",       # execution_id, links
+    "succeeded",     # metrics, adapter
+    "failed",        # error, hint (Hint data), log_tail (list[str])
+    "cancelling",    # by: a cancel was asked for; a worker stops the execution
+    "cancelled",     # by
+    "resumed",       # by, checkpoint_step, auto (and done, allowed when auto): back in line
+    "timed_out",     # checkpoint_step
+    "notice",        # text: anything else worth a thread line (plain words, no chat markup)
+    "approval",      # approval (id), state: a deploy request was made or decided (jobs.deploys.approval)
+    "deploy",        # approval (id), state, url, api_url, endpoint, error: a deploy's progress (jobs.deploys.deploy)
+)
+
+
+@dataclass
+class RunEvent:
+    run_id: str
+    kind: str
+    data: dict[str, Any] = field(default_factory=dict)
+    ts: float = field(default_factory=time.time)
+
+    def __post_init__(self):
+        if self.kind not in EVENT_KINDS:
+            raise ValueError(f"unknown run event kind {self.kind!r}")
+
+
+@dataclass
+class Op:
+    """A backend operation that runs on a worker (provisioning, a secret reference, a deploy), with its own id
+    (pv-0001); its progress is RunEvents whose run_id is the op id (jobs.backends.aca.ops runs them)."""
+
+    id: str
+    kind: str                 # finetune | inference | secret | deploy
+    requester: str
+    channel: str
+    state: str = "queued"     # queued | running | succeeded | failed
+    target: str = ""          # secret: the env var name; deploy: the run id
+    created_at: float = 0.0
+    finished_at: float = 0.0
+    result: str = ""
+    endpoint: str = ""        # deploy: where the app answers, once it does
+
+    @classmethod
+    def from_hash(cls, op_id: str, h: dict[str, str]) -> Op:
+        return cls(id=op_id, kind=h.get("kind", ""), requester=h.get("requester", ""), channel=h.get("channel", ""),
+                   state=h.get("state", ""), target=h.get("target", ""),
+                   created_at=float(h.get("created_at") or 0), finished_at=float(h.get("finished_at") or 0),
+                   result=h.get("result", ""), endpoint=h.get("endpoint", ""))

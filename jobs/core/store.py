@@ -1,0 +1,271 @@
+"""Run records, their indexes and the run event stream in Redis: the one place that knows the keys.
+
+Every change to a run goes through `update_run`, an optimistic transaction (WATCH/MULTI) that writes the record, its
+indexes and the events that report the change at once: a worker killed at any point leaves no half-written state, and
+two workers acting on the same run cannot both apply a step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
+
+import redis
+
+from jobs.core.domain import Op, Run, RunEvent, RunState
+from jobs.core.settings import JobSettings
+
+log = logging.getLogger(__name__)
+
+PREFIX = "tuneops"
+EVENT_STREAM = f"{PREFIX}:events"
+RUN_KEY = PREFIX + ":run:{}"
+RUN_SEQ = f"{PREFIX}:run_seq"
+ALL_RUNS = f"{PREFIX}:runs"            # zset: run id -> sequence number (newest has the highest)
+QUEUED = f"{PREFIX}:queued"            # zset: run id -> time it joined the line (oldest first)
+ACTIVE = f"{PREFIX}:active"            # set: runs that hold a GPU slot (preparing or running)
+POSITIONS = f"{PREFIX}:positions"      # hash: run id -> the queue position last reported in a "queued" event
+REQUEST_KEY = PREFIX + ":request:{}"   # submit idempotency: request key -> run id
+# The queue's bookkeeping (jobs.runs.tasks, jobs.reconcile)
+TICK_KEY = PREFIX + ":tick:{}"         # the job id of a run's current monitor tick
+RECONCILE_KEY = f"{PREFIX}:reconcile"  # the job id of the current reconcile pass
+ADMIT_LOCK = f"{PREFIX}:lock:admit"
+START_LOCK = PREFIX + ":lock:start:{}"  # held while a run's execution is started or stopped
+CANCELLING = PREFIX + ":cancelling:{}"  # a cancel task was enqueued recently
+# Deploy requests (jobs.deploys.approval)
+APPROVAL_KEY = PREFIX + ":approval:{}"
+APPROVAL_SEQ = f"{PREFIX}:approval_seq"
+# Backend operations (jobs.backends.*.ops) and the backends' own locks and records
+OP_SEQ = f"{PREFIX}:op_seq"
+OP_KEY = PREFIX + ":op:{}"
+AZURE_LOCK = PREFIX + ":lock:azure:{}"  # one per Azure resource
+ACA_SYNC_LOCK = f"{PREFIX}:lock:aca-sync"
+LOCAL_SERVER_KEY = f"{PREFIX}:serve:local"
+LOCAL_SERVER_LOCK = f"{PREFIX}:lock:serve:local"
+# The stream is a log of facts for the bot; it is capped so that it cannot grow without bound.
+STREAM_MAXLEN = 100_000
+
+_clients: dict[str, redis.Redis] = {}
+_clients_lock = threading.Lock()
+
+
+def connect(settings: JobSettings) -> redis.Redis:
+    """A shared client (one connection pool per URL and process) that returns str."""
+    with _clients_lock:
+        client = _clients.get(settings.redis_url)
+        if client is None:
+            client = redis.Redis.from_url(settings.redis_url, decode_responses=True, health_check_interval=30)
+            _clients[settings.redis_url] = client
+        return client
+
+
+def run_key(run_id: str) -> str:
+    return RUN_KEY.format(run_id)
+
+
+def new_run_id(conn: redis.Redis) -> str:
+    return f"ft-{conn.incr(RUN_SEQ):04d}"
+
+
+def _seq(run_id: str) -> int:
+    return int(run_id.rsplit("-", 1)[1])
+
+
+# Events ------------------------------------------------------------------------------------------------------------
+
+def _event_fields(event: RunEvent) -> dict[str, str]:
+    return {"run_id": event.run_id, "kind": event.kind, "data": json.dumps(event.data, default=str),
+            "ts": repr(float(event.ts))}
+
+
+def parse_entry(fields: dict[str, str]) -> RunEvent:
+    return RunEvent(run_id=fields["run_id"], kind=fields["kind"], data=json.loads(fields.get("data") or "{}"),
+                    ts=float(fields.get("ts") or 0.0))
+
+
+def append_event(conn: redis.Redis | redis.client.Pipeline, event: RunEvent) -> str:
+    """Append one event; returns the entry id (or the pipeline, when given one)."""
+    return conn.xadd(EVENT_STREAM, _event_fields(event), maxlen=STREAM_MAXLEN, approximate=True)
+
+
+def read_events(conn: redis.Redis, group: str, consumer: str, count: int = 100,
+                block_ms: int = 1000) -> list[tuple[str, RunEvent]]:
+    """Read as a consumer group member: this consumer's pending (delivered, not acked) entries first, then new ones.
+
+    The group is created on first use and starts at the beginning of the stream, so events appended before the
+    reader first came up are delivered too. Entries that are not run events are acked and skipped.
+    """
+    try:
+        conn.xgroup_create(EVENT_STREAM, group, id="0", mkstream=True)
+    except redis.ResponseError as e:
+        if "BUSYGROUP" not in str(e):
+            raise
+    replies = conn.xreadgroup(group, consumer, {EVENT_STREAM: "0"}, count=count)
+    entries = replies[0][1] if replies else []
+    if not entries:
+        replies = conn.xreadgroup(group, consumer, {EVENT_STREAM: ">"}, count=count, block=block_ms or None)
+        entries = replies[0][1] if replies else []
+    out: list[tuple[str, RunEvent]] = []
+    for entry_id, fields in entries:
+        if not fields:  # trimmed away while pending
+            conn.xack(EVENT_STREAM, group, entry_id)
+            continue
+        try:
+            out.append((entry_id, parse_entry(fields)))
+        except (KeyError, ValueError, TypeError) as e:
+            log.warning("skipping malformed event stream entry %s: %s", entry_id, e)
+            conn.xack(EVENT_STREAM, group, entry_id)
+    return out
+
+
+def ack_event(conn: redis.Redis, group: str, entry_id: str) -> None:
+    conn.xack(EVENT_STREAM, group, entry_id)
+
+
+def run_events(conn: redis.Redis, run_id: str | None = None) -> list[RunEvent]:
+    """All events still in the stream, oldest first (of one run when `run_id` is given). For tests and tools."""
+    out = []
+    for _, fields in conn.xrange(EVENT_STREAM):
+        if run_id is None or fields.get("run_id") == run_id:
+            out.append(parse_entry(fields))
+    return out
+
+
+# Runs --------------------------------------------------------------------------------------------------------------
+
+def load_run(conn: redis.Redis, run_id: str) -> Run | None:
+    raw = conn.get(run_key(run_id))
+    return Run.from_dict(json.loads(raw)) if raw else None
+
+
+def load_runs(conn: redis.Redis, run_ids: Iterable[str]) -> list[Run]:
+    ids = list(run_ids)
+    if not ids:
+        return []
+    return [Run.from_dict(json.loads(raw)) for raw in conn.mget([run_key(i) for i in ids]) if raw]
+
+
+def write_run(pipe: redis.client.Pipeline, run: Run, *, queued_at: float | None = None) -> None:
+    """Queue the record and the index updates that follow from its state on a MULTI pipeline."""
+    pipe.set(run_key(run.id), json.dumps(run.to_dict(), default=str))
+    pipe.zadd(ALL_RUNS, {run.id: _seq(run.id)})
+    if run.state is RunState.QUEUED:
+        # nx: saving a queued run again (e.g. the bot recording its card) keeps its place in line.
+        pipe.zadd(QUEUED, {run.id: queued_at if queued_at is not None else time.time()}, nx=True)
+    else:
+        pipe.zrem(QUEUED, run.id)
+        pipe.hdel(POSITIONS, run.id)
+    if run.state.active:
+        pipe.sadd(ACTIVE, run.id)
+    else:
+        pipe.srem(ACTIVE, run.id)
+
+
+def create_run(conn: redis.Redis, run: Run, events_for: Callable[[int], list[RunEvent]]) -> int:
+    """Save a new queued run and the events `events_for(position)` says, in one transaction; returns its position.
+
+    The position is the run's place at the end of the line, computed under WATCH so that it cannot be stale.
+    """
+    while True:
+        with conn.pipeline() as pipe:
+            try:
+                pipe.watch(QUEUED)
+                position = pipe.zcard(QUEUED) + 1
+                now = time.time()
+                last = pipe.zrange(QUEUED, -1, -1, withscores=True)
+                # Keep the line strictly ordered even when clocks of two hosts disagree a little.
+                queued_at = max(now, last[0][1] + 1e-3) if last else now
+                pipe.multi()
+                write_run(pipe, run, queued_at=queued_at)
+                pipe.hset(POSITIONS, run.id, position)
+                for event in events_for(position):
+                    append_event(pipe, event)
+                pipe.execute()
+                return position
+            except redis.WatchError:
+                continue
+
+
+class RunGone(LookupError):
+    pass
+
+
+def update_run(conn: redis.Redis, run_id: str,
+               step: Callable[[Run], list[RunEvent] | None], retries: int = 20) -> tuple[Run, list[RunEvent]] | None:
+    """Apply `step` to the stored run atomically: it mutates the run and returns the events that report the change,
+    or None to leave everything as it is. Record, indexes and events are written in one transaction; if the record
+    changed meanwhile the step is run again on the fresh record. Returns (run, events) or None when nothing changed.
+    """
+    for _ in range(retries):
+        with conn.pipeline() as pipe:
+            try:
+                pipe.watch(run_key(run_id))
+                raw = pipe.get(run_key(run_id))
+                if raw is None:
+                    raise RunGone(run_id)
+                run = Run.from_dict(json.loads(raw))
+                events = step(run)
+                if events is None:
+                    pipe.unwatch()
+                    return None
+                run.updated_at = time.time()
+                pipe.multi()
+                write_run(pipe, run)
+                for event in events:
+                    append_event(pipe, event)
+                pipe.execute()
+                return run, events
+            except redis.WatchError:
+                continue
+    raise RuntimeError(f"{run_id}: the record kept changing; gave up after {retries} attempts")
+
+
+def queued_ids(conn: redis.Redis) -> list[str]:
+    return conn.zrange(QUEUED, 0, -1)
+
+
+def active_ids(conn: redis.Redis) -> set[str]:
+    return conn.smembers(ACTIVE)
+
+
+def queue_position(conn: redis.Redis, run_id: str) -> int | None:
+    rank = conn.zrank(QUEUED, run_id)
+    return None if rank is None else rank + 1
+
+
+def recent_run_ids(conn: redis.Redis, limit: int) -> list[str]:
+    return conn.zrevrange(ALL_RUNS, 0, max(limit, 1) - 1)
+
+
+def report_positions(conn: redis.Redis) -> list[RunEvent]:
+    """Append a "queued" event for every queued run whose place in line moved since it was last reported."""
+    while True:
+        with conn.pipeline() as pipe:
+            try:
+                pipe.watch(QUEUED, POSITIONS)
+                ids = pipe.zrange(QUEUED, 0, -1)
+                reported = pipe.hgetall(POSITIONS)
+                events = [RunEvent(run_id, "queued", {"position": pos})
+                          for pos, run_id in enumerate(ids, start=1) if reported.get(run_id) != str(pos)]
+                stale = [run_id for run_id in reported if run_id not in set(ids)]
+                if not events and not stale:
+                    pipe.unwatch()
+                    return []
+                pipe.multi()
+                for event in events:
+                    pipe.hset(POSITIONS, event.run_id, event.data["position"])
+                    append_event(pipe, event)
+                if stale:
+                    pipe.hdel(POSITIONS, *stale)
+                pipe.execute()
+                return events
+            except redis.WatchError:
+                continue
+
+
+def load_op(conn: redis.Redis, op_id: str) -> Op | None:
+    h = conn.hgetall(OP_KEY.format(op_id))
+    return Op.from_hash(op_id, h) if h else None

@@ -1,0 +1,153 @@
+"""Deploying an approved request (jobs.deploys.approval): the RQ task that has the backend serve a run's adapter. A
+backend serves it at once (the local inference server) or starts an operation of its own (the ACA deploy op), which
+this follows until it ends.
+
+Progress and the result are "deploy" RunEvents in the run's thread, and are kept in the request and the run record.
+The task runs once per request: approved -> deploying is a transaction, so a second copy of the job does nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from typing import Any
+
+from jobs.backends import get_backend
+from jobs.core import queue, store
+from jobs.core.domain import Run, RunEvent
+from jobs.core.errors import BackendError, Hint
+from jobs.core.settings import JobSettings, current_settings
+from jobs.deploys.approval import (
+    Approval,
+    ApprovalState,
+    enqueue_deploy,
+    get_approval,
+    update_approval,
+)
+
+log = logging.getLogger(__name__)
+
+FOLLOW_EVERY_S = 5.0
+# The Azure operation's own limit is 30 minutes; after this long without its result the deploy is reported failed.
+FOLLOW_LIMIT_S = 3600.0
+
+
+def deploy_event(approval: Approval, **extra: Any) -> RunEvent:
+    data = {"approval": approval.id, "state": str(approval.state), "url": approval.url, "api_url": approval.api_url,
+            "error": approval.error, "hint": approval.error_hint, "op": approval.op_id, "target": approval.target,
+            **extra}
+    return RunEvent(approval.run_id, "deploy", data)
+
+
+def _schedule_follow(settings: JobSettings, approval_id: str) -> None:
+    queue.enqueue(settings, queue.FOLLOW_BACKEND_DEPLOY, approval_id, delay_s=FOLLOW_EVERY_S,
+                  job_id=f"follow-{approval_id}-{uuid.uuid4().hex[:8]}")
+
+
+def _finish(settings: JobSettings, approval_id: str, *, url: str = "", api_url: str = "", error: str = "",
+            hint: Hint | None = None, **extra: Any) -> Approval | None:
+    def step(approval: Approval, run: Run) -> list[RunEvent] | None:
+        if approval.state is not ApprovalState.DEPLOYING:
+            return None
+        approval.move(ApprovalState.FAILED if error else ApprovalState.DEPLOYED)
+        approval.url, approval.api_url, approval.error = url, api_url, error
+        approval.error_hint = hint.as_data() if hint else {}
+        return [deploy_event(approval, **extra)]
+
+    changed = update_approval(store.connect(settings), approval_id, step)
+    return changed[0] if changed else None
+
+
+# An approved request whose deploy task has not begun for this long lost it (its worker died): enqueue it again.
+APPROVED_STALE_S = 30.0
+LOST_DEPLOY = "the worker running the deploy stopped before it finished; nothing was changed for certain"
+
+
+def recover_deploys(settings: JobSettings) -> dict[str, list[str]]:
+    """Part of the reconcile pass: an approved deploy whose task was lost runs again; a deploy served at once whose
+    worker died mid-way is failed with a reason, so no request waits in "deploying" for ever. A deploy that has its
+    backend operation is left to the operation's own follow chain."""
+    conn = store.connect(settings)
+    done: dict[str, list[str]] = {"redeployed": [], "failed": []}
+    for key in conn.scan_iter(store.APPROVAL_KEY.format("dp-*"), count=200):
+        approval = get_approval(settings, key.rsplit(":", 1)[-1])
+        if approval is None or queue.job_pending(settings, f"deploy-{approval.id}"):
+            continue
+        if approval.state is ApprovalState.APPROVED and time.time() - (approval.decided_at or 0) > APPROVED_STALE_S:
+            enqueue_deploy(settings, approval.id)
+            done["redeployed"].append(approval.id)
+        elif approval.state is ApprovalState.DEPLOYING and not approval.op_id:
+            if _finish(settings, approval.id, error=LOST_DEPLOY,
+                       hint=Hint(f"deploy {approval.run_id}", "asks again")) is not None:
+                done["failed"].append(approval.id)
+    return done
+
+
+def deploy_approved(approval_id: str) -> str:
+    """The RQ task enqueued by the approving click."""
+    settings = current_settings()
+
+    def begin(approval: Approval, run: Run) -> list[RunEvent] | None:
+        if approval.state is not ApprovalState.APPROVED:
+            return None
+        approval.move(ApprovalState.DEPLOYING)
+        return [deploy_event(approval)]
+
+    changed = update_approval(store.connect(settings), approval_id, begin)
+    if changed is None:
+        return "nothing to do"
+    approval, run, _ = changed
+    try:
+        started = get_backend(settings).deploy(run, approval.id, approval.requested_by)
+    except BackendError as e:
+        _finish(settings, approval.id, error=e.reason, hint=e.hint)
+        return "failed"
+    except Exception:  # ours, not the user's: the worker log has the trace, the thread a short reason
+        log.exception("%s: the deploy of %s failed unexpectedly", approval_id, run.id)
+        _finish(settings, approval_id, error="an error in tuneops stopped the deploy; the worker log has the details")
+        return "failed"
+    if not started.op_id:
+        extra = {"replaced": started.replaced} if started.replaced else {}
+        _finish(settings, approval.id, url=started.url, api_url=started.api_url, **extra)
+        return "deployed"
+
+    def record(a: Approval, r: Run) -> list[RunEvent] | None:
+        a.op_id = started.op_id
+        return [deploy_event(a)]
+
+    update_approval(store.connect(settings), approval.id, record)
+    _schedule_follow(settings, approval.id)
+    return started.op_id
+
+
+def _configured_endpoint(settings: JobSettings) -> str:
+    try:
+        return get_backend(settings).deploy_endpoint()
+    except BackendError:
+        return ""
+
+
+def follow_backend_deploy(approval_id: str) -> str:
+    """Look at the backend's deploy operation once; record its result, or look again in FOLLOW_EVERY_S."""
+    settings = current_settings()
+    approval = get_approval(settings, approval_id)
+    if approval is None:
+        return "gone"
+    if approval.state is not ApprovalState.DEPLOYING or not approval.op_id:
+        return "nothing to do"
+    op = store.load_op(store.connect(settings), approval.op_id)
+    if op is not None and op.state == "succeeded":
+        url = (op.endpoint or _configured_endpoint(settings)).rstrip("/")
+        _finish(settings, approval_id, url=url, api_url=f"{url}/v1" if url else "")
+        return "deployed"
+    if op is not None and op.state == "failed":
+        _finish(settings, approval_id, error=op.result or f"{approval.op_id} failed")
+        return "failed"
+    started = approval.decided_at or approval.created_at
+    if time.time() - started > FOLLOW_LIMIT_S:
+        _finish(settings, approval_id, error=f"{approval.op_id} gave no result within "
+                                             f"{FOLLOW_LIMIT_S / 60:.0f} minutes; see its thread")
+        return "failed"
+    _schedule_follow(settings, approval_id)
+    return "following"
