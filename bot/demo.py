@@ -208,6 +208,7 @@ async def drive(env: dict[str, str], slack, standin, max_steps: int, started: fl
     import aiohttp
     from aiohttp import web
 
+    from bot import threads
     from bot.server import build_web_app, make_bot
     from bot.settings import BotSettings
     from jobs.runs import service
@@ -237,10 +238,12 @@ async def drive(env: dict[str, str], slack, standin, max_steps: int, started: fl
 
         deadline = time.monotonic() + DEADLINE_S
         run = None
+        posted = threads.Threads(settings.jobs)
         while time.monotonic() < deadline:
             run = await asyncio.to_thread(service.get_run, settings.jobs, "ft-0001")
-            if run is not None and run.state.terminal and run.thread_ts:
-                final = [m for m in slack.thread(CHANNEL, run.thread_ts)
+            thread_ts = await asyncio.to_thread(posted.get, threads.RUN_CARD, "ft-0001") if run else ""
+            if run is not None and run.state.terminal and thread_ts:
+                final = [m for m in slack.thread(CHANNEL, thread_ts)
                          if f"{run.id} finished" in m.text or f"{run.id} failed" in m.text
                          or "cancelled by" in m.text or "ran out of time" in m.text]
                 # A succeeded run's loss curve is uploaded right after its completion message.

@@ -95,7 +95,7 @@ def check_backend(jobs) -> list[Check]:
         backend = get_backend(jobs)
     except BackendError as e:
         return [Check("backend", False, words.refusal(e))]
-    return [Check(c.what, c.ok, c.detail) for c in backend.doctor()]
+    return [Check(c.what, c.ok, words.with_hint(c.detail, c.hint)) for c in backend.doctor()]
 
 
 def run_checks(env: Mapping[str, str] = os.environ) -> list[Check]:

@@ -11,9 +11,10 @@ from typing import Any, TypeVar
 
 import redis
 
-from bot import blocks, words
+from bot import blocks, grammar, words
 from bot.runtime import BotRuntime
 from jobs import backends
+from jobs.backends.protocol import PROVISION, SECRETS
 from jobs.core.errors import BackendError, RunRejected
 
 log = logging.getLogger("bot.listeners")
@@ -25,10 +26,20 @@ OUR_FAULT = ("Something went wrong on tuneops' side ({what}); it is logged. `/fi
              "runs are in; try again, or ask an admin to look at the bot's log.")
 
 
-def unsupported(rt: BotRuntime, capability: str) -> str:
-    """Why this bot's backend does not offer `capability` (secrets, provisioning), as a sentence; "" when it does."""
-    why = backends.unsupported(rt.settings.jobs, capability)
-    return f"{why[0].upper()}{why[1:]}." if why else ""
+def unsupported(rt: BotRuntime, cmd: grammar.Provision | grammar.SecretSet | grammar.SecretList) -> str:
+    """Why `provision` and `secret` do nothing on this bot's backend, as the person reads it; "" when they work."""
+    capability = PROVISION if isinstance(cmd, grammar.Provision) else SECRETS
+    backend = rt.settings.jobs.backend
+    if not backends.unsupported(rt.settings.jobs, capability):
+        return ""
+    if isinstance(cmd, grammar.Provision):
+        configs = {"finetune": "infra/finetuning.config.json", "inference": "infra/inference.config.json",
+                   None: "infra/finetuning.config.json and infra/inference.config.json"}[cmd.target]
+        need = f"`provision` needs TUNEOPS_BACKEND=aca and {configs} in the workspace"
+    else:
+        need = (f"`secret` stores values in Azure Key Vault and needs TUNEOPS_BACKEND=aca; with the {backend} backend, "
+                "set HF_TOKEN or WANDB_API_KEY in the worker's environment instead")
+    return f"{need}. This bot runs the `{backend}` backend."
 
 
 async def call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:

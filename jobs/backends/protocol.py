@@ -14,6 +14,7 @@ from enum import StrEnum
 from typing import Any, Protocol
 
 from jobs.core.domain import Run
+from jobs.core.errors import Hint
 
 
 class ExecStatus(StrEnum):
@@ -63,6 +64,7 @@ class Check:
     what: str
     ok: bool
     detail: str
+    hint: Hint | None = None      # the command that fixes it, when there is one
 
 
 @dataclass

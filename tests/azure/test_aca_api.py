@@ -8,6 +8,7 @@ from jobs.backends import get_backend
 from jobs.backends.aca.backend import AcaBackend
 from jobs.core import store
 from jobs.core.domain import Run
+from jobs.core.errors import Hint
 from tests.azure.conftest import run_worker_burst
 
 
@@ -39,10 +40,9 @@ def test_provision_logs_and_links(aca, settings):
 
 
 def test_doctor_says_what_is_missing(aca, settings):
-    checks = {c.what: (c.ok, c.detail) for c in get_backend(settings).doctor()}
-    assert checks["ACA job"] == (False, "the ACA job tuneops-ft does not exist: provision it first (the provision "
-                                        "finetune command)")
-    assert checks["Azure Files share"] == (True, "tuneopsshare") and checks["Key Vault"][0]
+    checks = {c.what: (c.ok, c.detail, c.hint) for c in get_backend(settings).doctor()}
+    assert checks["ACA job"] == (False, "the ACA job tuneops-ft does not exist", Hint("provision finetune"))
+    assert checks["Azure Files share"] == (True, "tuneopsshare", None) and checks["Key Vault"][0]
     get_backend(settings).enqueue_provision("finetune", "U1", "C1")
     run_worker_burst(settings)
     assert {c.what: c.ok for c in get_backend(settings).doctor()}["ACA job"] is True

@@ -121,8 +121,9 @@ def test_a_missing_dataset_or_job_is_a_clear_error(aca, settings, executor, work
     with pytest.raises(BackendError, match="dataset datasets/nope.jsonl is neither in the workspace"):
         executor.start(run, cfg)
     aca.standin.jobs.clear()
-    with pytest.raises(BackendError, match="does not exist.*provision finetune"):
+    with pytest.raises(BackendError, match="does not exist.*provision the job") as e:
         executor.start(run, config_for(run))
+    assert e.value.hint.command == "provision finetune"  # the bot says `/finetune provision finetune`
 
 
 def test_429_with_retry_after_on_start_is_retried(aca, executor):

@@ -18,6 +18,7 @@ from bot.logbatch import LogBatcher
 from bot.standin.slack import _check_message
 from jobs.core.domain import Run, RunState
 from jobs.deploys.approval import Approval, ApprovalState
+from jobs.runs import service
 
 
 def run_in(state: RunState, **kw) -> Run:
@@ -42,11 +43,16 @@ def test_buttons_follow_what_can_be_done_with_the_run():
     assert actions(blocks.render_timed_out(run_in(RunState.TIMED_OUT), 0)) == [RESUME_ACTION, LOGS_ACTION]
     failed = blocks.render_failed(run_in(RunState.FAILED, last_checkpoint_step=40), "exit 1", [])
     assert actions(failed) == [RESUME_ACTION, LOGS_ACTION] and "checkpoint of step 40" in json.dumps(failed)
+    # With no checkpoint a resume starts over, which the service allows: the button follows the service's one rule.
     early = blocks.render_failed(run_in(RunState.FAILED), "bad config", [])
-    assert actions(early) == [LOGS_ACTION] and "no checkpoint was saved" in json.dumps(early)
+    assert actions(early) == [RESUME_ACTION, LOGS_ACTION] and "no checkpoint was saved" in json.dumps(early)
     assert actions(blocks.render_cancelled(run_in(RunState.CANCELLED, last_checkpoint_step=2), "U0BOB")) == [
         RESUME_ACTION, LOGS_ACTION]
-    assert actions(blocks.render_cancelled(run_in(RunState.CANCELLED), "U0BOB")) == []
+    for state in RunState:
+        run = run_in(state)
+        assert blocks.resumable(run) is service.can_resume(run)
+        if state.terminal and state is not RunState.SUCCEEDED:
+            assert (RESUME_ACTION in actions({"blocks": [blocks.run_actions(run)]})) is service.can_resume(run) is True
 
 
 def test_the_completion_shows_two_samples_escaped_and_stays_within_limits():

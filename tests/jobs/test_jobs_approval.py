@@ -44,6 +44,12 @@ def pending_request(**kw) -> Approval:
     return Approval(**{**fields, **kw})
 
 
+def said(req, user, approve, approvers, now):
+    """The refusal as the person reads it: the jobs check says why (a code), the bot says it in words."""
+    why = decision_refusal(req, user, approve, approvers, now)
+    return None if why is None else words.refusal(approval.DecisionRefused(why, req, approvers))
+
+
 @pytest.mark.parametrize("user, approve, expected", [
     ("U0BOB", True, "Only approvers may approve or reject"),
     ("U0BOB", False, "Only approvers may approve or reject"),
@@ -51,12 +57,6 @@ def pending_request(**kw) -> Approval:
     ("U0APPROVER", True, None),
     ("U0APPROVER", False, None),
 ])
-def said(req, user, approve, approvers, now):
-    """The refusal as the person reads it: the jobs check says why (a code), the bot says it in words."""
-    why = decision_refusal(req, user, approve, approvers, now)
-    return None if why is None else words.refusal(approval.DecisionRefused(why, req, approvers))
-
-
 def test_who_may_decide(user, approve, expected):
     reason = said(pending_request(), user, approve, APPROVERS, time.time())
     assert (reason is None) if expected is None else (expected in reason)
@@ -127,7 +127,7 @@ def test_two_approvals_at_once_decide_once_and_enqueue_one_deploy(settings):
         t.join(10)
     won = [u for u, r in results.items() if isinstance(r, Approval)]
     lost = [r for r in results.values() if isinstance(r, RunRejected)]
-    assert len(won) == 1 and len(lost) == 1 and "already approved by" in str(lost[0])
+    assert len(won) == 1 and len(lost) == 1 and "already approved by" in words.refusal(lost[0])
     stored = approval.get_approval(settings, req.id)
     assert stored.state is ApprovalState.APPROVED and stored.decided_by == won[0] and stored.decided_at
     assert rq_queue.count == before + 1 and rq_queue.jobs[-1].id == f"deploy-{req.id}"
@@ -245,7 +245,8 @@ def test_reconcile_recovers_a_deploy_whose_worker_died(settings):
     Job.fetch(f"deploy-{req.id}", connection=queue.rq_connection(settings)).delete()
     assert reconcile.reconcile_once(settings)["failed"] == [req.id]
     failed = approval.get_approval(settings, req.id)
-    assert failed.state is ApprovalState.FAILED and failed.error == LOST_DEPLOY.format(run=run.id)
+    assert failed.state is ApprovalState.FAILED and failed.error == LOST_DEPLOY
     events = [e.data for e in store.run_events(conn, run.id) if e.kind == "deploy"]
-    assert events[-1]["state"] == "failed" and "/finetune deploy" in events[-1]["error"]
+    assert events[-1]["state"] == "failed" and events[-1]["hint"] == {"command": f"deploy {run.id}", "says": "asks again"}
+    assert "`/finetune deploy " + run.id + "` asks again" in words.with_hint(failed.error, failed.error_hint)
     assert reconcile.reconcile_once(settings)["failed"] == []  # decided once

@@ -10,7 +10,6 @@ from bot.listeners.support import answer, answering_errors, call, unsupported
 from bot.ops import describe_op
 from bot.runtime import BotRuntime
 from jobs.backends import get_backend
-from jobs.backends.protocol import PROVISION
 
 
 def _queue(settings, target: str | None, user: str, channel: str) -> tuple[list[str], list[str], str]:
@@ -20,7 +19,7 @@ def _queue(settings, target: str | None, user: str, channel: str) -> tuple[list[
 
 
 async def handle(ack, cmd: grammar.Provision, command: dict[str, Any], rt: BotRuntime) -> None:
-    why_not = unsupported(rt, PROVISION)
+    why_not = unsupported(rt, cmd)
     if why_not:
         await ack(**rt.gateway.clean(blocks.render_problem(why_not)))
         return

@@ -12,7 +12,6 @@ from bot import blocks, grammar, secretform, words
 from bot.listeners.support import answer, answering_errors, call, unsupported
 from bot.runtime import BotRuntime
 from jobs.backends import get_backend
-from jobs.backends.protocol import SECRETS
 from jobs.core.errors import BackendError
 
 log = logging.getLogger(__name__)
@@ -29,7 +28,7 @@ def set_problem(name: str, settings) -> str | None:
 
 
 async def handle_set(ack, cmd: grammar.SecretSet, command: dict[str, Any], rt: BotRuntime) -> None:
-    why_not = unsupported(rt, SECRETS)
+    why_not = unsupported(rt, cmd)
     if why_not:
         await ack(**rt.gateway.clean(blocks.render_problem(why_not)))
         return
@@ -50,7 +49,7 @@ async def handle_set(ack, cmd: grammar.SecretSet, command: dict[str, Any], rt: B
 
 
 async def handle_list(ack, cmd: grammar.SecretList, command: dict[str, Any], rt: BotRuntime) -> None:
-    why_not = unsupported(rt, SECRETS)
+    why_not = unsupported(rt, cmd)
     if why_not:
         await ack(**rt.gateway.clean(blocks.render_problem(why_not)))
         return

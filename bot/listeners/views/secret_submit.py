@@ -17,8 +17,9 @@ from slack_sdk.errors import SlackApiError
 
 from bot import grammar, secretform, words
 from bot.auth import Refusal, authorize
-from bot.listeners.support import call, log_refusal, unsupported
+from bot.listeners.support import call, log_refusal
 from bot.runtime import BotRuntime, runtime_of
+from jobs import backends
 from jobs.backends import get_backend
 from jobs.backends.protocol import SECRETS
 from jobs.core.errors import BackendError
@@ -33,8 +34,8 @@ async def secret_submit(ack, body: dict[str, Any], view: dict[str, Any], context
     user = (body.get("user") or {}).get("id", "")
     form = secretform.read_form(view)
     refusal = authorize(grammar.SecretSet(form.name or "?"), user, form.channel, rt.settings.policy)
-    if refusal is None and unsupported(rt, SECRETS):
-        refusal = Refusal(unsupported(rt, SECRETS))
+    if refusal is None and backends.unsupported(rt.settings.jobs, SECRETS):
+        refusal = Refusal(f"Secrets need TUNEOPS_BACKEND=aca; this bot runs the `{rt.settings.jobs.backend}` backend.")
     if refusal is not None:
         log_refusal("the secret form", user, form.channel, refusal.reason)
         await ack(response_action="update", view=rt.gateway.clean(secretform.refused_view(refusal.reason)))

@@ -16,7 +16,7 @@ from jobs.backends.aca.provision import get_job
 from jobs.backends.aca.resources import InvalidSecretName, secret_name
 from jobs.backends.protocol import Check, DeployStarted, LogsAnswer, SecretInfo
 from jobs.core.domain import Run
-from jobs.core.errors import BackendError
+from jobs.core.errors import BackendError, Hint
 
 
 class AcaBackend(AcaExecutor):
@@ -50,14 +50,13 @@ class AcaBackend(AcaExecutor):
             try:
                 out.append(Check(what, True, fn() or "ok"))
             except BackendError as e:
-                out.append(Check(what, False, e.reason))
+                out.append(Check(what, False, e.reason, e.hint))
             except Exception as e:  # a credential or network failure the SDK did not classify
                 out.append(Check(what, False, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"))
 
         def job():
             if get_job(self.clients) is None:
-                raise BackendError(f"the ACA job {cfg.job_name} does not exist: provision it first (the provision "
-                                   "finetune command)")
+                raise BackendError(f"the ACA job {cfg.job_name} does not exist", hint=Hint("provision finetune"))
             return cfg.job_name
 
         def share():

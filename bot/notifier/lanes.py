@@ -1,0 +1,335 @@
+"""Lane scheduling: one lane per run, fed from the event stream this process consumes, each lane working through its
+items in order while the others go on; acks, retries, the run-card throttle, and taking over or leaving the stream."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+
+from bot import ops
+from bot.logbatch import LogBatcher
+from bot.slack import SlackGateway
+from bot.stream import EventStream
+from jobs.core.domain import RunEvent
+
+log = logging.getLogger("bot.notifier")  # one name for the whole notifier, whichever part logs
+
+PROGRESS_INTERVAL_S = 5.0
+LOG_INTERVAL_S = 20.0
+# Entries held in memory at most (queued in lanes or batched); reading pauses above it.
+MAX_INFLIGHT = 5000
+# A lane with nothing to do for this long is dropped (its LogBatcher starts afresh if the run logs again).
+IDLE_LANE_S = 600.0
+STOP_FLUSH_S = 5.0
+MAX_UNEXPECTED = 3
+# Log and progress events that wait behind each other in a lane are rendered together: a lane that fell behind (its
+# channel's budget is spent) catches up in one message instead of one message per event.
+QUIET_KINDS = {"log", "progress"}
+MAX_COALESCED = 1000
+# Progress edits of cards share the channels' posting budget with the thread messages; while many runs are busy, all
+# their cards together are edited at most about once per this many seconds, so that log excerpts and errors get most
+# of the budget.
+CARD_SHARE_S = 4.0
+
+# One call to Slack, made by a lane; rendering produces a list of (what, call) pairs.
+Post = Callable[[], Awaitable[Any]]
+
+
+class Transient(Exception):
+    """Slack or Redis could not be reached (or Slack kept rate-limiting); the work is tried again."""
+
+
+@dataclass
+class _Throttle:
+    interval_s: float
+    share_s: float = CARD_SHARE_S
+    busy: int = 0                # runs with work waiting (set by the notifier's tick)
+    last: dict[str, float] = field(default_factory=dict)
+    dirty: set[str] = field(default_factory=set)
+
+    def due(self, run_id: str, now: float) -> bool:
+        interval = max(self.interval_s, self.busy * self.share_s)
+        return now - self.last.get(run_id, -1e18) >= interval
+
+
+@dataclass
+class _Item:
+    kind: str                                   # "event" | "flush" | "card"
+    entry_id: str = ""
+    event: RunEvent | None = None
+    force: bool = False                         # flush: everything pending, whatever the time (stopping)
+    posts: list[tuple[str, Post]] | None = None  # rendered once; retried from `sent` after a transient failure
+    sent: int = 0
+    hold: bool = False                          # its log lines wait in the batcher: ack later
+    failures: int = 0
+    absorbed: list[_Item] = field(default_factory=list)  # quiet items rendered together with this one
+
+    @property
+    def quiet(self) -> bool:
+        """Log lines, progress or a routine flush: nothing whose own message must keep its place."""
+        if self.kind == "flush":
+            return not self.force
+        return self.kind == "event" and self.event is not None and self.event.kind in QUIET_KINDS
+
+
+@dataclass
+class _Lane:
+    key: str                                    # the run id (or an op id)
+    batcher: LogBatcher
+    items: deque[_Item] = field(default_factory=deque)
+    outbox: deque[str] = field(default_factory=deque)   # log excerpts rendered, not yet accepted by Slack
+    held: list[str] = field(default_factory=list)       # entries whose lines are still in the batcher
+    task: asyncio.Task | None = None
+    retry_at: float = 0.0
+    backoff: float = 0.5
+    error: BaseException | None = None
+    flush_queued: bool = False
+    card_queued: bool = False
+    last_active: float = 0.0
+
+    @property
+    def busy(self) -> bool:
+        return self.task is not None and not self.task.done()
+
+
+class Lanes:
+    """The scheduling half of the Notifier: when each item is worked on. What an item makes Slack do comes from
+    `_render` (the Renderer mixin) and each call goes out through `_send` (the Poster mixin)."""
+
+    # Set by Notifier.__init__.
+    gateway: SlackGateway
+    stream: EventStream
+    block_ms: int
+    clock: Callable[[], float]
+    tick_s: float
+    max_inflight: int
+    log_interval_s: float
+    throttle: _Throttle
+    lanes: dict[str, _Lane]
+    _inflight: set[str]
+    _unacked: list[str]
+    _idle: list[str]
+    _stop: asyncio.Event
+    _stopping: bool
+    _task: asyncio.Task | None
+    # Provided by the other mixins (annotations only, so they do not shadow them in the MRO).
+    _render: Callable[[_Lane, _Item], Awaitable[list[tuple[str, Post]]]]
+    _send: Callable[[str, str, Post], Awaitable[None]]
+
+    # ---- lifecycle ----------------------------------------------------------------------------------------------
+
+    def start(self) -> asyncio.Task:
+        self._stop.clear()
+        self._stopping = False
+        self._task = asyncio.create_task(self.run(), name="tuneops-notifier")
+        return self._task
+
+    async def stop(self) -> None:
+        self._stop.set()
+        if self._task is not None:
+            try:
+                await asyncio.wait_for(self._task, timeout=self.block_ms / 1000 + STOP_FLUSH_S + 5)
+            except asyncio.TimeoutError:
+                self._task.cancel()
+            self._task = None
+
+    async def run(self) -> None:
+        ticker = asyncio.create_task(self._ticker(), name="tuneops-notifier-tick")
+        backoff = 0.5
+        try:
+            while not self._stop.is_set():
+                try:
+                    if len(self._inflight) >= self.max_inflight:
+                        await asyncio.to_thread(self.stream.heartbeat)
+                        await self._sleep(0.2)
+                        continue
+                    await self.step(wait=False)
+                    backoff = 0.5
+                except Transient as e:
+                    log.warning("notifier: %s; trying again in %.1fs", e, backoff)
+                    await self._sleep(backoff)
+                    backoff = min(backoff * 2, 30.0)
+                except Exception:
+                    log.exception("notifier: unexpected error; going on in %.1fs", backoff)
+                    await self._sleep(backoff)
+                    backoff = min(backoff * 2, 30.0)
+        finally:
+            ticker.cancel()
+            await self._shutdown()
+
+    async def _sleep(self, seconds: float) -> None:
+        try:
+            await asyncio.wait_for(self._stop.wait(), timeout=seconds)
+        except asyncio.TimeoutError:
+            pass
+
+    async def _ticker(self) -> None:
+        while not self._stop.is_set():
+            await self._sleep(self.tick_s)
+            try:
+                self.tick()
+                await self._retry_acks()
+                if self._idle:
+                    idle, self._idle = self._idle, []
+                    await asyncio.to_thread(self.stream.release, idle)
+            except Exception:
+                log.exception("notifier tick failed")
+
+    async def _shutdown(self) -> None:
+        """Post what the batchers hold (briefly), then leave: another process takes over what is still pending."""
+        self._stopping = True
+        for lane in self.lanes.values():
+            if lane.batcher.pending or lane.outbox:
+                lane.items.append(_Item("flush", force=True))
+            self._kick(lane, force=True)
+        busy = [lane.task for lane in self.lanes.values() if lane.busy]
+        if busy:
+            await asyncio.wait(busy, timeout=STOP_FLUSH_S)
+        for lane in self.lanes.values():
+            if lane.busy:
+                lane.task.cancel()
+        await self._retry_acks()
+        try:
+            await asyncio.to_thread(self.stream.leave)
+        except redis.exceptions.RedisError:
+            pass
+
+    # ---- reading and dispatching ------------------------------------------------------------------------------
+
+    async def step(self, wait: bool = True) -> int:
+        """Read what is there for this process and hand it to the runs' lanes; returns the events read.
+
+        With `wait` (tests, tools) it also waits until every lane has done its work, retrying lanes that failed
+        at once, and raises Transient when one could not reach Slack or Redis.
+        """
+        room = max(1, min(100, self.max_inflight - len(self._inflight)))
+        try:
+            batch = await asyncio.to_thread(self.stream.read, room, set(self._inflight), self.block_ms)
+        except redis.exceptions.ConnectionError as e:
+            raise Transient(f"Redis unreachable ({e})") from None
+        for entry_id, event in batch:
+            self._inflight.add(entry_id)
+            self._lane(event.run_id).items.append(_Item("event", entry_id, event))
+        self.tick(retry_now=wait)
+        if wait:
+            await self.drain()
+        return len(batch)
+
+    def _lane(self, key: str) -> _Lane:
+        lane = self.lanes.get(key)
+        if lane is None:
+            lane = _Lane(key, LogBatcher(interval_s=self.log_interval_s, redact=self.gateway.redactor),
+                         last_active=self.clock())
+            self.lanes[key] = lane
+        return lane
+
+    def tick(self, retry_now: bool = False) -> None:
+        """Queue what is due (held log lines, throttled card edits), restart lanes, forget idle ones."""
+        now = self.clock()
+        self.throttle.busy = sum(1 for lane in self.lanes.values()
+                                 if lane.items or lane.outbox or lane.batcher.pending or lane.busy)
+        for key, lane in list(self.lanes.items()):
+            if (lane.batcher.pending or lane.outbox) and not lane.flush_queued:
+                lane.flush_queued = True
+                lane.items.append(_Item("flush"))
+            if key in self.throttle.dirty and self.throttle.due(key, now) and not lane.card_queued:
+                lane.card_queued = True
+                lane.items.append(_Item("card"))
+            if lane.items:
+                lane.last_active = now
+                self._kick(lane, force=retry_now)
+            elif (not lane.busy and not lane.held and not lane.batcher.pending and not lane.outbox
+                  and now - lane.last_active > IDLE_LANE_S):
+                del self.lanes[key]
+                self._idle.append(key)
+
+    def _kick(self, lane: _Lane, force: bool = False) -> None:
+        if lane.busy or not lane.items:
+            return
+        if not force and self.clock() < lane.retry_at:
+            return
+        lane.task = asyncio.create_task(self._drive(lane), name=f"tuneops-lane-{lane.key}")
+
+    async def drain(self) -> None:
+        """Wait until no lane is working; raise Transient when a lane stopped on a failure it will retry."""
+        while True:
+            busy = [lane.task for lane in self.lanes.values() if lane.busy]
+            if not busy:
+                break
+            await asyncio.gather(*busy, return_exceptions=True)
+        for lane in self.lanes.values():
+            if lane.items and lane.error is not None:
+                raise Transient(str(lane.error))
+
+    async def _drive(self, lane: _Lane) -> None:
+        while lane.items and not (self._stopping and lane.items[0].kind != "flush"):
+            item = lane.items[0]
+            try:
+                await self._process(lane, item)
+            except Transient as e:
+                lane.error = e
+                lane.retry_at = self.clock() + lane.backoff
+                log.warning("%s: %s; trying again in %.1fs", lane.key, e, lane.backoff)
+                lane.backoff = min(lane.backoff * 2, 30.0)
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                item.failures += 1
+                if item.failures < MAX_UNEXPECTED:
+                    log.exception("%s: rendering %s failed; trying again", lane.key, item.kind)
+                    lane.retry_at = self.clock() + lane.backoff
+                    return
+                log.exception("%s: rendering %s failed %d times; dropped", lane.key, item.kind, item.failures)
+                await self._ack([item.entry_id] if item.entry_id else [])
+            lane.items.popleft()
+            lane.error, lane.backoff = None, 0.5
+            lane.last_active = self.clock()
+
+    async def _process(self, lane: _Lane, item: _Item) -> None:
+        if item.posts is None and item.quiet and not ops.is_op_id(lane.key):
+            while len(lane.items) > 1 and lane.items[1].quiet and len(item.absorbed) < MAX_COALESCED:
+                item.absorbed.append(lane.items[1])
+                del lane.items[1]
+        if item.posts is None:
+            try:
+                item.posts = await self._render(lane, item)
+            except redis.exceptions.ConnectionError as e:
+                raise Transient(f"Redis unreachable ({e})") from None
+        while item.sent < len(item.posts):
+            what, post = item.posts[item.sent]
+            await self._send(lane.key, what, post)
+            item.sent += 1
+        for it in (item, *item.absorbed):
+            if it.kind == "flush":
+                lane.flush_queued = False
+            elif it.kind == "card":
+                lane.card_queued = False
+        done = []
+        ids = [it.entry_id for it in (item, *item.absorbed) if it.entry_id]
+        (lane.held if item.hold else done).extend(ids)
+        if not lane.batcher.pending and not lane.outbox and lane.held:
+            done += lane.held
+            lane.held = []
+        await self._ack(done)
+
+    async def _ack(self, entry_ids: list[str]) -> None:
+        if not entry_ids:
+            return
+        self._inflight.difference_update(entry_ids)
+        try:
+            await asyncio.to_thread(self.stream.ack, entry_ids)
+        except redis.exceptions.RedisError as e:
+            log.warning("could not ack %d event(s) (%s); trying again", len(entry_ids), e)
+            self._unacked += entry_ids
+
+    async def _retry_acks(self) -> None:
+        ids, self._unacked = self._unacked, []
+        await self._ack(ids)
+
