@@ -38,7 +38,7 @@ def reconcile_once(settings: JobSettings) -> dict[str, list[str]]:
         if not queue.job_pending(settings, conn.get(store.TICK_KEY.format(run.id))):
             transitions.schedule_tick(settings, run.id, 0)
             done["monitored"].append(run.id)
-        if run.cancelled_by and transitions.enqueue_cancel(settings, run.id) is not None:
+        if run.cancelled_by and transitions.enqueue_stop(settings, run.id) is not None:
             done["cancelled"].append(run.id)
     if store.queued_ids(conn) and len(active) < settings.max_running:
         transitions.enqueue_admit(settings)

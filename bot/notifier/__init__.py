@@ -17,7 +17,15 @@ import asyncio
 import time
 
 from bot import threads
-from bot.notifier.lanes import LOG_INTERVAL_S, MAX_INFLIGHT, PROGRESS_INTERVAL_S, Lanes, Transient, _Lane, _Throttle
+from bot.notifier.lanes import (
+    LOG_INTERVAL_S,
+    MAX_INFLIGHT,
+    PROGRESS_INTERVAL_S,
+    Lanes,
+    Transient,
+    _Lane,
+    _Throttle,
+)
 from bot.notifier.post import Poster
 from bot.notifier.render import Renderer
 from bot.slack import SlackGateway

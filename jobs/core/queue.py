@@ -39,13 +39,13 @@ SCHEDULED_LATE_S = 30.0
 ADMIT_RUNS = "jobs.runs.tasks.admit_runs"
 START_RUN = "jobs.runs.tasks.start_run"
 MONITOR_RUN = "jobs.runs.tasks.monitor_run"
-CANCEL_RUN = "jobs.runs.tasks.cancel_run"
+STOP_RUN = "jobs.runs.tasks.stop_run"
 RECONCILE = "jobs.reconcile.reconcile"
 DEPLOY_APPROVED = "jobs.deploys.deploy.deploy_approved"
 FOLLOW_BACKEND_DEPLOY = "jobs.deploys.deploy.follow_backend_deploy"
 EXPIRE_APPROVAL = "jobs.deploys.approval.expire_approval"
 BACKEND_OP = "jobs.backends.ops.run_op"
-TASKS = (ADMIT_RUNS, START_RUN, MONITOR_RUN, CANCEL_RUN, RECONCILE, DEPLOY_APPROVED, FOLLOW_BACKEND_DEPLOY,
+TASKS = (ADMIT_RUNS, START_RUN, MONITOR_RUN, STOP_RUN, RECONCILE, DEPLOY_APPROVED, FOLLOW_BACKEND_DEPLOY,
          EXPIRE_APPROVAL, BACKEND_OP)
 
 _rq_clients: dict[str, redis.Redis] = {}

@@ -270,7 +270,7 @@ def cancel_run(settings: JobSettings, run_id: str, by: str) -> Run:
         if run.state is RunState.CANCELLED:
             return run
         raise RunRejected(f"{run.id} has already {_ended(run.state)}: there is nothing to cancel")
-    transitions.enqueue_cancel(settings, run.id)
+    transitions.enqueue_stop(settings, run.id)
     return run
 
 

@@ -1,4 +1,4 @@
-"""The RQ tasks that move runs along: admit, start, monitor, cancel (jobs.reconcile puts them back on track).
+"""The RQ tasks that move runs along: admit, start, monitor, stop (a cancelled run's execution) (jobs.reconcile puts them back on track).
 
 Tasks take a run id and nothing big; the state lives in the store. Each reads the record, checks the state it expects,
 does one step and records the result in one transaction, so running a task twice, or again after a crash, is harmless.
@@ -207,7 +207,7 @@ def monitor_run(run_id: str, tick: str | None = None) -> str:
         return "gone"
     if run.state.active:
         if run.cancelled_by and info is not None and not info.status.finished:
-            transitions.enqueue_cancel(settings, run_id)  # the cancel task was lost (its worker died): ask again
+            transitions.enqueue_stop(settings, run_id)  # the cancel task was lost (its worker died): ask again
         transitions.schedule_tick(settings, run_id, settings.monitor_interval_s)
         return str(run.state)
     if tick is not None:
@@ -230,7 +230,7 @@ def monitor_run(run_id: str, tick: str | None = None) -> str:
 
 # Cancel ----------------------------------------------------------------------------------------------------------------
 
-def cancel_run(run_id: str) -> str:
+def stop_run(run_id: str) -> str:
     """Stop a run's execution (no process or replica left) and record it as cancelled by whoever asked."""
     settings = current_settings()
     conn = store.connect(settings)

@@ -43,12 +43,12 @@ def schedule_tick(settings: JobSettings, run_id: str, delay_s: float) -> str:
     return token
 
 
-def enqueue_cancel(settings: JobSettings, run_id: str):
-    """Enqueue a cancel task unless one was enqueued in the last minute."""
+def enqueue_stop(settings: JobSettings, run_id: str):
+    """Ask a worker to stop a cancelled run's execution, unless that was asked in the last minute."""
     conn = store.connect(settings)
     if not conn.set(store.CANCELLING.format(run_id), "1", nx=True, ex=60):
         return None
-    return queue.enqueue(settings, queue.CANCEL_RUN, run_id)
+    return queue.enqueue(settings, queue.STOP_RUN, run_id)
 
 
 def cancel_queued(conn: redis.Redis, run_id: str, by: str) -> Run | None:

@@ -130,7 +130,7 @@ def test_reconcile_asks_again_for_a_lost_cancel_and_fills_free_slots(settings, r
     done = reconcile.reconcile_once(settings)
     assert done["cancelled"] == [run.id]
     names = [name for name, _ in jobs_of(settings, rq_conn)]
-    assert "cancel_run" in names and "admit_runs" in names  # one slot of two is free for the queued run
+    assert "stop_run" in names and "admit_runs" in names  # one slot of two is free for the queued run
     assert service.get_run(settings, queued.id).state is RunState.QUEUED
 
 

@@ -6,7 +6,7 @@ from typing import Any
 
 from bot import blocks
 from bot.auth import check_place
-from bot.listeners.commands.manage import cancel
+from bot.listeners.commands.cancel import cancel
 from bot.listeners.support import answer, log_refusal
 from bot.runtime import runtime_of
 from jobs.core.domain import RUN_ID_RE

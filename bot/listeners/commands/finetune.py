@@ -10,10 +10,10 @@ from typing import Any
 from bot import blocks, grammar
 from bot.auth import authorize
 from bot.listeners.commands import (
+    cancel,
     deploy,
     list_runs,
     logs,
-    manage,
     provision,
     resume,
     run,
@@ -28,7 +28,7 @@ HANDLERS = {
     grammar.Status: status.handle,
     grammar.ListRuns: list_runs.handle,
     grammar.Logs: logs.handle,
-    grammar.Cancel: manage.handle_cancel,
+    grammar.Cancel: cancel.handle_cancel,
     grammar.Resume: resume.handle,
     grammar.Deploy: deploy.handle,
     grammar.SecretSet: secrets.handle_set,

@@ -10,7 +10,7 @@ from typing import Any
 
 from bot import blocks
 from bot.grammar import Resume
-from bot.listeners.commands.manage import run_to_manage
+from bot.listeners.commands.cancel import run_to_manage
 from bot.listeners.support import answer, answering_errors, call
 from bot.runtime import BotRuntime
 from jobs.runs import service

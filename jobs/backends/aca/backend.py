@@ -33,7 +33,7 @@ class AcaBackend(AcaExecutor):
         return f"the ACA inference app {name}" + (f" at {self.cfg.app_endpoint}" if self.cfg.app_endpoint else "")
 
     def deploy(self, run: Run, approval_id: str, requester: str) -> DeployStarted:
-        return DeployStarted(op_id=ops.enqueue_deploy(self.settings, run.id, requester, run.channel))
+        return DeployStarted(op_id=ops.enqueue_deploy_op(self.settings, run.id, requester, run.channel))
 
 
     def deploy_endpoint(self) -> str:

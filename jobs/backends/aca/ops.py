@@ -96,7 +96,7 @@ def enqueue_secret_reference(settings, env_name: str, requester: str, channel: s
     return op_id
 
 
-def enqueue_deploy(settings, run_id: str, requester: str, channel: str) -> str:
+def enqueue_deploy_op(settings, run_id: str, requester: str, channel: str) -> str:
     """Queue deploying a finished run's adapter to the inference app (after an approver's click)."""
     op_id = _new_op(settings, "deploy", requester, channel, target=run_id)
     _enqueue(settings, op_id)

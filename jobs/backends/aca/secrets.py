@@ -22,6 +22,7 @@ from jobs.backends.aca.resources import (
 )
 from jobs.backends.protocol import SecretInfo
 from jobs.core.errors import BackendError
+from jobs.core.masking import MIN_KNOWN_LEN
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,7 @@ def values_to_mask(clients: AzureClients, names: list[str]) -> tuple[str, ...]:
     try:
         for name in sorted(set(names)):
             value = clients.secrets.get_secret(name).value
-            if value and len(value) >= 8:
+            if value and len(value) >= MIN_KNOWN_LEN:
                 values.append(value)
     except Exception as e:  # a missing role or an outage must not stop a run's progress
         log.warning("cannot read the job's secrets to mask them in logs (%s); relying on redaction",

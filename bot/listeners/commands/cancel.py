@@ -1,5 +1,5 @@
-"""`/finetune cancel RUN` (and the card's Cancel button), and the check it shares with resume: for the run's requester
-and admins.
+"""`/finetune cancel RUN` (and the card's Cancel button), and the check it shares with resume (`run_to_manage`): for
+the run's requester and admins.
 
 The thread tells the outcome when jobs/ reports it; the person gets a private note that it is under way.
 """
