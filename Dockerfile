@@ -1,7 +1,10 @@
 # syntax=docker/dockerfile:1
-# Two images from one file:
+# Three images from one file:
 #   docker build --target bot -t tuneops-bot .          the Slack bot and the RQ worker (no torch, runs as a user)
 #   docker build --target payload -t tuneops-payload .  what runs in the ACA GPU container: trainer + inference server
+#   docker build --target demo -t tuneops-demo .        the bot image plus the payload and redis-server: `tuneops demo`
+#                                                       and the benchmarks (python -m bot.bench, bot.bench_thread,
+#                                                       jobs.backends.aca.bench_sync, payload.bench) run from it
 # Run the bot image as `tuneops-bot bot` (the default) or `tuneops-bot worker`. Push the payload image to a registry
 # and set IMAGE in infra/finetuning.config.json (and inference.config.json) so that runs do not spend billed GPU
 # minutes on `pip install`.
@@ -34,6 +37,14 @@ ENV TUNEOPS_WORKSPACE=/home/tuneops/workspace \
 EXPOSE 3000
 ENTRYPOINT ["tuneops"]
 CMD ["bot", "--http"]
+
+# ---- the demo and the benchmarks: the bot image, the payload (torch, on the CPU) and a Redis to start ---------------
+FROM bot AS demo
+USER root
+RUN apt-get update && apt-get install -y --no-install-recommends redis-server && rm -rf /var/lib/apt/lists/* \
+    && pip install ".[payload,serve]"
+USER tuneops
+CMD ["demo"]
 
 # ---- the GPU container: trainer and inference server ---------------------------------------------------------------
 # The PyTorch image brings CUDA and a CUDA build of torch; pip adds the payload and serve extras around that torch. A
