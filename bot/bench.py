@@ -20,12 +20,14 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
+import aiohttp
+import redis
+
 from bot.demo import REPO_ROOT, DemoError, _free_port, _stop
 from bot.standin import slack as standin
 
 
 def start_private_redis(stack: ExitStack, tmp: Path) -> str:
-    import redis
 
     exe = shutil.which("redis-server")
     if exe is None:
@@ -45,7 +47,6 @@ def start_private_redis(stack: ExitStack, tmp: Path) -> str:
 
 
 async def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 60) -> None:
-    import aiohttp
 
     deadline = time.monotonic() + timeout
     async with aiohttp.ClientSession() as s:
@@ -70,7 +71,6 @@ async def fire(url: str, requests: list[tuple[bytes, dict[str, str]]], clients: 
     With `rate`, command i is due at i/rate seconds and its latency counts from then, so a bot that falls behind is
     charged for the wait too.
     """
-    import aiohttp
 
     latencies: list[float] = []
     failures = 0
@@ -132,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
             stack.callback(slack.stop)
             ws = tmp / "workspace"
             (ws / "datasets").mkdir(parents=True)
+            # payload.tinymodel loads torch: only when the benchmark builds its workspace
             from payload.tinymodel import example_dataset_path
 
             shutil.copy(example_dataset_path(), ws / "datasets" / "chat.jsonl")

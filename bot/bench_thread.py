@@ -23,6 +23,18 @@ from collections import Counter
 from contextlib import ExitStack
 from pathlib import Path
 
+import redis.asyncio as aioredis
+from slack_sdk.web.async_client import AsyncWebClient
+
+from bot.bench import start_private_redis
+from bot.notifier import Notifier
+from bot.ratelimit import SLACK_RATE_PER_S, ChannelBudget
+from bot.slack import SlackGateway
+from bot.standin import slack as standin
+from jobs.core import store
+from jobs.core.domain import Run, RunEvent, RunState
+from jobs.core.settings import JobSettings
+
 TOKEN = "xoxb-bench"  # a stand-in token, not a real one
 CHANNEL = "C0BENCH"
 LINE_ID = re.compile(r"\[r(\d+):(\d+)\]")
@@ -64,17 +76,7 @@ def highest(times: list[float], window: float) -> float:
 
 
 async def bench(args) -> dict:
-    import redis.asyncio as aioredis
-    from slack_sdk.web.async_client import AsyncWebClient
 
-    from bot.bench import start_private_redis
-    from bot.notifier import Notifier
-    from bot.ratelimit import ChannelBudget
-    from bot.slack import SlackGateway
-    from bot.standin import slack as standin
-    from jobs.core import store
-    from jobs.core.domain import Run, RunEvent, RunState
-    from jobs.core.settings import JobSettings
 
     rng = random.Random(7)
     with ExitStack() as stack, tempfile.TemporaryDirectory(prefix="tuneops-bench-") as tmp:
@@ -200,7 +202,6 @@ def report(s: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from bot.ratelimit import SLACK_RATE_PER_S
 
     ap = argparse.ArgumentParser(prog="python -m bot.bench_thread", description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=20)

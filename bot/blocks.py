@@ -11,6 +11,7 @@ from typing import Any, Iterable
 from bot import words
 from bot.grammar import GENERAL_USAGE, USAGE, ParseError
 from jobs.core.domain import Run, RunState
+from jobs.deploys.approval import when
 from jobs.runs.service import can_resume
 
 MAX_BLOCKS = 50
@@ -467,7 +468,6 @@ def slack_date(ts: float | None, fallback: str = "") -> str:
     """A moment Slack shows in each reader's own time zone."""
     if ts is None:
         return "—"
-    from jobs.deploys.approval import when
 
     return f"<!date^{int(ts)}^{{date_short_pretty}} at {{time}}|{fallback or when(ts)}>"
 

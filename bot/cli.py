@@ -10,17 +10,15 @@ import logging
 import os
 import sys
 
+from bot.redact import redactor
+from bot.settings import BotSettings
+from jobs.core.settings import JobSettings, SettingsError
+
 
 def _settings_or_exit(kind: str):
-    from jobs.core.settings import SettingsError
-
     try:
         if kind == "bot":
-            from bot.settings import BotSettings
-
             return BotSettings.from_env()
-        from jobs.core.settings import JobSettings
-
         return JobSettings.from_env()
     except SettingsError as e:
         print(str(e), file=sys.stderr)
@@ -29,7 +27,9 @@ def _settings_or_exit(kind: str):
 
 
 def cmd_bot(args: argparse.Namespace) -> int:
-    from bot import server
+    from bot import (
+        server,  # slack-bolt and aiohttp's server load only for `tuneops bot`
+    )
 
     settings = _settings_or_exit("bot")
     if (args.http or not settings.socket_mode) and not settings.slack_signing_secret:
@@ -58,13 +58,17 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from bot.demo import main as demo_main
+    from bot.demo import (
+        main as demo_main,  # the demo trains a model: torch loads only for `tuneops demo`
+    )
 
     return demo_main(max_steps=args.max_steps, keep=args.keep)
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from bot.doctor import main as doctor_main
+    from bot.doctor import (
+        main as doctor_main,  # the Slack client and RQ load only for `tuneops doctor`
+    )
 
     return doctor_main()
 
@@ -107,8 +111,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def _redact_logs() -> None:
     """A token leaked into a log line is as bad as one in Slack: every log record goes through the redactor."""
-    from bot.redact import redactor
-
     class RedactingFilter(logging.Filter):
         def filter(self, record: logging.LogRecord) -> bool:
             text = record.getMessage()

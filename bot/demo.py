@@ -24,6 +24,16 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+import redis
+from aiohttp import web
+
+from bot import threads
+from bot.server import build_web_app, make_bot
+from bot.settings import BotSettings
+from bot.standin import slack as standin
+from jobs.runs import service
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CHANNEL, USER = "C0DEMO", "U0DEMO"
 DEADLINE_S = 110.0
@@ -46,8 +56,6 @@ def _free_port() -> int:
 
 def _redis_answers(url: str) -> bool | None:
     """True: answers and holds no tuneops data; False: answers but is in use by tuneops; None: nothing answers."""
-    import redis
-
     try:
         client = redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=2)
         client.ping()
@@ -100,6 +108,7 @@ def _stop(proc: subprocess.Popen, name: str, group: bool = False) -> None:
 
 
 def make_workspace(root: Path) -> Path:
+    # torch and transformers load only when the demo builds its tiny model
     from transformers.utils import logging as hf_logging
 
     from payload.tinymodel import build_tiny_model, example_dataset_path
@@ -156,7 +165,6 @@ def plain(blocks: list[dict[str, Any]] | None) -> list[str]:
 
 class ThreadPrinter:
     """Called by the stand-in for every Web API call; prints what a person in the channel would see."""
-
     def __init__(self, started: float):
         self.started = started
         self.card_ts: str | None = None
@@ -205,13 +213,7 @@ class DemoError(Exception):
 # ---- the run --------------------------------------------------------------------------------------------------------
 
 async def drive(env: dict[str, str], slack, standin, max_steps: int, started: float) -> bool:
-    import aiohttp
-    from aiohttp import web
 
-    from bot import threads
-    from bot.server import build_web_app, make_bot
-    from bot.settings import BotSettings
-    from jobs.runs import service
 
     settings = BotSettings.from_env(env)
     app, runtime, notifier = make_bot(settings)
@@ -281,7 +283,6 @@ def main(max_steps: int = 200, keep: bool = False) -> int:
         if not keep:
             stack.callback(shutil.rmtree, tmp, True)
         try:
-            from bot.standin import slack as standin
             say("tuneops demo: a real QLoRA run of a tiny model, driven from a local stand-in for Slack")
             redis_url = start_redis(stack, tmp)
             ws = make_workspace(tmp)

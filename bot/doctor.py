@@ -8,10 +8,18 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+import redis
+from rq import Worker
+from slack_sdk import WebClient
+from slack_sdk.errors import SlackApiError, SlackClientError
+
 from bot import words
+from bot.redact import redact
+from bot.settings import BotSettings
 from jobs.backends import get_backend
 from jobs.core import queue
 from jobs.core.errors import BackendError
+from jobs.core.settings import JobSettings, SettingsError
 
 
 @dataclass(frozen=True)
@@ -23,9 +31,6 @@ class Check:
 
 def check_config(env: Mapping[str, str]):
     """(Check, BotSettings or None, JobSettings or None)."""
-    from bot.settings import BotSettings
-    from jobs.core.settings import JobSettings, SettingsError
-
     try:
         settings = BotSettings.from_env(env)
         mode = "Socket Mode" if settings.socket_mode else "HTTP mode"
@@ -41,7 +46,6 @@ def check_config(env: Mapping[str, str]):
 
 
 def check_redis(jobs) -> Check:
-    import redis
 
     url = jobs.redis_url if jobs else os.environ.get("REDIS_URL", "redis://localhost:6379/0")
     try:
@@ -56,8 +60,6 @@ def check_redis(jobs) -> Check:
 
 
 def check_slack(env: Mapping[str, str], settings) -> Check:
-    from slack_sdk import WebClient
-    from slack_sdk.errors import SlackApiError, SlackClientError
 
     token = settings.slack_bot_token if settings else env.get("SLACK_BOT_TOKEN", "")
     if not token:
@@ -76,8 +78,6 @@ def check_slack(env: Mapping[str, str], settings) -> Check:
 
 
 def check_workers(jobs) -> Check:
-    import redis
-    from rq import Worker
 
     try:
         workers = Worker.all(queue=queue.get_queue(jobs))
@@ -112,7 +112,6 @@ def run_checks(env: Mapping[str, str] = os.environ) -> list[Check]:
 
 
 def _safe_url(url: str) -> str:
-    from bot.redact import redact
 
     return redact(url)
 

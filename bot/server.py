@@ -93,6 +93,7 @@ def run_http(settings: BotSettings, host: str = "0.0.0.0", port: int = 3000) -> 
 
 
 def run_socket_mode(settings: BotSettings) -> None:
+    # Socket Mode's client loads only for a bot that uses it
     from slack_bolt.adapter.socket_mode.async_handler import AsyncSocketModeHandler
 
     async def main() -> None:

@@ -20,7 +20,7 @@ import uuid
 from collections import defaultdict, deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
-from urllib.parse import urlencode
+from urllib.parse import parse_qsl, urlencode
 
 from aiohttp import web
 from slack_sdk.signature import SignatureVerifier
@@ -523,8 +523,6 @@ def block_actions_body(*, action_id: str, value: str, user_id: str = "U0ALICE", 
 def slash_command_payload(text: str, *, user_id: str = "U0ALICE", channel_id: str = "C0TRAIN",
                           response_url: str, trigger_id: str | None = None) -> dict[str, str]:
     """A slash command as Socket Mode delivers it: the same fields as the HTTP form, as a JSON object."""
-    from urllib.parse import parse_qsl
-
     body = slash_command_body(text, user_id=user_id, channel_id=channel_id, response_url=response_url,
                               trigger_id=trigger_id)
     return dict(parse_qsl(body))

@@ -41,15 +41,13 @@ def start_timeout_s(settings: JobSettings) -> int:
 def get_backend(settings: JobSettings) -> Backend:
     """The configured backend. Raises BackendError when it cannot be used (e.g. the Azure config is missing)."""
     if settings.backend == "local":
-        from jobs.backends.local.backend import (
-            LocalBackend,  # only the configured backend is loaded
-        )
+        # Only the configured backend is loaded.
+        from jobs.backends.local.backend import LocalBackend
 
         return LocalBackend(settings)
     if settings.backend == "aca":
-        from jobs.backends.aca.backend import (
-            AcaBackend,  # the azure-* SDKs load only for this backend
-        )
+        # The azure-* SDKs load only for this backend.
+        from jobs.backends.aca.backend import AcaBackend
 
         return AcaBackend(settings)
     raise BackendError(f"unknown backend {settings.backend!r}: set TUNEOPS_BACKEND to 'local' or 'aca'")

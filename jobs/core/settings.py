@@ -15,6 +15,8 @@ from types import MappingProxyType
 from typing import Any
 from urllib.parse import urlparse
 
+from pydantic import ValidationError
+
 from jobs.core.durations import describe_duration, parse_duration
 from payload.config import TrainConfig
 
@@ -26,7 +28,6 @@ _NOT_OVERRIDABLE = frozenset({"run_id", "base_model", "dataset", "output_dir"})
 
 class SettingsError(ValueError):
     """One line per problem: the variable, what is wrong with it, and what to do."""
-
     def __init__(self, problems: list[str]):
         self.problems = list(problems)
         super().__init__("tuneops is not configured correctly:\n" + "\n".join(f"- {p}" for p in self.problems))
@@ -194,7 +195,6 @@ def _parse_overrides(raw: str) -> tuple[dict[str, Any], str]:
     if unknown:
         return {}, f"TUNEOPS_TRAIN_OVERRIDES has unknown keys {', '.join(unknown)}: use run config keys like " \
                    "save_steps, lora_r, max_seq_length"
-    from pydantic import ValidationError
 
     try:
         TrainConfig.model_validate({"base_model": "m", "dataset": "d", "output_dir": "o", **data})

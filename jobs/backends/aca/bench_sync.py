@@ -16,6 +16,16 @@ import threading
 import time
 from pathlib import Path
 
+from jobs.backends.aca.clients import AzureClients
+from jobs.backends.aca.config import parse_aca_config
+from jobs.backends.aca.standin import (
+    ACCOUNT,
+    ACCOUNT_KEY,
+    AzureStandIn,
+    StaticTokenCredential,
+)
+from jobs.backends.aca.sync import HashCache, Source, sync_workspace
+
 
 def make_workspace(root: Path, files: int, total_mb: int, seed: int = 7) -> tuple[int, int]:
     """`files` files of `total_mb` MB in all: mostly small ones (datasets, code, configs) and a few big ones
@@ -49,7 +59,6 @@ def make_workspace(root: Path, files: int, total_mb: int, seed: int = 7) -> tupl
 
 
 def _serve(root: str, conn) -> None:
-    from jobs.backends.aca.standin import AzureStandIn
 
     standin = AzureStandIn(Path(root))
     standin.record = False  # the benchmark measures the sync, not the stand-in's bookkeeping
@@ -67,9 +76,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--concurrency", type=int, default=8)
     args = ap.parse_args(argv)
 
-    from jobs.backends.aca.clients import AzureClients
-    from jobs.backends.aca.config import parse_aca_config
-    from jobs.backends.aca.sync import HashCache, Source, sync_workspace
 
     with tempfile.TemporaryDirectory(prefix="tuneops-bench-") as tmp:
         tmp_path = Path(tmp)
@@ -79,11 +85,6 @@ def main(argv: list[str] | None = None) -> int:
         server.start()
         try:
             info = parent.recv()
-            from jobs.backends.aca.standin import (
-                ACCOUNT,
-                ACCOUNT_KEY,
-                StaticTokenCredential,
-            )
 
             cfg = parse_aca_config(
                 {"SUBSCRIPTION_ID": "bench", "RESOURCE_GROUP_NAME": "bench", "STORAGE_ACCOUNT_NAME": ACCOUNT,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import threading
 from typing import Any
+from urllib.parse import urlparse
 
 from jobs.backends.aca.config import AcaConfig, load_aca_config
 
@@ -45,6 +46,7 @@ class AzureClients:
         def make():
             if self._credential is not None:
                 return self._credential
+            # azure SDKs are heavy: each loads when its client is first made
             from azure.identity import DefaultAzureCredential
 
             return DefaultAzureCredential(exclude_interactive_browser_credential=True)
@@ -55,6 +57,7 @@ class AzureClients:
     def arm(self):
         """azure-mgmt-appcontainers: jobs, executions, container apps, environment storages."""
         def make():
+            # heavy: loaded with the first ARM client
             from azure.mgmt.appcontainers import ContainerAppsAPIClient
 
             return ContainerAppsAPIClient(self.credential, self.cfg.subscription_id, base_url=self.cfg.arm_endpoint,
@@ -66,6 +69,7 @@ class AzureClients:
     def share(self):
         """azure-storage-file-share: the Azure Files share mounted at /mount in the job."""
         def make():
+            # heavy: loaded with the first share client
             from azure.storage.fileshare import ExponentialRetry, ShareClient
 
             # Storage has its own retry policy (it throttles with 503 ServerBusy, which it retries).
@@ -85,8 +89,8 @@ class AzureClients:
     def secrets(self):
         """azure-keyvault-secrets, on the vault of KEY_VAULT_URL."""
         def make():
-            from urllib.parse import urlparse
 
+            # heavy: loaded with the first Key Vault client
             from azure.keyvault.secrets import SecretClient
 
             self.cfg.require("Key Vault secrets", "key_vault_url")
@@ -102,6 +106,7 @@ class AzureClients:
     def logs(self):
         """azure-monitor-query: KQL over the environment's Log Analytics workspace."""
         def make():
+            # heavy: loaded with the first Log Analytics client
             from azure.monitor.query import LogsQueryClient
 
             return LogsQueryClient(self.credential, endpoint=self.cfg.logs_endpoint, **self._common)

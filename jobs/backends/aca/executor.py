@@ -16,6 +16,7 @@ from typing import Any
 
 from azure.core.exceptions import ResourceNotFoundError
 
+import payload
 from jobs.backends.aca import share as sharefs
 from jobs.backends.aca.clients import AzureClients, get_clients
 from jobs.backends.aca.config import AcaConfig, load_aca_config
@@ -60,7 +61,6 @@ STOP_WAIT_S = 120.0
 
 
 def payload_dir() -> Path:
-    import payload
 
     return Path(payload.__file__).resolve().parent
 

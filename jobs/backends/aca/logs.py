@@ -92,6 +92,7 @@ def portal_links(cfg: AcaConfig, run: Run) -> dict[str, str]:
 def query_logs(clients, job_name: str, execution: str = "", *, tail: int = 50, grep: str = "",
                since: dt.timedelta = dt.timedelta(days=7)) -> list[str]:
     """Console lines from Log Analytics, oldest first."""
+    # heavy: loaded with the first Log Analytics query
     from azure.monitor.query import LogsQueryStatus
 
     cfg: AcaConfig = clients.cfg

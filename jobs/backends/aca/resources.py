@@ -12,6 +12,7 @@ import json
 import re
 import shlex
 from collections.abc import Iterable, Mapping, Sequence
+from importlib.metadata import PackageNotFoundError, requires
 from typing import Any
 
 from jobs.backends.aca.config import SEED_IMAGE, AcaConfig
@@ -65,7 +66,6 @@ def needs_install(image: str) -> bool:
 def payload_requirements() -> list[str]:
     """The payload extra's requirements from the installed package's metadata (one source: pyproject.toml).
     torch is left out: the PyTorch image has it, and reinstalling it would pull gigabytes."""
-    from importlib.metadata import PackageNotFoundError, requires
 
     try:
         reqs = requires("tuneops") or []

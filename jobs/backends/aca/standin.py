@@ -424,6 +424,7 @@ class AzureStandIn:
     # ---- lifecycle -------------------------------------------------------------------------------------------
 
     def start(self) -> AzureStandIn:
+        # trustme is needed only to serve TLS, made on start
         import trustme
 
         ca = trustme.CA()
@@ -1262,12 +1263,14 @@ class StaticTokenCredential:
         self.scopes: list[tuple[str, ...]] = []
 
     def get_token(self, *scopes, **kwargs):
+        # azure-core is loaded by whoever asks for a token, not by the stand-in's server
         from azure.core.credentials import AccessToken
 
         self.scopes.append(scopes)
         return AccessToken(self.token, int(time.time()) + 3600)
 
     def get_token_info(self, *scopes, options=None):
+        # azure-core is loaded by whoever asks for a token, not by the stand-in's server
         from azure.core.credentials import AccessTokenInfo
 
         self.scopes.append(scopes)
