@@ -128,14 +128,12 @@ class Backend(Executor, Protocol):
     def run_logs(self, run: Run, tail: int, grep: str | None) -> LogsAnswer:
         """The last `tail` log lines of the run (holding `grep`, case-insensitive, when given)."""
 
-
     def describe_target(self) -> str:
         """Where a deploy goes, in words for the approval card."""
 
     def deploy(self, run: Run, approval_id: str, requester: str) -> DeployStarted:
         """Serve the run's adapter, or start an operation that will (DeployStarted.op_id, an Op record in the store,
         which jobs.deploys follows). Raises BackendError."""
-
 
     def deploy_endpoint(self) -> str:
         """Where deployed adapters answer when the operation did not say; "" when unknown."""

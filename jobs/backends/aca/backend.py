@@ -35,7 +35,6 @@ class AcaBackend(AcaExecutor):
     def deploy(self, run: Run, approval_id: str, requester: str) -> DeployStarted:
         return DeployStarted(op_id=ops.enqueue_deploy_op(self.settings, run.id, requester, run.channel))
 
-
     def deploy_endpoint(self) -> str:
         return self.cfg.app_endpoint
 

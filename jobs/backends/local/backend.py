@@ -65,7 +65,6 @@ class LocalBackend(LocalExecutor):
         return DeployStarted(url=server.url, api_url=server.api_url,
                              replaced=replaced.run_id if replaced is not None else "")
 
-
     def deploy_endpoint(self) -> str:
         server = inference.current(self.settings)
         return server.url if server is not None else ""
