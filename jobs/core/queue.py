@@ -21,6 +21,7 @@ from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
 from rq.registry import ScheduledJobRegistry
 
+from jobs.core import store
 from jobs.core.procs import pid_alive
 from jobs.core.settings import JobSettings
 
@@ -44,22 +45,13 @@ RECONCILE = "jobs.reconcile.reconcile"
 DEPLOY_APPROVED = "jobs.deploys.deploy.deploy_approved"
 FOLLOW_BACKEND_DEPLOY = "jobs.deploys.deploy.follow_backend_deploy"
 EXPIRE_APPROVAL = "jobs.deploys.approval.expire_approval"
-BACKEND_OP = "jobs.backends.ops.run_op"
+# A backend's own operations are named by the backend (e.g. jobs.backends.aca.ops.OP_TASK).
 TASKS = (ADMIT_RUNS, START_RUN, MONITOR_RUN, STOP_RUN, RECONCILE, DEPLOY_APPROVED, FOLLOW_BACKEND_DEPLOY,
-         EXPIRE_APPROVAL, BACKEND_OP)
-
-_rq_clients: dict[str, redis.Redis] = {}
-_rq_lock = threading.Lock()
-
+         EXPIRE_APPROVAL)
 
 def rq_connection(settings: JobSettings) -> redis.Redis:
     """RQ stores pickled jobs, so it needs a client that returns bytes (store.connect's returns str)."""
-    with _rq_lock:
-        client = _rq_clients.get(settings.redis_url)
-        if client is None:
-            client = redis.Redis.from_url(settings.redis_url)
-            _rq_clients[settings.redis_url] = client
-        return client
+    return store.connect_bytes(settings)
 
 
 def get_queue(settings: JobSettings) -> Queue:

@@ -48,18 +48,29 @@ LOCAL_SERVER_LOCK = f"{PREFIX}:lock:serve:local"
 # The stream is a log of facts for the bot; it is capped so that it cannot grow without bound.
 STREAM_MAXLEN = 100_000
 
-_clients: dict[str, redis.Redis] = {}
+_clients: dict[tuple[str, bool], redis.Redis] = {}
 _clients_lock = threading.Lock()
 
 
-def connect(settings: JobSettings) -> redis.Redis:
-    """A shared client (one connection pool per URL and process) that returns str."""
+def _shared(url: str, text: bool) -> redis.Redis:
+    """One client (one connection pool) per URL, kind and process."""
     with _clients_lock:
-        client = _clients.get(settings.redis_url)
+        client = _clients.get((url, text))
         if client is None:
-            client = redis.Redis.from_url(settings.redis_url, decode_responses=True, health_check_interval=30)
-            _clients[settings.redis_url] = client
+            client = (redis.Redis.from_url(url, decode_responses=True, health_check_interval=30) if text
+                      else redis.Redis.from_url(url))
+            _clients[(url, text)] = client
         return client
+
+
+def connect(settings: JobSettings) -> redis.Redis:
+    """The shared client that returns str: records, indexes, events."""
+    return _shared(settings.redis_url, True)
+
+
+def connect_bytes(settings: JobSettings) -> redis.Redis:
+    """The shared client that returns bytes, for RQ, which stores pickled jobs."""
+    return _shared(settings.redis_url, False)
 
 
 def run_key(run_id: str) -> str:

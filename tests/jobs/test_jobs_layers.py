@@ -122,6 +122,18 @@ def test_bot_and_jobs_mask_by_one_rule_set():
                                                                                            env["MY_PASSWORD"]}
 
 
+def test_every_task_name_is_a_task():
+    """Tasks are enqueued by dotted name (jobs.core.queue): each name must be a function the worker can import."""
+    import importlib
+
+    from jobs.backends.aca.ops import OP_TASK
+    from jobs.core import queue
+
+    for name in (*queue.TASKS, OP_TASK):
+        module, _, func = name.rpartition(".")
+        assert callable(getattr(importlib.import_module(module), func)), name
+
+
 def test_known_secret_values_are_masked():
     env = {"HF_TOKEN": "hf_abcdefghijkl", "WANDB_API_KEY": "0123456789abcdef", "HOME": "/home/someone",
            "DB_PASSWORD": "short", "MY_SAS": "sv=2024&sig=abcdefgh", "TUNEOPS_STORAGE_KEY": "c3RvcmFnZWtleQ=="}
