@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from bot import words
 from bot.grammar import Command, Help, Provision, SecretList, SecretSet
 from jobs.core.domain import Run
 
@@ -54,7 +55,7 @@ def authorize(command: Command, user: str, channel: str, policy: AccessPolicy) -
                            "to the Slack user IDs of the people who may use them.")
         if user not in policy.admins:
             return Refusal("Secrets and provisioning are for tuneops admins only (TUNEOPS_ADMINS). Ask one of "
-                           f"{_people(policy.admins)}.")
+                           f"{words.people(policy.admins)}.")
     return None
 
 
@@ -62,11 +63,7 @@ def may_manage(run: Run, user: str, policy: AccessPolicy) -> Refusal | None:
     """Cancelling or resuming a run is for the person who started it and for admins."""
     if user == run.requester or user in policy.admins:
         return None
-    return Refusal(f"{run.id} was started by <@{run.requester}>; only they or an admin "
-                   f"({_people(policy.admins) if policy.admins else 'none configured'}) may cancel or resume it.")
+    return Refusal(f"{run.id} was started by {words.person(run.requester)}; only they or an admin "
+                   f"({words.people(policy.admins) if policy.admins else 'none configured'}) may cancel or resume it.")
 
 
-def _people(ids: frozenset[str], limit: int = 5) -> str:
-    shown = sorted(ids)[:limit]
-    more = len(ids) - len(shown)
-    return ", ".join(f"<@{u}>" for u in shown) + (f" and {more} more" if more > 0 else "")

@@ -10,6 +10,8 @@ from typing import Any, Iterable
 
 from bot import words
 from bot.grammar import GENERAL_USAGE, USAGE, ParseError
+from bot.words import escape
+from bot.words import person as mention
 from jobs.core.domain import Run, RunState
 from jobs.deploys.approval import when
 from jobs.runs.service import can_resume
@@ -38,15 +40,9 @@ STATE_EMOJI = {
 }
 
 Message = dict[str, Any]
-_USER_ID = re.compile(r"^[UW][A-Z0-9]{2,}$")
 
 
 # ---- small pieces ------------------------------------------------------------------------------------------------
-
-def escape(text: str) -> str:
-    """Slack's mrkdwn escaping, so that user-given text cannot form mentions or links."""
-    return str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-
 
 def truncate(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
@@ -127,7 +123,7 @@ def _state_line(run: Run) -> str:
 
 def render_run_card(run: Run, position: int | None = None) -> Message:
     """The run's card. `position` is its 1-based place in line while queued (None otherwise)."""
-    title = f"*{escape(run.display_name)}*: fine-tuning requested by <@{run.requester}>"
+    title = f"*{escape(run.display_name)}*: fine-tuning requested by {mention(run.requester)}"
     blocks: list[dict[str, Any]] = [
         section(title),
         fields([
@@ -174,7 +170,7 @@ def render_run_card(run: Run, position: int | None = None) -> Message:
             }],
         })
     step = f", step {run.step}/{run.total_steps}" if run.total_steps else ""
-    text = f"{run.id}: {run.state.value.replace('_', ' ')}{step} (requested by <@{run.requester}>)"
+    text = f"{run.id}: {run.state.value.replace('_', ' ')}{step} (requested by {mention(run.requester)})"
     return message(text, blocks)
 
 
@@ -199,7 +195,7 @@ def render_started(run: Run, execution_id: str = "", links: dict[str, str] | Non
 def render_succeeded(run: Run, metrics: dict[str, Any], adapter: str) -> Message:
     """The completion message: final loss, the eval numbers (and the base model's, to compare), the adapter."""
     final = _num(metrics.get("last_loss", metrics.get("train_loss", run.loss)))
-    head = f":white_check_mark: <@{run.requester}> {run.id} finished: final loss {format_loss(final)}."
+    head = f":white_check_mark: {mention(run.requester)} {run.id} finished: final loss {format_loss(final)}."
     steps = metrics.get("steps", run.step)
     total = metrics.get("total_steps", run.total_steps)
     pairs = [("Steps", f"{steps}/{total}" if total else str(steps))]
@@ -225,7 +221,7 @@ def render_succeeded(run: Run, metrics: dict[str, Any], adapter: str) -> Message
         blocks.append(section(f"Adapter: `{escape(adapter)}`"))
     blocks.append(run_actions(run))
     text = f"{run.id} finished: final loss {format_loss(final)}; adapter {adapter or '(none)'}"
-    return message(f"<@{run.requester}> {text}", blocks)
+    return message(f"{mention(run.requester)} {text}", blocks)
 
 
 def render_samples(generations: Any, limit: int = SAMPLES_SHOWN) -> list[dict[str, Any]]:
@@ -271,7 +267,7 @@ def run_actions(run: Run) -> dict[str, Any]:
 
 def render_failed(run: Run, error: str, log_tail: list[str], hint: dict[str, Any] | None = None) -> Message:
     said = words.with_hint(escape(truncate(error or 'no reason given', 1500)), hint)
-    head = f":x: <@{run.requester}> {run.id} failed: {said}"
+    head = f":x: {mention(run.requester)} {run.id} failed: {said}"
     blocks = [section(head)]
     tail = list(log_tail)[-LOG_LINES:]
     if tail:
@@ -281,12 +277,7 @@ def render_failed(run: Run, error: str, log_tail: list[str], hint: dict[str, Any
     blocks.append(context(f"`/finetune logs {run.id} --tail 100` shows more; "
                           f"`/finetune resume {run.id}` {where}."))
     blocks.append(run_actions(run))
-    return message(f"<@{run.requester}> {run.id} failed: {truncate(error or 'no reason given', 1500)}", blocks)
-
-
-def mention(who: str) -> str:
-    """`<@U…>` for a Slack user id; anything else (e.g. "an admin via the CLI") as plain, escaped text."""
-    return f"<@{who}>" if _USER_ID.match(who or "") else (escape(who) or "someone")
+    return message(f"{mention(run.requester)} {run.id} failed: {truncate(error or 'no reason given', 1500)}", blocks)
 
 
 def render_cancelled(run: Run, by: str) -> Message:
@@ -302,7 +293,7 @@ def render_timed_out(run: Run, checkpoint_step: int | None) -> Message:
     ck = (f" The last checkpoint is at step {checkpoint_step}." if checkpoint_step
           else " It saved no checkpoint, so a resume starts from the beginning.")
     why = f" ({escape(truncate(run.error, 300))})" if run.error else ""
-    text = f":alarm_clock: <@{run.requester}> {run.id} ran out of time{why}.{ck}"
+    text = f":alarm_clock: {mention(run.requester)} {run.id} ran out of time{why}.{ck}"
     blocks = [section(text), context(f"Resume, or `/finetune resume {run.id}`, continues from there."),
               run_actions(run)]
     return message(text, blocks)
@@ -406,7 +397,7 @@ def render_status(run: Run, position: int | None = None, now: float | None = Non
 
 
 def run_line(run: Run, position: int | None = None) -> str:
-    bits = [f"*{escape(run.display_name)}*", _state_line(run), f"<@{run.requester}>", f"`{escape(run.model)}`"]
+    bits = [f"*{escape(run.display_name)}*", _state_line(run), f"{mention(run.requester)}", f"`{escape(run.model)}`"]
     if run.state is RunState.QUEUED and position:
         bits.append(f"#{position} in line")
     elif run.total_steps:
@@ -536,7 +527,7 @@ def render_approval_card(approval, run: Run) -> Message:
             button("Approve", APPROVE_ACTION, approval.id, style="primary", confirm=confirm),
             button("Reject", REJECT_ACTION, approval.id, style="danger"),
         ]})
-    text = f"Deploy request {approval.id} for {run.id}: {approval.state} (asked by <@{approval.requested_by}>)"
+    text = f"Deploy request {approval.id} for {run.id}: {approval.state} (asked by {mention(approval.requested_by)})"
     return message(text, blocks)
 
 

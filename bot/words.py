@@ -3,6 +3,7 @@ refusal (a reason and, where one helps, the command to use next)."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from jobs.core.durations import describe_duration
@@ -12,14 +13,25 @@ from jobs.deploys import approval as approvals
 COMMAND = "/finetune"
 
 
-def person(user_id: str) -> str:
-    """A mention Slack turns into the person's name (and notifies them, in a message)."""
-    return f"<@{user_id}>" if user_id else "someone"
+_USER_ID = re.compile(r"^[UW][A-Z0-9]{2,}$")
 
 
-def people(user_ids: list[str], limit: int = 5) -> str:
-    shown = [person(u) for u in user_ids[:limit]]
-    more = len(user_ids) - limit
+def escape(text: str) -> str:
+    """Slack's mrkdwn escaping, so that user-given text cannot form mentions or links."""
+    return str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def person(who: str) -> str:
+    """A mention (`<@U…>`, which Slack shows as the name and, in a message, notifies) for a Slack user id; anything
+    else (e.g. "an admin via the CLI") as plain, escaped text."""
+    return f"<@{who}>" if _USER_ID.match(who or "") else (escape(who) or "someone")
+
+
+def people(user_ids, limit: int = 5) -> str:
+    """Up to `limit` people, in id order, and how many more."""
+    ids = sorted(set(user_ids))
+    shown = [person(u) for u in ids[:limit]]
+    more = len(ids) - len(shown)
     return ", ".join(shown) + (f" and {more} more" if more > 0 else "")
 
 
@@ -51,7 +63,7 @@ def decision_refused(e: approvals.DecisionRefused) -> str:
     """Why an approve or reject click changed nothing, naming the people who can act."""
     a = e.approval
     if e.why == approvals.NOT_APPROVER:
-        who = people(sorted(e.approvers)) if e.approvers else "nobody: TUNEOPS_APPROVERS is empty"
+        who = people(e.approvers) if e.approvers else "nobody: TUNEOPS_APPROVERS is empty"
         return f"Only approvers may approve or reject a deploy (TUNEOPS_APPROVERS): {who}."
     if e.why == approvals.EXPIRED:
         return (f"This deploy request of {a.run_id} expired at {approvals.when(a.expires_at)} with no decision "
@@ -61,7 +73,7 @@ def decision_refused(e: approvals.DecisionRefused) -> str:
         by = f" by {person(a.decided_by)}" if a.decided_by else ""
         at = f" at {approvals.when(a.decided_at or a.finished_at)}"
         return f"This deploy request of {a.run_id} was already {a.state}{by}{at}; nothing was changed."
-    others = sorted(e.approvers - {a.requested_by})
+    others = e.approvers - {a.requested_by}
     ask = (f"Ask another approver: {people(others)}." if others else
            "No other approver is configured: an admin must add one to TUNEOPS_APPROVERS.")
     return f"You asked for this deploy, so someone else has to approve it (four eyes). {ask}"
