@@ -30,7 +30,7 @@ def unsupported(rt: BotRuntime, cmd: grammar.Provision | grammar.SecretSet | gra
     """Why `provision` and `secret` do nothing on this bot's backend, as the person reads it; "" when they work."""
     capability = PROVISION if isinstance(cmd, grammar.Provision) else SECRETS
     backend = rt.settings.jobs.backend
-    if not backends.unsupported(rt.settings.jobs, capability):
+    if backends.offers(rt.settings.jobs, capability):
         return ""
     if isinstance(cmd, grammar.Provision):
         configs = {"finetune": "infra/finetuning.config.json", "inference": "infra/inference.config.json",

@@ -58,7 +58,7 @@ class SlackStandIn:
     """Answers like Slack's Web API. `rate_per_channel`: chat.postMessage allowed per second per channel
     (None: unlimited). `on_call(call)` is invoked in the server thread after each call is recorded."""
 
-    def __init__(self, token: str = "xoxb-standin-token", *, app_token: str = "xapp-1-standin-token",
+    def __init__(self, token: str = "xoxb-standin", *, app_token: str = "xapp-standin",
                  rate_per_channel: float | None = None,
                  team_id: str = "T0STANDIN", bot_user_id: str = "U0TUNEOPS", bot_id: str = "B0TUNEOPS",
                  on_call: Callable[[Call], None] | None = None):

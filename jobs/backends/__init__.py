@@ -17,21 +17,11 @@ START_TIMEOUT_S = {"local": 180, "aca": 3600}
 
 # What each backend offers beyond training and deploying, known without loading it (the bot asks before its ack).
 CAPABILITIES = {"local": frozenset(), "aca": frozenset({SECRETS, PROVISION})}
-WHY_NOT = {
-    SECRETS: "secrets are kept in Azure Key Vault, which only the aca backend (TUNEOPS_BACKEND=aca) uses; with the "
-             "{backend} backend, set HF_TOKEN or WANDB_API_KEY in the worker's environment instead",
-    PROVISION: "provisioning creates Azure resources, which only the aca backend (TUNEOPS_BACKEND=aca) does, with "
-               "infra/finetuning.config.json and infra/inference.config.json in the workspace; the {backend} backend "
-               "needs nothing provisioned",
-}
 
 
-def unsupported(settings: JobSettings, capability: str) -> str:
-    """Why the configured backend does not offer `capability` (SECRETS, PROVISION), in words; "" when it does."""
-    if capability in CAPABILITIES.get(settings.backend, frozenset()):
-        return ""
-    return WHY_NOT.get(capability, "the {backend} backend does not offer " + capability).format(
-        backend=settings.backend)
+def offers(settings: JobSettings, capability: str) -> bool:
+    """Does the configured backend offer `capability` (SECRETS, PROVISION)?"""
+    return capability in CAPABILITIES.get(settings.backend, frozenset())
 
 
 def start_timeout_s(settings: JobSettings) -> int:

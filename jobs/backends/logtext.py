@@ -14,3 +14,11 @@ def split_log(data: bytes) -> list[str]:
         if line and parse_line(line) is None:
             lines.append(line)
     return lines
+
+
+def grep_lines(lines: list[str], text: str | None, tail: int) -> list[str]:
+    """The last `tail` lines holding `text` (case-insensitive); pure."""
+    if text:
+        needle = text.lower()
+        lines = [line for line in lines if needle in line.lower()]
+    return lines[-tail:]

@@ -93,7 +93,7 @@ class DeployStarted:
     op_id: str = ""
 
 
-# What a backend may offer beyond training and deploying; `jobs.backends.unsupported` says why not.
+# What a backend may offer beyond training and deploying; `jobs.backends.offers` says which.
 SECRETS = "secrets"
 PROVISION = "provision"
 

@@ -14,7 +14,7 @@ from jobs.backends import get_backend
 from jobs.backends.protocol import LogsAnswer
 from jobs.core import store
 from jobs.core.domain import RUN_ID_RE, Run, RunEvent, RunState
-from jobs.core.errors import BackendError, Hint, RunRejected
+from jobs.core.errors import Hint, RunRejected
 from jobs.core.masking import environment_secrets, mask_lines
 from jobs.core.runconfig import build_train_config, params_from_command
 from jobs.core.settings import JobSettings
@@ -216,16 +216,6 @@ def list_runs(settings: JobSettings, limit: int = 20) -> list[Run]:
 
 def queue_position(settings: JobSettings, run_id: str) -> int | None:
     return store.queue_position(store.connect(settings), run_id)
-
-
-def tail_logs(settings: JobSettings, run_id: str, lines: int = 20) -> list[str]:
-    run = _known(settings, run_id)
-    if run.attempts == 0:
-        return []
-    try:
-        return mask_lines(get_backend(settings).tail_logs(run, max(1, min(lines, 500))), environment_secrets())
-    except BackendError as e:
-        raise RunRejected(f"cannot read the logs of {run.id}: {e}") from None
 
 
 def run_logs(settings: JobSettings, run_id: str, tail: int, grep: str | None) -> LogsAnswer:

@@ -151,7 +151,7 @@ def test_provision_through_rq_acks_with_an_op_id_and_reports_steps_and_result(ac
     assert events[-1].data["created"] is True and "Created the ACA job tuneops-ft" in events[-1].data["text"]
     assert events[-1].data["links"]["job"].endswith("/jobs/tuneops-ft/overview")
     assert any("creating the ACA job" in e.data.get("text", "") for e in events if e.kind == "notice")
-    op = ops.get_op(store.connect(settings), op_id)
+    op = store.load_op(store.connect(settings), op_id)
     assert op.state == "succeeded" and op.requester == "U1" and op.channel == "C1"
 
     again = ops.enqueue_provision(settings, "finetune", "U1", "C1")
@@ -183,7 +183,7 @@ def test_an_error_of_ours_before_the_op_begins_is_reported_not_left_queued(aca, 
     last = op_events(settings, op_id)[-1]
     assert last.kind == "failed" and last.data["error"] == (f"{op_id} failed because of an error in tuneops; the "
                                                             "worker log has the details.")
-    assert ops.get_op(store.connect(settings), op_id).state == "failed"
+    assert store.load_op(store.connect(settings), op_id).state == "failed"
     assert "clients set-up failed" in caplog.text  # the trace is in the worker log
 
 
@@ -221,5 +221,5 @@ def test_an_op_done_once_is_not_done_again(aca, settings):
     n = len(op_events(settings, op_id))
     assert ops.run_op(op_id) == "nothing to do"
     assert len(op_events(settings, op_id)) == n
-    assert ops.get_op(store.connect(settings), op_id).state == "succeeded"
+    assert store.load_op(store.connect(settings), op_id).state == "succeeded"
     assert SUBSCRIPTION in aca.standin.apps["tuneops-infer"]["id"]

@@ -11,7 +11,7 @@ import pytest
 from bot import blocks, grammar, ops, secretform
 from jobs.backends.aca.ops import Op, provision_targets
 from jobs.backends.aca.secrets import check_secret
-from jobs.backends.local.backend import grep_lines
+from jobs.backends.logtext import grep_lines
 from jobs.core.domain import Run, RunEvent, RunState
 
 

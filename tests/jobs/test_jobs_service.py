@@ -188,11 +188,11 @@ def test_the_bot_records_where_it_posted_and_jobs_keeps_nothing_of_slack(setting
     assert service.queue_position(settings, run.id) == 1
 
 
-def test_tail_logs_of_a_run_that_never_started_is_empty(settings):
+def test_logs_of_a_run_that_never_started_are_empty(settings):
     run = submit(settings)
-    assert service.tail_logs(settings, run.id) == []
+    assert service.run_logs(settings, run.id, 20, None).lines == []
     with pytest.raises(RunRejected, match="there is no run"):
-        service.tail_logs(settings, "ft-0077")
+        service.run_logs(settings, "ft-0077", 20, None)
 
 
 def test_get_run_of_garbage_is_none(settings):

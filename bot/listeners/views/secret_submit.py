@@ -34,7 +34,7 @@ async def secret_submit(ack, body: dict[str, Any], view: dict[str, Any], context
     user = (body.get("user") or {}).get("id", "")
     form = secretform.read_form(view)
     refusal = authorize(grammar.SecretSet(form.name or "?"), user, form.channel, rt.settings.policy)
-    if refusal is None and backends.unsupported(rt.settings.jobs, SECRETS):
+    if refusal is None and not backends.offers(rt.settings.jobs, SECRETS):
         refusal = Refusal(f"Secrets need TUNEOPS_BACKEND=aca; this bot runs the `{rt.settings.jobs.backend}` backend.")
     if refusal is not None:
         log_refusal("the secret form", user, form.channel, refusal.reason)

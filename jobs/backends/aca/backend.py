@@ -20,11 +20,10 @@ from jobs.core.errors import BackendError, Hint
 
 
 class AcaBackend(AcaExecutor):
-    # Logs -----------------------------------------------------------------------------------------------
+    # Logs ---------------------------------------------------------------------------------------------------------
 
     def run_logs(self, run: Run, tail: int, grep: str | None) -> LogsAnswer:
         return run_logs(self.clients, run, tail=tail, grep=grep)
-
 
     # Deploys ------------------------------------------------------------------------------------------------------
 
@@ -80,7 +79,7 @@ class AcaBackend(AcaExecutor):
         try:
             vault_name = secret_name(name)
         except InvalidSecretName as e:
-            raise BackendError(str(e)) from None
+            raise BackendError(f"{e}.") from None
         self.cfg.require("Storing secrets", "key_vault_url")
         return vault_name
 

@@ -17,7 +17,7 @@ from jobs.backends.aca import share as sharefs
 from jobs.backends.aca.config import AcaConfig
 from jobs.backends.aca.errors import azure_call
 from jobs.backends.aca.secrets import masks_for_job
-from jobs.backends.logtext import split_log
+from jobs.backends.logtext import grep_lines, split_log
 from jobs.backends.protocol import LogsAnswer
 from jobs.core.domain import Run
 from jobs.core.errors import BackendError
@@ -139,7 +139,5 @@ def run_logs(clients, run: Run, *, tail: int = 50, grep: str | None = None) -> L
         note = "LOG_ANALYTICS_WORKSPACE_ID is not set in infra/finetuning.config.json; showing train.log."
     with azure_call("read the run's train.log"):
         data, _whole = sharefs.read_tail(clients.share, f"runs/{run.id}/train.log", max(65536, tail * 400))
-    lines = split_log(data)
-    if grep:
-        lines = [line for line in lines if grep.lower() in line.lower()]
-    return LogsAnswer(mask_lines(lines[-tail:], masks_for_job(clients)), "train.log on the share", note)
+    lines = grep_lines(split_log(data), grep, tail)
+    return LogsAnswer(mask_lines(lines, masks_for_job(clients)), "train.log on the share", note)

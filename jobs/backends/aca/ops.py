@@ -48,10 +48,6 @@ def provision_targets(target: str | None, has_app: bool) -> tuple[list[str], str
                           "to provision the app too).")
 
 
-def get_op(conn, op_id: str) -> Op | None:
-    return store.load_op(conn, op_id)
-
-
 def _new_op(settings, kind: str, requester: str, channel: str, target: str = "") -> str:
     conn = store.connect(settings)
     op_id = f"pv-{conn.incr(store.OP_SEQ):04d}"
@@ -114,7 +110,7 @@ def run_op(op_id: str, clients: AzureClients | None = None) -> str:
     """The RQ job for every op kind: take the resource's lock, do the op, report each step and the result."""
     settings = current_settings()
     conn = store.connect(settings)
-    op = get_op(conn, op_id)
+    op = store.load_op(conn, op_id)
     if op is None or op.state in ("succeeded", "failed"):
         return "nothing to do"
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from jobs.backends.local import inference
 from jobs.backends.local.executor import LocalExecutor
+from jobs.backends.logtext import grep_lines
 from jobs.backends.protocol import (
     PROVISION,
     SECRETS,
@@ -25,12 +26,6 @@ from jobs.core.settings import JobSettings
 # A grep on the local backend looks through this many of the newest lines.
 GREP_WINDOW = 500
 
-def grep_lines(lines: list[str], text: str | None, tail: int) -> list[str]:
-    """The last `tail` lines holding `text` (case-insensitive); pure."""
-    if text:
-        needle = text.lower()
-        lines = [line for line in lines if needle in line.lower()]
-    return lines[-tail:]
 
 
 class LocalBackend(LocalExecutor):
@@ -41,13 +36,12 @@ class LocalBackend(LocalExecutor):
     def _refuse(self, capability: str):
         raise BackendError(f"the local backend keeps no {capability}: they need the aca backend (TUNEOPS_BACKEND=aca)")
 
-    # Logs -----------------------------------------------------------------------------------------------
+    # Logs ---------------------------------------------------------------------------------------------------------
 
     def run_logs(self, run: Run, tail: int, grep: str | None) -> LogsAnswer:
         lines = self.tail_logs(run, GREP_WINDOW if grep else tail) if run.attempts else []
         note = f"Searched the last {GREP_WINDOW} lines." if grep and len(lines) >= GREP_WINDOW else ""
         return LogsAnswer(grep_lines(lines, grep, tail), "the run's log file", note)
-
 
     # Deploys ------------------------------------------------------------------------------------------------------
 
