@@ -1,6 +1,6 @@
 """Benchmark of the incremental workspace sync: `python -m jobs.backends.aca.bench_sync [--files 1000 --mb 200]`.
 
-Syncs a generated workspace to the local Azure stand-in (jobs/backends/aca/standin.py, in a process of its own) through the real azure-storage-file-share client: once in full, then again with one file changed. Prints the
+Syncs a generated workspace to the local Azure stand-in (jobs/backends/aca/standin/, in a process of its own) through the real azure-storage-file-share client: once in full, then again with one file changed. Prints the
 figures; the goal is that the second sync sends only that file and takes at most 5% of the first one's time.
 """
 

@@ -1,0 +1,300 @@
+"""A local stand-in for the Azure services tuneops uses, served over TLS so the real azure-* SDK clients talk to it.
+
+It implements what the code calls, with the REST shapes the SDKs send and expect: ARM Container Apps (managed
+environments and their storages, jobs with start/executions/stop, container apps with revision restart, long-running
+operations), Key Vault secrets (with the 401 challenge handshake), Azure Files (share, directory, file create, put
+range, list, get with ranges, properties, delete) and the Log Analytics query API (a small KQL subset, failing loudly
+on anything else). Faults can be injected: an HTTP status with Retry-After, a slow answer, an execution that ends
+Failed or Degraded, a replica timeout. A started execution runs a "container program" against the share's folder,
+which stands in for the GPU container that mounts the share at /mount.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import ssl
+import threading
+import time
+from pathlib import Path
+
+from aiohttp import web
+
+from jobs.backends.aca.standin.arm import ArmService
+from jobs.backends.aca.standin.common import (
+    ACCOUNT,
+    SUBSCRIPTION,
+    WORKSPACE_ID,
+    Fault,
+    RecordedRequest,
+    _now,
+)
+from jobs.backends.aca.standin.files import FilesService
+from jobs.backends.aca.standin.logs import LogsService
+from jobs.backends.aca.standin.programs import (
+    ExecutionPlan,
+)
+from jobs.backends.aca.standin.vault import VaultService
+
+# ----------------------------------------------------------------------------------------------------------------
+
+class AzureStandIn(ArmService, VaultService, FilesService, LogsService):
+    """ARM (Container Apps), Key Vault, Azure Files and Log Analytics on four local TLS ports."""
+
+    def __init__(self, root: Path, *, location: str = "westus3", log_schema: str = "custom"):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.location = location
+        self.log_schema = log_schema             # "custom": ContainerAppConsoleLogs_CL; "monitor": ContainerAppConsoleLogs
+        self.lock = threading.RLock()
+        self.faults: list[Fault] = []
+        self.requests: list[RecordedRequest] = []
+        self.record = True
+        self.environments: dict[str, dict] = {}
+        self.env_storages: dict[tuple[str, str], dict] = {}
+        self.jobs: dict[str, dict] = {}
+        self.apps: dict[str, dict] = {}
+        self.executions: dict[str, dict[str, dict]] = {}
+        self.execution_env: dict[str, dict[str, str]] = {}     # what each execution's container saw in its env
+        self._stop_events: dict[str, threading.Event] = {}
+        self._stopped: set[str] = set()
+        self.restarts: list[str] = []
+        self.operations: dict[str, dict] = {}
+        self.vault: dict[str, list[dict]] = {}
+        self.log_tables: dict[str, list[dict]] = {"ContainerAppConsoleLogs_CL": [], "ContainerAppConsoleLogs": []}
+        self.plans: list[ExecutionPlan] = []
+        self._last_log_time = _now()
+        self.default_plan = ExecutionPlan()
+        self._threads: list[threading.Thread] = []
+        self._stops: list[threading.Event] = []
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.ports: dict[str, int] = {}
+        self.ca_path = self.root / "ca.pem"
+
+    # ---- lifecycle -------------------------------------------------------------------------------------------
+
+    def start(self) -> AzureStandIn:
+        # trustme is needed only to serve TLS, made on start
+        import trustme
+
+        ca = trustme.CA()
+        cert = ca.issue_cert("127.0.0.1", "localhost")
+        ca.cert_pem.write_to_path(str(self.ca_path))
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        cert.configure_cert(ctx)
+        ready = threading.Event()
+        self._runners: list[web.AppRunner] = []
+
+        async def serve():
+            for service, app in (("arm", self._arm_app()), ("vault", self._vault_app()),
+                                 ("files", self._files_app()), ("logs", self._logs_app())):
+                runner = web.AppRunner(app, access_log=None)
+                await runner.setup()
+                site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ctx)
+                await site.start()
+                self.ports[service] = site._server.sockets[0].getsockname()[1]
+                self._runners.append(runner)
+            ready.set()
+
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="azure-standin", daemon=True)
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(serve(), self.loop).result(30)
+        ready.wait(30)
+        self.add_environment("tuneops-env")
+        return self
+
+    def stop(self) -> None:
+        for ev in self._stops:
+            ev.set()
+        for t in self._threads:
+            t.join(10)
+        if self.loop is None:
+            return
+
+        async def down():
+            for r in self._runners:
+                await r.cleanup()
+
+        asyncio.run_coroutine_threadsafe(down(), self.loop).result(30)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+        self.loop.close()
+        self.loop = None
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    # ---- what tests configure and inspect --------------------------------------------------------------------
+
+    @property
+    def arm_url(self) -> str:
+        return f"https://127.0.0.1:{self.ports['arm']}"
+
+    @property
+    def vault_url(self) -> str:
+        return f"https://127.0.0.1:{self.ports['vault']}"
+
+    @property
+    def files_url(self) -> str:
+        return f"https://127.0.0.1:{self.ports['files']}/{ACCOUNT}"
+
+    @property
+    def logs_url(self) -> str:
+        return f"https://127.0.0.1:{self.ports['logs']}"
+
+    def share_dir(self, share: str) -> Path:
+        return self.root / "shares" / share
+
+    def add_share(self, share: str) -> Path:
+        d = self.share_dir(share)
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+    def add_environment(self, name: str, profiles: tuple[str, ...] = ("Consumption", "GPU")) -> dict:
+        env = {
+            "id": self._rid(f"managedEnvironments/{name}"), "name": name, "type": "Microsoft.App/managedEnvironments",
+            "location": self.location,
+            "properties": {"provisioningState": "Succeeded", "defaultDomain": f"{name}.{self.location}.azurecontainerapps.io",
+                           "workloadProfiles": [{"name": p, "workloadProfileType":
+                                                 "Consumption" if p == "Consumption" else "Consumption-GPU-NC24-A100"}
+                                                for p in profiles]},
+        }
+        with self.lock:
+            self.environments[name] = env
+        return env
+
+    def add_env_storage(self, env: str, name: str, share: str, account: str = ACCOUNT) -> None:
+        with self.lock:
+            self.env_storages[(env, name)] = {
+                "id": self._rid(f"managedEnvironments/{env}/storages/{name}"), "name": name,
+                "type": "Microsoft.App/managedEnvironments/storages",
+                "properties": {"azureFile": {"accountName": account, "shareName": share, "accessMode": "ReadWrite"}},
+            }
+        self.add_share(share)
+
+    def inject(self, fault: Fault) -> Fault:
+        with self.lock:
+            self.faults.append(fault)
+        return fault
+
+    def plan_execution(self, plan: ExecutionPlan) -> None:
+        with self.lock:
+            self.plans.append(plan)
+
+    def requests_to(self, service: str, method: str | None = None, path: str = "") -> list[RecordedRequest]:
+        with self.lock:
+            return [r for r in self.requests if r.service == service and (method is None or r.method == method)
+                    and re.search(path, r.path)]
+
+    def execution(self, job: str, name: str) -> dict:
+        with self.lock:
+            return json.loads(json.dumps(self.executions[job][name]))
+
+    def wait_execution(self, job: str, name: str, timeout: float = 30) -> dict:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            ex = self.execution(job, name)
+            if ex["properties"]["status"] not in ("Running", "Processing"):
+                return ex
+            time.sleep(0.05)
+        raise TimeoutError(f"execution {name} still running")
+
+    def add_log_rows(self, job: str, execution: str, lines: list[str]) -> None:
+        console = self._console(job, execution)
+        for line in lines:
+            console(line)
+
+    # ---- shared helpers --------------------------------------------------------------------------------------
+
+    def _rid(self, tail: str, rg: str = "tuneops-rg") -> str:
+        return f"/subscriptions/{SUBSCRIPTION}/resourceGroups/{rg}/providers/Microsoft.App/{tail}"
+
+    async def _gate(self, service: str, request: web.Request) -> tuple[web.Response | None, bytes]:
+        body = await request.read()
+        rec = RecordedRequest(service, request.method, request.path, dict(request.query),
+                              {k: v for k, v in request.headers.items()},
+                              b"" if service == "files" else body, len(body))
+        fault = None
+        with self.lock:
+            if self.record:
+                self.requests.append(rec)
+            for f in self.faults:
+                if f.matches(service, request.method, request.path):
+                    f.times -= 1
+                    f.hits += 1
+                    fault = f
+                    break
+        if fault is None:
+            return None, body
+        if fault.delay:
+            await asyncio.sleep(fault.delay)
+        if fault.status is None:
+            return None, body
+        headers = {}
+        if fault.retry_after is not None:
+            headers["Retry-After"] = str(fault.retry_after if fault.retry_after % 1 else int(fault.retry_after))
+        rec.status = fault.status
+        if service == "files":
+            headers["x-ms-error-code"] = fault.code or "ServerBusy"
+            return self._storage_error(fault.status, fault.code or "ServerBusy", fault.message, headers), body
+        code = fault.code or {429: "TooManyRequests"}.get(fault.status, "InternalServerError")
+        return web.json_response({"error": {"code": code, "message": fault.message}}, status=fault.status,
+                                 headers=headers), body
+
+    @staticmethod
+    def _arm_error(status: int, code: str, message: str) -> web.Response:
+        return web.json_response({"error": {"code": code, "message": message}}, status=status)
+
+
+
+class StaticTokenCredential:
+    """The tests' credential: a fixed bearer token (the edge of the world: no Entra ID here)."""
+
+    def __init__(self, token: str = "stand-in-token"):
+        self.token = token
+        self.scopes: list[tuple[str, ...]] = []
+
+    def get_token(self, *scopes, **kwargs):
+        # azure-core is loaded by whoever asks for a token, not by the stand-in's server
+        from azure.core.credentials import AccessToken
+
+        self.scopes.append(scopes)
+        return AccessToken(self.token, int(time.time()) + 3600)
+
+    def get_token_info(self, *scopes, options=None):
+        # azure-core is loaded by whoever asks for a token, not by the stand-in's server
+        from azure.core.credentials import AccessTokenInfo
+
+        self.scopes.append(scopes)
+        return AccessTokenInfo(self.token, int(time.time()) + 3600)
+
+    def close(self):
+        pass
+
+
+def standin_config(standin: AzureStandIn, infra_dir: Path, *, share: str = "tuneopsshare", job: str = "tuneops-ft",
+                   app: str = "tuneops-infer", identity: str = "", extra: dict | None = None,
+                   inference: dict | None = None) -> None:
+    """Write seed-format config files in `infra_dir` that point at the stand-in."""
+    infra_dir.mkdir(parents=True, exist_ok=True)
+    identity = identity or (f"/subscriptions/{SUBSCRIPTION}/resourceGroups/tuneops-rg/providers/"
+                            f"Microsoft.ManagedIdentity/userAssignedIdentities/tuneops-id")
+    ft = {"SUBSCRIPTION_ID": SUBSCRIPTION, "RESOURCE_GROUP_NAME": "tuneops-rg", "STORAGE_ACCOUNT_NAME": ACCOUNT,
+          "FILE_SHARE_NAME": share, "ACA_JOB_NAME": job, "COMMANDS": ["cd /mount", "echo ready"],
+          "KEY_VAULT_URL": standin.vault_url, "IDENTITY_ID": identity, "LOG_ANALYTICS_WORKSPACE_ID": WORKSPACE_ID,
+          "ACA_ENVIRONMENT_NAME": "tuneops-env", "ACA_ENVIRONMENT_STORAGE_NAME": "tuneopsstorage",
+          "ARM_ENDPOINT": standin.arm_url, "FILES_ENDPOINT": standin.files_url, "LOGS_ENDPOINT": standin.logs_url,
+          "POLLING_INTERVAL": 0.05, "IMAGE": "tuneops.azurecr.io/tuneops-payload:test"}
+    ft.update(extra or {})
+    inf = {"SUBSCRIPTION_ID": SUBSCRIPTION, "RESOURCE_GROUP_NAME": "tuneops-rg", "STORAGE_ACCOUNT_NAME": ACCOUNT,
+           "FILE_SHARE_NAME": share, "ACA_APP_NAME": app, "ACA_APP_ENDPOINT": None, "MAX_REPLICAS": 2}
+    inf.update(inference or {})
+    (infra_dir / "finetuning.config.json").write_text(json.dumps({k: v for k, v in ft.items() if v is not None},
+                                                                 indent=2))
+    (infra_dir / "inference.config.json").write_text(json.dumps(inf, indent=2))
+
