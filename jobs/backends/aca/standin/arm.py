@@ -46,6 +46,7 @@ class ArmService:
                              self._arm(self.arm_restart))
         app.router.add_route("GET", "/subscriptions/{sub}/providers/Microsoft.App/locations/{loc}/operations/{op}",
                              self._arm(self.arm_operation))
+        self._usage_routes(app, prefix)
         return app
 
     def _arm(self, handler):

@@ -32,6 +32,7 @@ from jobs.backends.aca.standin.common import (
 )
 from jobs.backends.aca.standin.files import FilesService
 from jobs.backends.aca.standin.logs import LogsService
+from jobs.backends.aca.standin.usages import UsagesService
 from jobs.backends.aca.standin.programs import (
     ExecutionPlan,
 )
@@ -39,7 +40,7 @@ from jobs.backends.aca.standin.vault import VaultService
 
 # ----------------------------------------------------------------------------------------------------------------
 
-class AzureStandIn(ArmService, VaultService, FilesService, LogsService):
+class AzureStandIn(ArmService, UsagesService, VaultService, FilesService, LogsService):
     """ARM (Container Apps), Key Vault, Azure Files and Log Analytics on four local TLS ports."""
 
     def __init__(self, root: Path, *, location: str = "westus3", log_schema: str = "custom"):
