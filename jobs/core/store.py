@@ -73,6 +73,11 @@ def connect_bytes(settings: JobSettings) -> redis.Redis:
     return _shared(settings.redis_url, False)
 
 
+def azure_lock(kind: str, name: str) -> str:
+    """The lock of one Azure resource ("job", "app"): its provisionings and the runs staged into it take turns."""
+    return AZURE_LOCK.format(f"{kind}:{name}")
+
+
 def run_key(run_id: str) -> str:
     return RUN_KEY.format(run_id)
 

@@ -54,7 +54,7 @@ def test_a_whole_run_sync_start_progress_from_the_share_and_the_adapter(aca, exe
     assert (share / "payload" / "train.py").is_file() and not list(share.glob("payload/**/*.pyc"))
     config = json.loads((share / "runs" / "ft-0001" / "run.json").read_text())
     assert config["output_dir"] == "runs/ft-0001" and config["dataset"] == "datasets/train.jsonl"
-    # The execution carries the run's command and env through the start template.
+    # The execution carries the run's command and env (from the job's template, as it was at the start).
     ex = aca.standin.execution("tuneops-ft", run.execution_id)
     container = ex["properties"]["template"]["containers"][0]
     env = {e["name"]: e.get("value") for e in container["env"]}
@@ -86,6 +86,60 @@ def test_a_whole_run_sync_start_progress_from_the_share_and_the_adapter(aca, exe
     assert executor.tail_logs(run, 2) == ["step 6/6 loss 0.3333", "training finished"]
     links = executor.links(run)
     assert set(links) == {"job", "execution", "logs"}
+
+
+def test_the_run_rides_in_the_jobs_template_and_the_start_sends_no_override(aca, executor):
+    """Defect: a start override replaces the job's containers and brings no volumes (microsoft/azure-container-apps
+    #909), so a run started with one found /mount empty. The run goes into the job's template instead."""
+    run = start(executor, new_run())
+    starts = aca.standin.requests_to("arm", "POST", r"/jobs/tuneops-ft/start$")
+    assert starts and all(r.body in (b"", b"null") for r in starts)
+    patches = aca.standin.requests_to("arm", "PATCH", r"/jobs/tuneops-ft$")
+    sent = json.loads(patches[-1].body)
+    assert set(sent) == {"properties"} and set(sent["properties"]) == {"template"}
+    assert sent["properties"]["template"]["containers"][0]["volumeMounts"][0]["mountPath"] == "/mount"
+    assert wait_finished(executor, run).status is ExecStatus.SUCCEEDED
+    assert executor.outputs(run)["adapter"] == "runs/ft-0001/adapter"
+
+
+def test_an_override_start_would_leave_the_mount_empty(aca, executor):
+    """The stand-in's side of the defect: an execution started with a template runs without the job's volumes."""
+    job = aca.clients.arm.jobs.get("tuneops-rg", "tuneops-ft").as_dict()
+    container = job["properties"]["template"]["containers"][0]
+    override = {"containers": [{k: container[k] for k in ("name", "image", "command", "env", "resources")}]}
+    name = aca.clients.arm.jobs.begin_start("tuneops-rg", "tuneops-ft", override).result().name
+    ex = aca.standin.wait_execution("tuneops-ft", name)
+    assert ex["properties"]["status"] == "Failed" and "/mount" in ex["properties"]["message"]
+
+
+def test_a_start_whose_operation_ends_without_a_body_still_finds_its_execution(aca, executor):
+    """Defect: Jobs_Start's operation may end on a Location poll with an empty body; the SDK then gives None and
+    `started.name` raised AttributeError past the error handling."""
+    aca.standin.start_answers_name = False
+    assert aca.clients.arm.jobs.begin_start("tuneops-rg", "tuneops-ft").result() is None  # what the SDK gives
+    run = start(executor, new_run("ft-0002"))
+    ex = aca.standin.execution("tuneops-ft", run.execution_id)
+    env = {e["name"]: e.get("value") for e in ex["properties"]["template"]["containers"][0]["env"]}
+    assert env["TUNEOPS_RUN_ID"] == "ft-0002"
+    assert wait_finished(executor, run).status is ExecStatus.SUCCEEDED
+
+
+def test_a_run_waits_for_a_provisioning_of_the_job_to_finish(aca, executor, settings):
+    """The run's template and the start take the job's lock, the one a provisioning holds."""
+    import threading
+
+    from jobs.core import store
+
+    lock = store.connect(settings).lock(store.azure_lock("job", "tuneops-ft"), timeout=30)
+    assert lock.acquire(blocking=False)
+    started = {}
+    t = threading.Thread(target=lambda: started.setdefault("run", start(executor, new_run("ft-0003"))))
+    t.start()
+    t.join(1.5)
+    assert t.is_alive() and not aca.standin.requests_to("arm", "PATCH", r"/jobs/tuneops-ft$")
+    lock.release()
+    t.join(30)
+    assert started["run"].execution_id
 
 
 def test_starting_the_same_attempt_twice_gives_the_same_execution(aca, executor):

@@ -46,6 +46,45 @@ def test_provision_twice_gives_one_job_and_says_what_changed(aca):
     assert len(aca.standin.jobs) == 1
 
 
+def test_what_azure_gives_back_in_its_own_spelling_is_no_change(aca):
+    """Defect: real GETs give identity ids back in lower case and fill in defaults such as ingress transport "auto";
+    every provisioning then saw a change, PUT again (listing one identity twice) and posted noise."""
+    provision_finetune(aca.clients)
+    provision_inference(aca.clients)
+    job = aca.clients.arm.jobs.get("tuneops-rg", "tuneops-ft").as_dict()
+    assert all(k == k.lower() for k in job["identity"]["userAssignedIdentities"])  # the stand-in answers as Azure does
+    app = aca.clients.arm.container_apps.get("tuneops-rg", "tuneops-infer").as_dict()
+    assert app["properties"]["configuration"]["ingress"]["transport"] == "auto"
+    puts = len(aca.standin.requests_to("arm", "PUT"))
+
+    again, app_again = provision_finetune(aca.clients), provision_inference(aca.clients)
+    assert again.changes == [] and app_again.changes == [] and "already up to date" in again.summary()
+    assert len(aca.standin.requests_to("arm", "PUT")) == puts
+
+    # A real change still goes through, and the identity is listed once, in the configured spelling.
+    provision_finetune(aca.reload(REPLICA_TIMEOUT=7200).clients)
+    sent = json.loads(aca.standin.requests_to("arm", "PUT", r"/jobs/tuneops-ft$")[-1].body)
+    assert list(sent["identity"]["userAssignedIdentities"]) == [aca.cfg.identity_id]
+
+
+def test_a_run_staged_into_the_job_is_not_a_change_to_provision(aca, settings):
+    from jobs.backends.aca.executor import AcaExecutor
+    from jobs.core.domain import Run
+    from jobs.core.runconfig import build_train_config
+
+    provision_finetune(aca.clients)
+    run = Run(id="ft-0001", requester="U1", channel="C1", model="model-cache/tiny", dataset="datasets/train.jsonl")
+    AcaExecutor(settings, clients=aca.clients).start(run, build_train_config(
+        run.id, run.model, run.dataset, {"max_steps": 2}).model_dump())
+    puts = len(aca.standin.requests_to("arm", "PUT", r"/jobs/tuneops-ft$"))
+    assert provision_finetune(aca.clients).changes == []
+    assert len(aca.standin.requests_to("arm", "PUT", r"/jobs/tuneops-ft$")) == puts
+    # A provisioning that does change the job leaves the run's env out of it.
+    provision_finetune(aca.reload(REPLICA_TIMEOUT=7200).clients)
+    env = aca.standin.jobs["tuneops-ft"]["properties"]["template"]["containers"][0]["env"]
+    assert not any(e["name"].startswith("TUNEOPS_") for e in env)
+
+
 def test_a_seed_provisioned_job_keeps_its_mount_and_gets_our_settings(aca):
     # What the seed's Bicep made: its own volume name, no identity, no secrets.
     env_id = aca.standin.environments["tuneops-env"]["id"]

@@ -19,14 +19,15 @@ from jobs.backends.aca.resources import (
     describe_changes,
     env_name_for,
     execution_matches,
-    execution_template,
     job_body,
     map_execution,
     needs_install,
     payload_requirements,
     run_env,
     run_script,
+    run_template,
     secret_name,
+    share_mount,
 )
 from jobs.backends.aca.standin import _tokens, run_kql
 from jobs.backends.protocol import ExecStatus
@@ -185,16 +186,30 @@ def test_the_fallback_image_installs_the_payload_extra_without_torch():
     assert not any(r.startswith("torch") for r in reqs)
 
 
-def test_the_execution_template_carries_the_run_and_keeps_the_jobs_secret_refs():
+def test_the_run_goes_into_the_jobs_template_with_its_mount_and_secret_refs():
     job = job_body(cfg(), ENV, storage_name="envstore", secret_envs=["HF_TOKEN"])
-    t = execution_template(job, "echo run", run_env("ft-0003", 2, "runs/ft-0003/run.json"))
+    t = run_template(job, "echo run", run_env("ft-0003", 2, "runs/ft-0003/run.json"))
     c = t["containers"][0]
     assert c["command"] == ["/bin/bash", "-c", "echo run"] and c["image"] == SEED_IMAGE
     assert {"name": "HF_TOKEN", "secretRef": "hf-token"} in c["env"]
-    assert c["resources"] == {"cpu": 24.0, "memory": "220Gi"}
+    assert c["resources"] == job["properties"]["template"]["containers"][0]["resources"]
+    # The share stays mounted at /mount: the start carries no override, so this is what the execution runs.
+    assert c["volumeMounts"] == [{"volumeName": t["volumes"][0]["name"], "mountPath": "/mount"}]
+    assert t["volumes"] == job["properties"]["template"]["volumes"] and share_mount(t)["storageName"] == "envstore"
+    # A second run replaces the first one's values rather than adding to them.
+    again = run_template({"properties": {"template": t}}, "echo two", run_env("ft-0004", 1, "runs/ft-0004/run.json"))
+    names = [e["name"] for e in again["containers"][0]["env"]]
+    assert len(names) == len(set(names))
     ex = {"properties": {"template": t}}
     assert execution_matches(ex, "ft-0003", 2)
     assert not execution_matches(ex, "ft-0003", 1) and not execution_matches(ex, "ft-0004", 2)
+
+
+def test_a_job_without_the_share_mounted_cannot_take_a_run():
+    job = job_body(cfg(), ENV, storage_name="envstore", secret_envs=[])
+    del job["properties"]["template"]["containers"][0]["volumeMounts"]
+    with pytest.raises(ValueError, match="/mount"):
+        run_template(job, "echo run", run_env("ft-0003", 1, "runs/ft-0003/run.json"))
 
 
 @pytest.mark.parametrize("status,kw,expect", [

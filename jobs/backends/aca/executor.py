@@ -1,7 +1,8 @@
 """The Azure Container Apps backend: a run is an execution of the ACA job, working on the Azure Files share.
 
 start syncs what the run needs to the share (dataset, local model, payload code), writes `runs/<id>/run.json`
-there and starts an execution with a template override that carries the run's command and env. Progress and log
+there, puts the run's command and env into the job's template and starts an execution of it (no override: see
+`resources.run_template`). Progress and log
 lines are read from `runs/<id>/events.jsonl` and `train.log` on the share (seconds of lag, where Log Analytics lags
 by minutes); status comes from the execution; stop stops it.
 """
@@ -25,7 +26,6 @@ from jobs.backends.aca.logs import portal_links, query_logs
 from jobs.backends.aca.resources import (
     as_plain,
     execution_matches,
-    execution_template,
     is_hub_id,
     map_execution,
     model_cache_dir,
@@ -33,6 +33,7 @@ from jobs.backends.aca.resources import (
     payload_requirements,
     run_env,
     run_script,
+    run_template,
 )
 from jobs.backends.aca.secrets import masks_for_job
 from jobs.backends.aca.sync import (
@@ -44,7 +45,7 @@ from jobs.backends.aca.sync import (
 )
 from jobs.backends.logtext import split_log
 from jobs.backends.protocol import EventBatch, ExecStatus, ExecutionInfo
-from jobs.core import store
+from jobs.core import queue, store
 from jobs.core.domain import Run
 from jobs.core.errors import BackendError, Hint
 from jobs.core.masking import mask, mask_lines
@@ -58,6 +59,8 @@ MAX_EVENT_READ = 1024 * 1024
 MAX_LOG_READ = 256 * 1024
 SYNC_LOCK = store.ACA_SYNC_LOCK
 STOP_WAIT_S = 120.0
+STAGE_LOCK_S = 1800
+FIND_STARTED_S = 60.0
 
 
 def payload_dir() -> Path:
@@ -174,16 +177,49 @@ class AcaExecutor:
         image = ((job["properties"]["template"].get("containers") or [{}])[0]).get("image") or self.cfg.job_image
         script = run_script(run.id, config_rel, download_model=download,
                             install=payload_requirements() if needs_install(image) else ())
-        template = execution_template(job, script, run_env(run.id, run.attempts, config_rel))
-        with azure_call(f"start the ACA job {self.cfg.job_name}"):
-            started = self.clients.arm.jobs.begin_start(self.cfg.resource_group, self.cfg.job_name, template).result()
-        name = started.name
-        if not name:
-            raise BackendError("Azure started the job but did not say the execution's name; try again.",
-                               transient=True)
+        name = self._start_staged(run, script, run_env(run.id, run.attempts, config_rel))
         log.info("%s: started execution %s", run.id, name)
         self._started[run.id] = name
         return name
+
+    def _start_staged(self, run: Run, script: str, env: dict[str, str]) -> str:
+        """Put the run into the job's template and start an execution of it, the two under the job's lock so that
+        neither another run nor a provisioning changes the template in between."""
+        redis_url = getattr(self.settings, "redis_url", "")
+        lock = (store.connect(self.settings).lock(store.azure_lock("job", self.cfg.job_name), timeout=STAGE_LOCK_S,
+                                                  blocking_timeout=STAGE_LOCK_S) if redis_url else None)
+        if lock is not None and not lock.acquire():
+            raise BackendError(f"The ACA job {self.cfg.job_name} stayed busy (a provisioning or another start) for "
+                               f"{STAGE_LOCK_S // 60} minutes; the start will be tried again.", transient=True)
+        try:
+            job = self._job()
+            try:
+                template = run_template(job, script, env)
+            except ValueError:
+                raise BackendError(f"The ACA job {self.cfg.job_name} does not mount the file share at /mount, so a run "
+                                   f"could not read its data: provision the job again.",
+                                   hint=Hint("provision finetune", "mounts the share")) from None
+            rg, name = self.cfg.resource_group, self.cfg.job_name
+            with azure_call(f"put the run into the ACA job {name}"):
+                self.clients.arm.jobs.begin_update(rg, name, {"properties": {"template": template}}).result()
+            with azure_call(f"start the ACA job {name}"):
+                started = self.clients.arm.jobs.begin_start(rg, name).result()
+        finally:
+            if lock is not None:
+                queue.release(lock, "ACA job")
+        # The start's long-running operation may end on a Location poll with no body (Jobs_Start answers 202 with a
+        # Location header only: examples/Job_Start.json); the execution is then found by the run it carries.
+        found = getattr(started, "name", None) if started is not None else None
+        deadline = time.monotonic() + FIND_STARTED_S
+        while not found:
+            found = self._existing_execution(run)
+            if found or time.monotonic() > deadline:
+                break
+            time.sleep(min(2.0, max(0.05, self.cfg.polling_interval)))
+        if not found:
+            raise BackendError("Azure accepted the start but neither said the execution's name nor lists it yet; the "
+                               "start will be checked again.", transient=True)
+        return found
 
     def _execution(self, run: Run) -> dict | None:
         with azure_call("read the job execution"):

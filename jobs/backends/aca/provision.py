@@ -26,6 +26,8 @@ from jobs.backends.aca.resources import (
     describe_changes,
     job_body,
     secret_name,
+    share_mount,
+    without_run,
 )
 from jobs.backends.aca.secrets import list_secrets
 from jobs.core.errors import BackendError, Hint
@@ -63,19 +65,35 @@ def _quiet(_: str) -> None:
     pass
 
 
-def differs(want: Any, have: Any) -> bool:
-    """Would a PUT of `want` change `have`? Only the keys `want` sets count (Azure adds read-only ones), and an
-    empty list or object is the same as none (ARM answers null for an empty collection). Pure."""
+# Enum values ARM answers in its own case (ingress transport "Auto" comes back "auto": examples/ContainerApps_Get.json,
+# Microsoft.App 2025-01-01); their enums are modelAsString, compared without case.
+CASELESS_KEYS = frozenset({"transport", "type", "triggerType", "storageType", "activeRevisionsMode", "scheme",
+                           "accessMode"})
+
+
+def _is_arm_id(value: Any) -> bool:
+    return isinstance(value, str) and value.lower().startswith("/subscriptions/")
+
+
+def differs(want: Any, have: Any, key: str = "") -> bool:
+    """Would a PUT of `want` change `have`? Only the keys `want` sets count (Azure adds read-only ones and fills
+    defaults), an empty list or object is the same as none (ARM answers null for an empty collection), ARM ids and
+    enum values compare without case (ARM gives ids back as `resourcegroups/...` or all in lower case:
+    Azure/azure-rest-api-specs#18595). Pure."""
     if have is None and want in ([], {}, None):
         return False
     if isinstance(want, Mapping):
         if not isinstance(have, Mapping):
             return True
-        return any(differs(v, have.get(k)) for k, v in want.items() if not (v is None and k not in have))
+        by_lower = {k.lower(): v for k, v in have.items() if _is_arm_id(k)}
+        return any(differs(v, have[k] if k in have else by_lower.get(k.lower()) if _is_arm_id(k) else None, k)
+                   for k, v in want.items() if not (v is None and k not in have))
     if isinstance(want, list):
         if not isinstance(have, list) or len(want) != len(have):
             return True
-        return any(differs(a, b) for a, b in zip(want, have))
+        return any(differs(a, b, key) for a, b in zip(want, have))
+    if isinstance(want, str) and isinstance(have, str) and (key in CASELESS_KEYS or _is_arm_id(want)):
+        return want.lower() != have.lower()
     if isinstance(want, float) or isinstance(have, float):
         try:
             return float(want) != float(have)
@@ -106,14 +124,8 @@ def get_app(clients: AzureClients) -> dict | None:
 
 
 def _storage_of(existing: Mapping | None) -> str:
-    template = ((existing or {}).get("properties") or {}).get("template") or {}
-    volumes = {v.get("name"): v for v in template.get("volumes") or []}
-    for c in template.get("containers") or []:
-        for m in c.get("volumeMounts") or []:
-            v = volumes.get(m.get("volumeName"))
-            if m.get("mountPath") == "/mount" and v and v.get("storageType") == "AzureFile":
-                return v.get("storageName") or ""
-    return ""
+    volume = share_mount(((existing or {}).get("properties") or {}).get("template"))
+    return (volume or {}).get("storageName") or ""
 
 
 def resolve_environment(clients: AzureClients, existing: Mapping | None, profile: str, notice: Notice) -> tuple[dict, str]:
@@ -244,7 +256,8 @@ def provision_finetune(clients: AzureClients, notice: Notice = _quiet,
     the share at /mount, the image and command, Key Vault secret refs as env vars."""
     cfg = clients.cfg
     notice(f"reading the ACA job {cfg.job_name}")
-    existing = get_job(clients)
+    # The last run's command and env in the job's template are not a change to undo (see resources.run_template).
+    existing = without_run(cfg, get_job(clients))
     body = _wanted(clients, "job", existing, cfg.workload_profile, secret_envs, notice, job_body)
     result = ProvisionResult("finetune", cfg.job_name, created=existing is None)
     _put(clients, "ACA job", cfg.job_name, clients.arm.jobs.begin_create_or_update, body, existing, result, notice,

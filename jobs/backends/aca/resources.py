@@ -25,6 +25,8 @@ HEALTH_PATH = "/healthz"
 RUN_ID_ENV = "TUNEOPS_RUN_ID"
 ATTEMPT_ENV = "TUNEOPS_ATTEMPT"
 CONFIG_ENV = "TUNEOPS_CONFIG"
+# What a run puts into the job's env besides its command (see run_env); a provisioning takes them out again.
+RUN_ENV_NAMES = (RUN_ID_ENV, ATTEMPT_ENV, CONFIG_ENV, "PYTHONUNBUFFERED")
 # Well-known secrets the payload reads from its environment.
 KNOWN_SECRETS = ("HF_TOKEN", "WANDB_API_KEY")
 # Key Vault tag that records which env var a secret feeds; set by `jobs.backends.aca.secrets.set_secret`.
@@ -115,18 +117,39 @@ def run_script(run_id: str, config_rel: str, *, download_model: str = "", instal
     return "; ".join(steps)
 
 
-def execution_template(job: Mapping[str, Any], script: str, env: Mapping[str, str]) -> dict[str, Any]:
-    """The start request's template: the job's own container (image, resources, secret refs) with the run's command
-    and env. A start template replaces the job's containers for this execution, so the job's env comes along."""
-    base = (((job.get("properties") or {}).get("template") or {}).get("containers") or [{}])[0]
+def share_mount(template: Mapping[str, Any] | None) -> dict | None:
+    """The AzureFile volume a job's or an app's first container mounts at /mount, or None."""
+    template = template or {}
+    volumes = {v.get("name"): v for v in template.get("volumes") or []}
+    for c in (template.get("containers") or [])[:1]:
+        for m in c.get("volumeMounts") or []:
+            v = volumes.get(m.get("volumeName"))
+            if m.get("mountPath") == MOUNT and v and v.get("storageType") == "AzureFile":
+                return dict(v)
+    return None
+
+
+def run_template(job: Mapping[str, Any], script: str, env: Mapping[str, str]) -> dict[str, Any]:
+    """The job's template with a run's command and env in its first container; volumes, mounts, image, resources
+    and secret references stay the job's own.
+
+    A run's execution starts from this template with no override. ACA replaces the job's containers with an
+    override's and the override cannot carry volume mounts: JobExecutionContainer has no volumeMounts and
+    JobExecutionTemplate no volumes (Jobs.json, Microsoft.App 2025-01-01; microsoft/azure-container-apps#1044), and
+    executions started with an override lost the job's volumes (microsoft/azure-container-apps#909), which would
+    leave /mount empty. So the run goes into the job's template (a JSON merge patch of `properties.template`,
+    which replaces the template's arrays whole) and the start sends no body."""
+    template = json.loads(json.dumps(((job.get("properties") or {}).get("template")) or {}))
+    containers = template.get("containers") or []
+    if not containers or share_mount(template) is None:
+        raise ValueError("the job's template has no container that mounts the share at /mount")
+    base = containers[0]
     ours = set(env)
     container_env = [dict(e) for e in base.get("env") or [] if e.get("name") not in ours]
     container_env += [{"name": k, "value": v} for k, v in env.items()]
-    container: dict[str, Any] = {"name": base.get("name") or "main", "image": base.get("image"),
-                                 "command": ["/bin/bash", "-c", script], "env": container_env}
-    if base.get("resources"):
-        container["resources"] = dict(base["resources"])
-    return {"containers": [container]}
+    base.update(command=["/bin/bash", "-c", script], env=container_env)
+    base.pop("args", None)
+    return {k: v for k, v in template.items() if k in ("containers", "initContainers", "volumes") and v is not None}
 
 
 def run_env(run_id: str, attempt: int, config_rel: str) -> dict[str, str]:
@@ -204,7 +227,11 @@ def _identity(cfg: AcaConfig, existing: Mapping[str, Any] | None) -> dict[str, A
     users = dict(old.get("userAssignedIdentities") or {})
     if cfg.identity_id:
         types.add("UserAssigned")
-        users.setdefault(cfg.identity_id, {})
+        # ARM gives identity ids back in another case (resourcegroups/..., or all lower case:
+        # Azure/azure-rest-api-specs#18595, pulumi/pulumi-azure-native#2152); ids are case-insensitive, so the
+        # configured one replaces its differently spelled twin rather than being listed twice.
+        users = {k: v for k, v in users.items() if k.lower() != cfg.identity_id.lower()}
+        users[cfg.identity_id] = {}
     if not types:
         return {"type": "None"}
     out: dict[str, Any] = {"type": ",".join(sorted(types, key=lambda t: t != "SystemAssigned"))}
@@ -215,14 +242,9 @@ def _identity(cfg: AcaConfig, existing: Mapping[str, Any] | None) -> dict[str, A
 
 def _mount(existing_template: Mapping[str, Any] | None, share: str, storage_name: str) -> tuple[dict, dict]:
     """The share's volume and its /mount; an existing job's own are kept (a seed-provisioned job names them)."""
-    template = existing_template or {}
-    volumes = {v.get("name"): v for v in template.get("volumes") or []}
-    for c in template.get("containers") or []:
-        for m in c.get("volumeMounts") or []:
-            v = volumes.get(m.get("volumeName"))
-            if m.get("mountPath") == MOUNT and v and v.get("storageType") == "AzureFile" and \
-                    (not storage_name or v.get("storageName") == storage_name):
-                return dict(v), {"volumeName": v["name"], "mountPath": MOUNT}
+    volume = share_mount(existing_template)
+    if volume and (not storage_name or volume.get("storageName") == storage_name):
+        return volume, {"volumeName": volume["name"], "mountPath": MOUNT}
     name = volume_name(share)
     return ({"name": name, "storageType": "AzureFile", "storageName": storage_name},
             {"volumeName": name, "mountPath": MOUNT})
@@ -282,10 +304,27 @@ def _resource_body(cfg: AcaConfig, environment: Mapping[str, Any], existing: Map
     return body
 
 
+def job_command(cfg: AcaConfig) -> list[str]:
+    return ["/bin/bash", "-c", "; ".join(cfg.commands)]
+
+
+def without_run(cfg: AcaConfig, job: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """The job as its provisioning left it: the last run's command and env (see run_template) taken out."""
+    if not job:
+        return None
+    out = json.loads(json.dumps(job))
+    containers = ((out.get("properties") or {}).get("template") or {}).get("containers") or []
+    if containers and any(e.get("name") == RUN_ID_ENV for e in containers[0].get("env") or []):
+        containers[0]["env"] = [e for e in containers[0].get("env") or [] if e.get("name") not in RUN_ENV_NAMES]
+        containers[0]["command"] = job_command(cfg)
+    return out
+
+
 def job_body(cfg: AcaConfig, environment: Mapping[str, Any], *, storage_name: str, secret_envs: Iterable[str],
              existing: Mapping[str, Any] | None = None, foreign_secret_values: Mapping[str, str] | None = None
              ) -> dict[str, Any]:
     """The whole ACA job as tuneops wants it (a PUT body). `existing` is the job Azure has now, if any."""
+    existing = without_run(cfg, existing)
     old_props = (existing or {}).get("properties") or {}
     old_template = old_props.get("template") or {}
     old_container = (old_template.get("containers") or [{}])[0]
@@ -294,7 +333,7 @@ def job_body(cfg: AcaConfig, environment: Mapping[str, Any], *, storage_name: st
     container = {
         "name": old_container.get("name") or cfg.job_name,
         "image": cfg.job_image,
-        "command": ["/bin/bash", "-c", "; ".join(cfg.commands)],
+        "command": job_command(cfg),
         "resources": {"cpu": cfg.cpu, "memory": cfg.memory},
         "env": env,
         "volumeMounts": [mount],
@@ -360,7 +399,7 @@ def app_body(cfg: AcaConfig, environment: Mapping[str, Any], *, storage_name: st
     }
     configuration = {
         "activeRevisionsMode": "Single",
-        "ingress": {"external": True, "targetPort": SERVE_PORT, "transport": "Auto", "allowInsecure": False,
+        "ingress": {"external": True, "targetPort": SERVE_PORT, "transport": "auto", "allowInsecure": False,
                     "traffic": [{"latestRevision": True, "weight": 100}]},
         "secrets": secrets,
         "registries": _registries(cfg, old_props.get("configuration") or {}),
@@ -399,7 +438,8 @@ def _facts(body: Mapping[str, Any] | None) -> dict[str, str]:
         "share mount": ", ".join(f"{v.get('storageName')} at {m.get('mountPath')}"
                                  for m in c.get("volumeMounts") or []
                                  for v in template.get("volumes") or [] if v.get("name") == m.get("volumeName")),
-        "identity": ", ".join(sorted((body.get("identity") or {}).get("userAssignedIdentities") or {})) or
+        "identity": ", ".join(sorted(k.lower() for k in (body.get("identity") or {}).get("userAssignedIdentities")
+                                     or {})) or
                     (body.get("identity") or {}).get("type"),
         "ingress": f"{'external' if ingress.get('external') else 'internal'} :{ingress.get('targetPort')}"
                    if ingress else None,

@@ -69,9 +69,9 @@ class ArmService:
 
         return wrapped
 
-    def _lro(self, request: web.Request, result: dict | None, polls: int = 1) -> str:
+    def _lro(self, request: web.Request, result: dict | None, polls: int = 1, empty: bool = False) -> str:
         op = uuid.uuid4().hex
-        self.operations[op] = {"polls": polls, "result": result}
+        self.operations[op] = {"polls": polls, "result": result, "empty": empty}
         host = f"{request.scheme}://{request.host}"
         return f"{host}/subscriptions/{SUBSCRIPTION}/providers/Microsoft.App/locations/{self.location}/operations/{op}" \
                f"?api-version={request.query['api-version']}"
@@ -82,9 +82,11 @@ class ArmService:
             return self._arm_error(404, "ResourceNotFound", "no such operation")
         if op["polls"] > 0:
             op["polls"] -= 1
-            if op["result"] is None:
+            if op["result"] is None and not op.get("empty"):
                 return web.json_response({"status": "InProgress"})
-            return web.json_response({}, status=202, headers={"Location": str(request.url)})
+            return web.Response(status=202, headers={"Location": str(request.url)})
+        if op.get("empty"):
+            return web.Response(status=200)
         if op["result"] is None:
             return web.json_response({"status": "Succeeded"})
         return web.json_response(op["result"])
@@ -133,14 +135,20 @@ class ArmService:
             return "configuration.triggerType is required"
         if not isinstance(conf.get("replicaTimeout"), int):
             return "configuration.replicaTimeout is required"
-        identities = set(((body.get("identity") or {}).get("userAssignedIdentities") or {}).keys())
+        assigned = list(((body.get("identity") or {}).get("userAssignedIdentities") or {}).keys())
+        identities = {i.lower() for i in assigned}
+        if len(identities) < len(assigned):
+            # Resource ids are case-insensitive (pulumi/pulumi-azure-native#2152); one identity listed twice in
+            # two spellings is refused, as ARM refused such ids with InvalidIdentityValues
+            # (hashicorp/terraform-provider-azurerm#10406).
+            return "identity.userAssignedIdentities lists one identity twice (ids differ only in case)"
         secret_names = set()
         for s in conf.get("secrets") or []:
             if not re.match(r"^[a-z0-9][a-z0-9-]*[a-z0-9]$", s.get("name", "")):
                 return f"secret name {s.get('name')!r} is invalid"
             if "value" in s and s["value"] is not None and s.get("keyVaultUrl"):
                 return "a secret has either a value or a keyVaultUrl"
-            if s.get("keyVaultUrl") and s.get("identity") not in identities and s.get("identity") != "system":
+            if s.get("keyVaultUrl") and str(s.get("identity")).lower() not in identities and s.get("identity") != "system":
                 return f"secret {s['name']}: identity {s.get('identity')!r} is not assigned to the job"
             secret_names.add(s["name"])
         template = props.get("template") or {}
@@ -175,12 +183,23 @@ class ArmService:
             job = json.loads(json.dumps(data))
             job.update(id=self._rid(f"jobs/{name}", request.match_info["rg"]), name=name, type="Microsoft.App/jobs")
             job["properties"]["provisioningState"] = "Succeeded"
-            job["properties"]["runningState"] = "Ready"
-            self.jobs[name] = job
+            job = self.jobs[name] = _as_azure_keeps(job)
             self.executions.setdefault(name, {})
             url = self._lro(request, None, polls=1)
             return web.json_response(self._without_values(job), status=201 if created else 200,
                                      headers={"Azure-AsyncOperation": url})
+        if request.method == "PATCH":
+            # Jobs_Update "Patches a Container Apps Job using JSON Merge Patch" (Jobs.json, Microsoft.App 2025-01-01):
+            # RFC 7386, objects merge, arrays and values replace, null removes. It answers 200 with the Job.
+            job = self.jobs.get(name)
+            if job is None:
+                return self._arm_error(404, "ResourceNotFound", f"The Resource 'Microsoft.App/jobs/{name}' was not found.")
+            merged = _merge_patch(job, data or {})
+            problem = self._validate_job(merged)
+            if problem:
+                return self._arm_error(400, "InvalidParameterValue", problem)
+            merged = self.jobs[name] = _as_azure_keeps(merged)
+            return web.json_response(self._without_values(merged))
         return self._arm_error(405, "MethodNotAllowed", request.method)
 
     @staticmethod
@@ -207,19 +226,34 @@ class ArmService:
         if job is None:
             return self._arm_error(404, "ResourceNotFound", f"The Resource 'Microsoft.App/jobs/{name}' was not found.")
         base = job["properties"]["template"]
-        template = data if data else {"containers": base["containers"], "initContainers": base.get("initContainers")}
+        if data:
+            # A start template replaces the job's containers for this execution (Jobs_Start, Jobs.json 2025-01-01)
+            # and brings no volumes: JobExecutionTemplate has none, and executions started with an override lost the
+            # job's volumes (microsoft/azure-container-apps#909, #1044). Built from the start body alone.
+            template, volumes = data, []
+        else:
+            template = {"containers": base["containers"], "initContainers": base.get("initContainers")}
+            volumes = base.get("volumes") or []
         if not template.get("containers"):
             return self._arm_error(400, "InvalidParameterValue", "template.containers is empty")
         ex_name = f"{name}-{_rand(7)}"
         ex = {"id": self._rid(f"jobs/{name}/executions/{ex_name}", request.match_info["rg"]), "name": ex_name,
               "type": "Microsoft.App/jobs/executions",
               "properties": {"status": "Processing", "startTime": _iso(_now()), "endTime": None,
-                             "template": json.loads(json.dumps(template))}}
+                             "template": _execution_template(template)}}
         self.executions.setdefault(name, {})[ex_name] = ex
+        # What the execution's container mounts: fixed at the start, whatever the job's template becomes later.
+        mounts = (template["containers"][0].get("volumeMounts") or []) if not data else []
+        self.execution_mounts[ex_name] = (job["properties"]["environmentId"], json.loads(json.dumps(volumes)),
+                                          json.loads(json.dumps(mounts)))
         plan = self.plans.pop(0) if self.plans else self.default_plan
         self._launch(job, ex, plan)
-        url = self._lro(request, {"name": ex_name, "id": ex["id"]}, polls=1)
-        return web.json_response({"name": ex_name, "id": ex["id"]}, status=202, headers={"Location": url})
+        # Jobs_Start answers 202 with a Location header and no body (examples/Job_Start.json); the long-running
+        # operation ends on the Location, final-state-via location. Its final answer carries the JobExecutionBase,
+        # or nothing when `start_answers_name` is off: then the SDK's poller gives None.
+        url = self._lro(request, {"name": ex_name, "id": ex["id"]} if self.start_answers_name else None, polls=1,
+                        empty=not self.start_answers_name)
+        return web.Response(status=202, headers={"Location": url})
 
     def arm_executions(self, request, data):
         name = request.match_info["job"]
@@ -274,7 +308,7 @@ class ArmService:
             ingress = (p.get("configuration") or {}).get("ingress")
             if ingress:
                 ingress["fqdn"] = f"{name}.{env['properties']['defaultDomain']}"
-            self.apps[name] = app
+            app = self.apps[name] = _as_azure_keeps(app)
             url = self._lro(request, None, polls=1)
             return web.json_response(self._without_values(app), status=201 if old is None else 200,
                                      headers={"Azure-AsyncOperation": url})
@@ -329,14 +363,14 @@ class ArmService:
                 env[e["name"]] = e.get("value", "")
         return env, ""
 
-    def _mount_dir(self, job: dict) -> Path | None:
-        env_name = job["properties"]["environmentId"].rsplit("/", 1)[-1]
-        container = job["properties"]["template"]["containers"][0]
-        volumes = {v["name"]: v for v in job["properties"]["template"].get("volumes") or []}
-        for m in container.get("volumeMounts") or []:
-            v = volumes.get(m["volumeName"])
+    def _mount_dir(self, execution: str) -> Path | None:
+        """The share folder the execution's container has at /mount, from the volumes fixed at its start."""
+        env_id, volumes, mounts = self.execution_mounts.get(execution, ("", [], []))
+        by_name = {v["name"]: v for v in volumes}
+        for m in mounts:
+            v = by_name.get(m.get("volumeName"))
             if m.get("mountPath") == "/mount" and v and v.get("storageType") == "AzureFile":
-                storage = self.env_storages.get((env_name, v["storageName"]))
+                storage = self.env_storages.get((env_id.rsplit("/", 1)[-1], v["storageName"]))
                 if storage:
                     return self.add_share(storage["properties"]["azureFile"]["shareName"])
         return None
@@ -367,7 +401,7 @@ class ArmService:
             container = ex["properties"]["template"]["containers"][0]
             with self.lock:
                 env, problem = self._resolve_env(job, container)
-                mount = self._mount_dir(job)
+                mount = self._mount_dir(ex["name"])
                 ex["properties"]["status"] = "Running"
             console = self._console(job_name, ex["name"])
             if problem or mount is None:
@@ -396,3 +430,55 @@ class ArmService:
         self._threads.append(t)
         t.start()
 
+
+
+def _merge_patch(target, patch):
+    """RFC 7386 JSON Merge Patch."""
+    if not isinstance(patch, dict):
+        return json.loads(json.dumps(patch))
+    out = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            out.pop(key, None)
+        else:
+            out[key] = _merge_patch(out.get(key), value)
+    return out
+
+
+_EXECUTION_CONTAINER_KEYS = ("image", "name", "command", "args", "env", "resources")
+
+
+def _execution_template(template: dict) -> dict:
+    """A JobExecutionTemplate (Jobs.json 2025-01-01): containers and initContainers with only image, name, command,
+    args, env and resources (no volume mounts, no probes)."""
+    out = {}
+    for key in ("containers", "initContainers"):
+        if template.get(key):
+            out[key] = [{k: json.loads(json.dumps(c[k])) for k in _EXECUTION_CONTAINER_KEYS if k in c}
+                        for c in template[key]]
+    return out
+
+
+def _as_azure_keeps(resource: dict) -> dict:
+    """A job or app as ARM stores it and gives it back, not as it was sent:
+    - user-assigned identity ids come back in lower case, with the identity's principal and client ids filled in
+      (Azure/azure-rest-api-specs#18595: "userAssignedIdentities are returned in lower case"; the resource group
+      segment as `resourcegroups`: pulumi/pulumi-azure-native#2152);
+    - an app's ingress comes back with `transport: "auto"` in lower case and `allowInsecure` filled in
+      (examples/ContainerApps_Get.json, Microsoft.App 2025-01-01; Azure/terraform-azurerm-avm-res-app-containerapp#88
+      on the drift these defaults cause), and with `managedEnvironmentId` beside `environmentId` (same example)."""
+    out = json.loads(json.dumps(resource))
+    identity = out.get("identity") or {}
+    if identity.get("userAssignedIdentities"):
+        identity["userAssignedIdentities"] = {
+            k.lower(): {"principalId": str(uuid.uuid5(uuid.NAMESPACE_URL, k.lower())),
+                        "clientId": str(uuid.uuid5(uuid.NAMESPACE_URL, "client:" + k.lower()))}
+            for k in identity["userAssignedIdentities"]}
+    props = out.get("properties") or {}
+    ingress = (props.get("configuration") or {}).get("ingress")
+    if out.get("type") == "Microsoft.App/containerApps":
+        props["managedEnvironmentId"] = props.get("environmentId")
+        if ingress is not None:
+            ingress["transport"] = str(ingress.get("transport") or "auto").lower()
+            ingress.setdefault("allowInsecure", False)
+    return out

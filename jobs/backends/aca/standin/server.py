@@ -32,10 +32,10 @@ from jobs.backends.aca.standin.common import (
 )
 from jobs.backends.aca.standin.files import FilesService
 from jobs.backends.aca.standin.logs import LogsService
-from jobs.backends.aca.standin.usages import UsagesService
 from jobs.backends.aca.standin.programs import (
     ExecutionPlan,
 )
+from jobs.backends.aca.standin.usages import UsagesService
 from jobs.backends.aca.standin.vault import VaultService
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -58,6 +58,8 @@ class AzureStandIn(ArmService, UsagesService, VaultService, FilesService, LogsSe
         self.apps: dict[str, dict] = {}
         self.executions: dict[str, dict[str, dict]] = {}
         self.execution_env: dict[str, dict[str, str]] = {}     # what each execution's container saw in its env
+        self.execution_mounts: dict[str, tuple[str, list, list]] = {}  # environment id, volumes, mounts
+        self.start_answers_name = True           # False: a start's operation ends with an empty body
         self._stop_events: dict[str, threading.Event] = {}
         self._stopped: set[str] = set()
         self.restarts: list[str] = []
