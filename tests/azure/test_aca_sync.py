@@ -6,6 +6,9 @@ import json
 import os
 import threading
 
+import pytest
+from azure.core.exceptions import HttpResponseError
+
 from jobs.backends.aca import share as sharefs
 from jobs.backends.aca.standin import Fault
 from jobs.backends.aca.sync import (
@@ -17,6 +20,7 @@ from jobs.backends.aca.sync import (
     stale,
     sync_workspace,
 )
+from jobs.core.errors import BackendError
 from tests.azure.conftest import SHARE
 
 
@@ -188,3 +192,25 @@ def test_a_sync_that_cannot_get_the_lock_sends_nothing(aca, tmp_path, redis_url)
     assert share_files(aca.standin) == {}  # no file, no manifest written without the lock
     assert holder.owned()
     holder.release()
+
+
+def test_names_azure_files_cannot_hold_are_refused_before_anything_is_sent(aca, tmp_path):
+    src = make_tree(tmp_path / "data", n=3)
+    (src / "d0" / "notes: day 1.txt").write_text("colon")
+    (src / "d1" / "draft.").write_text("trailing dot")
+    (src / "con").write_text("reserved")
+    with pytest.raises(BackendError) as e:
+        sync_workspace(aca.clients.share, [Source(src, "data")], cache=HashCache(tmp_path / "h.json"))
+    msg = e.value.reason
+    assert "3 file name(s)" in msg and "data/d0/notes: day 1.txt" in msg and "data/d1/draft." in msg
+    assert "data/con" in msg and "Rename them" in msg
+    assert not puts(aca.standin) and not share_files(aca.standin)
+
+
+def test_the_share_refuses_bad_names_and_trims_a_trailing_dot_as_azure_files_does(aca):
+    with pytest.raises(HttpResponseError) as e:
+        aca.clients.share.get_file_client("a|b.txt").upload_file(b"x")
+    assert e.value.status_code == 400 and e.value.error_code == "InvalidResourceName"
+    aca.clients.share.get_file_client("draft.").upload_file(b"x")
+    assert set(share_files(aca.standin)) == {"draft"}
+    assert sharefs.name_problem("draft.") and sharefs.name_problem("a|b.txt") and not sharefs.name_problem("a b.txt")

@@ -12,6 +12,32 @@ from typing import Any
 
 from azure.core.exceptions import ResourceExistsError, ResourceNotFoundError
 
+# Azure Files' rules for directory and file names ("Naming and referencing shares, directories, files, and
+# metadata", learn.microsoft.com/rest/api/storageservices/naming-and-referencing-shares--directories--files--and-metadata):
+# at most 255 characters a component, none of " \ / : | < > * ? nor control characters, not a reserved device name
+# (the page's list; azure-storage-azcopy#580: a file named `con` cannot be copied). A trailing dot is trimmed unless
+# the request allows it (Azure/azure-cli#27622), so `data.` would land as `data`: refused too, as is a trailing space.
+MAX_NAME = 255
+FORBIDDEN = set('"\\/:|<>*?') | {chr(c) for c in range(0x20)}
+RESERVED = frozenset({"con", "prn", "aux", "nul", "clock$", *(f"com{i}" for i in range(1, 10)),
+                      *(f"lpt{i}" for i in range(1, 10))})
+
+
+def name_problem(path: str) -> str:
+    """Why Azure Files cannot hold `path` (relative, `/`-separated), or ''."""
+    for part in path.split("/"):
+        bad = sorted({c for c in part if c in FORBIDDEN})
+        if bad:
+            shown = " ".join(repr(c)[1:-1] for c in bad)
+            return f"{part!r} has characters Azure Files does not allow ({shown})"
+        if len(part) > MAX_NAME:
+            return f"{part[:40]!r}... is longer than {MAX_NAME} characters"
+        if part in (".", "..") or part.lower() in RESERVED:
+            return f"{part!r} is a name Azure Files reserves"
+        if part.endswith((".", " ")):
+            return f"{part!r} ends with a dot or a space, which Azure Files drops"
+    return ""
+
 
 def ensure_dirs(share, rel_dir: str, known: set[str] | None = None) -> None:
     """Create `rel_dir` and its parents on the share (Azure Files has real directories, created one by one)."""

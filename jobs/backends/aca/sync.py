@@ -84,6 +84,12 @@ def collect(sources: Iterable[Source]) -> dict[str, Path]:
                     continue
                 rel = name if rel_root == "." else f"{rel_root}/{name}"
                 out[f"{dest}/{rel}" if dest else rel] = Path(root) / name
+    bad = [(rel, why) for rel in out if (why := sharefs.name_problem(rel))]
+    if bad:
+        listed = "; ".join(f"{rel}: {why}" for rel, why in bad[:5]) + (f"; and {len(bad) - 5} more" if len(bad) > 5
+                                                                        else "")
+        raise BackendError(f"{len(bad)} file name(s) cannot go to the Azure Files share: {listed}. Rename them in "
+                           f"the workspace and try again.")
     return out
 
 

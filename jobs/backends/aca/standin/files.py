@@ -11,6 +11,7 @@ from xml.sax.saxutils import escape as xml_escape
 
 from aiohttp import web
 
+from jobs.backends.aca import share as sharefs
 from jobs.backends.aca.standin.common import (
     ACCOUNT,
     _iso,
@@ -52,6 +53,17 @@ class FilesService:
             rel = request.match_info.get("path", "")
             if ".." in Path(rel).parts:
                 return self._storage_error(400, "InvalidResourceName", "bad path")
+            # A trailing dot is trimmed unless the request allows it (x-ms-allow-trailing-dot; Azure/azure-cli#27622,
+            # microsoft/AzureStorageExplorer#6449); other names break the rules and are a 400 ("Naming and
+            # referencing shares, directories, files, and metadata": "a name that violates naming rules ... fails
+            # with status code 400"). The message is the service's own, typo included.
+            if request.headers.get("x-ms-allow-trailing-dot", "").lower() != "true":
+                rel = "/".join(part.rstrip(".") or part for part in rel.split("/"))
+            for part in (p for p in rel.split("/") if p):
+                if any(c in sharefs.FORBIDDEN for c in part) or len(part) > sharefs.MAX_NAME or \
+                        part.lower() in sharefs.RESERVED:
+                    return self._storage_error(400, "InvalidResourceName",
+                                               "The specifed resource name contains invalid characters.")
             # Disk work runs in a thread so that big uploads do not stall the event loop.
             return await asyncio.to_thread(handler, request, root, rel, body)
 
