@@ -12,6 +12,7 @@ from jobs.backends.aca.standin import (
     ExecutionPlan,
     Fault,
     dies_at_once,
+    run_command,
     simulated_trainer,
     sleeper,
 )
@@ -109,7 +110,7 @@ def test_an_override_start_would_leave_the_mount_empty(aca, executor):
     override = {"containers": [{k: container[k] for k in ("name", "image", "command", "env", "resources")}]}
     name = aca.clients.arm.jobs.begin_start("tuneops-rg", "tuneops-ft", override).result().name
     ex = aca.standin.wait_execution("tuneops-ft", name)
-    assert ex["properties"]["status"] == "Failed" and "/mount" in ex["properties"]["message"]
+    assert ex["properties"]["status"] == "Failed" and "/mount" in aca.standin.execution_outcome[name]["message"]
 
 
 def test_a_start_whose_operation_ends_without_a_body_still_finds_its_execution(aca, executor):
@@ -212,9 +213,23 @@ def test_an_execution_that_fails_gives_its_exit_and_log_tail(aca, executor):
     aca.standin.plan_execution(ExecutionPlan(program=simulated_trainer(fail_at_step=2)))
     run = start(executor, new_run())
     info = wait_finished(executor, run)
-    assert info.status is ExecStatus.FAILED and info.exit_code == 1
+    assert info.status is ExecStatus.FAILED
     assert "RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB" in executor.tail_logs(run, 5)
     assert executor.outputs(run)["adapter"] == ""
+
+
+def test_a_failed_execution_tells_the_exit_code_its_script_left_on_the_share(aca, executor, tmp_path):
+    """ACA says Failed and no more (JobExecution has status, start and end only); the run's own script, run here
+    for real by bash, leaves the exit code beside train.log."""
+    fake = tmp_path / "bin" / "python"
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\necho 'RuntimeError: boom'\nexit 3\n")
+    fake.chmod(0o755)
+    aca.standin.plan_execution(ExecutionPlan(program=run_command(python=str(fake))))
+    run = start(executor, new_run())
+    info = wait_finished(executor, run)
+    assert info.status is ExecStatus.FAILED and info.exit_code == 3 and "exited with code 3" in info.detail
+    assert "RuntimeError: boom" in executor.tail_logs(run, 5)
 
 
 def test_a_degraded_execution_is_a_failure(aca, executor):

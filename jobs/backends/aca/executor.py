@@ -26,6 +26,7 @@ from jobs.backends.aca.logs import portal_links, query_logs
 from jobs.backends.aca.resources import (
     as_plain,
     execution_matches,
+    exit_code_path,
     is_hub_id,
     map_execution,
     model_cache_dir,
@@ -241,7 +242,18 @@ class AcaExecutor:
                              replica_timeout=self.cfg.replica_timeout)
         if info.status is ExecStatus.SUCCEEDED and not self._adapter_exists(run):
             return ExecutionInfo(ExecStatus.FAILED, "the trainer exited without saving an adapter", 0)
+        if info.status is ExecStatus.FAILED and info.exit_code is None:
+            code = self._exit_code(run)
+            if code is not None:
+                return ExecutionInfo(ExecStatus.FAILED, f"{info.detail} (the container exited with code {code})", code)
         return info
+
+    def _exit_code(self, run: Run) -> int | None:
+        """The exit code the run's script left on the share (see resources.run_script), if it got that far."""
+        with azure_call("read the run's exit code from the share"):
+            raw = sharefs.read_range(self.clients.share, exit_code_path(run.id), 0, 32)
+        text = raw.decode("ascii", "replace").strip()
+        return int(text) if text.lstrip("-").isdigit() else None
 
     def _current_masks(self) -> tuple[str, ...]:
         """Values of the Key Vault secrets the job references, to mask out of what the container printed (the

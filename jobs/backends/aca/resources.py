@@ -114,7 +114,14 @@ def run_script(run_id: str, config_rel: str, *, download_model: str = "", instal
             f"{PYTHON} -c {shlex.quote(code)}; fi")
     inner.append(f"{PYTHON} -m payload.train --config {shlex.quote(config_rel)}")
     steps.append("{ " + " && ".join(inner) + "; } 2>&1 | tee -a " + shlex.quote(log))
+    # An execution says Failed but not how (JobExecution has status, start and end only: Jobs.json 2025-01-01), so
+    # the script leaves its exit code next to the log.
+    steps += ["rc=$?", f"echo $rc > {shlex.quote(exit_code_path(run_id))}", "exit $rc"]
     return "; ".join(steps)
+
+
+def exit_code_path(run_id: str) -> str:
+    return f"runs/{run_id}/exit_code"
 
 
 def share_mount(template: Mapping[str, Any] | None) -> dict | None:

@@ -60,6 +60,7 @@ class AzureStandIn(ArmService, UsagesService, VaultService, FilesService, LogsSe
         self.execution_env: dict[str, dict[str, str]] = {}     # what each execution's container saw in its env
         self.execution_mounts: dict[str, tuple[str, list, list]] = {}  # environment id, volumes, mounts
         self.start_answers_name = True           # False: a start's operation ends with an empty body
+        self.execution_outcome: dict[str, dict[str, str]] = {}  # why each execution ended (not in its answer)
         self._stop_events: dict[str, threading.Event] = {}
         self._stopped: set[str] = set()
         self.restarts: list[str] = []
