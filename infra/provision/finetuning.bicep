@@ -1,6 +1,7 @@
 // The base environment for tuneops, in the layout of AI Toolkit's remote fine-tuning template: an Azure Files share,
 // Log Analytics, a Container Apps environment with a Consumption and a GPU workload profile, the share as environment
-// storage, Key Vault (RBAC), a user-assigned identity for the job, and the fine-tuning job itself.
+// storage, Key Vault (RBAC), a user-assigned identity for the job, and the fine-tuning job itself. The GPU profile is
+// serverless (no instance counts) unless gpuProfileType names a dedicated type.
 // The outputs are the keys of infra/finetuning.config.json.
 
 param defaultCommands array
@@ -8,7 +9,14 @@ param maximumInstanceCount int = 1
 param timeout int = 10800
 param location string = resourceGroup().location
 
-@description('Workload profile type of the GPU profile (serverless A100 by default; Consumption-GPU-NC8as-T4 is the small one).')
+@description('Workload profile type of the GPU profile: serverless Consumption-GPU-* (billed per replica, the default; NC8as-T4 is the small one) or dedicated NCxx-A100 (billed per node, 0 to maximumInstanceCount nodes).')
+@allowed([
+  'Consumption-GPU-NC24-A100'
+  'Consumption-GPU-NC8as-T4'
+  'NC24-A100'
+  'NC48-A100'
+  'NC96-A100'
+])
 param gpuProfileType string = 'Consumption-GPU-NC24-A100'
 @description('The job image: the payload image built from the Dockerfile (target payload), or the seed PyTorch image.')
 param image string = 'docker.io/pytorch/pytorch:2.6.0-cuda12.4-cudnn9-runtime'
@@ -28,6 +36,47 @@ param keyVaultName string = 'aikv${resourceSuffix}'
 param identityName string = 'aiid${resourceSuffix}'
 
 var defaultCommand = join(defaultCommands, '; ')
+// One entry per GPU workload profile type, with the figures of jobs/backends/aca/profiles.py (tests/azure/test_aca_infra.py
+// holds them equal): what one replica may ask for, and whether the profile is dedicated. Only a dedicated profile takes
+// minimumCount/maximumCount; on a serverless one Azure refuses them with WorkloadProfilePropertyNotSupported ("Workload
+// Profile property 'MinimumCount' is not supported for Consumption_GPU_NC24_A100"): hashicorp/terraform-provider-azurerm
+// issue 31763, Azure/azure-cli issue 30526.
+var gpuProfiles = {
+  'Consumption-GPU-NC24-A100': {
+    dedicated: false
+    cpu: 24
+    memory: '220Gi'
+  }
+  'Consumption-GPU-NC8as-T4': {
+    dedicated: false
+    cpu: 8
+    memory: '56Gi'
+  }
+  'NC24-A100': {
+    dedicated: true
+    cpu: 24
+    memory: '220Gi'
+  }
+  'NC48-A100': {
+    dedicated: true
+    cpu: 48
+    memory: '440Gi'
+  }
+  'NC96-A100': {
+    dedicated: true
+    cpu: 96
+    memory: '880Gi'
+  }
+}
+var gpuProfile = gpuProfiles[gpuProfileType]
+var gpuWorkloadProfile = {
+  workloadProfileType: gpuProfileType
+  name: 'GPU'
+}
+var dedicatedCounts = {
+  minimumCount: 0
+  maximumCount: maximumInstanceCount
+}
 var roles = {
   contributor: 'b24988ac-6180-42a0-ab88-20f7382dd24c'
   keyVaultSecretsUser: '4633458b-17de-408a-b874-0445c86b69e6'
@@ -96,12 +145,7 @@ resource environment 'Microsoft.App/managedEnvironments@2024-03-01' = {
         workloadProfileType: 'Consumption'
         name: 'Consumption'
       }
-      {
-        workloadProfileType: gpuProfileType
-        name: 'GPU'
-        minimumCount: 0
-        maximumCount: maximumInstanceCount
-      }
+      gpuProfile.dedicated ? union(gpuWorkloadProfile, dedicatedCounts) : gpuWorkloadProfile
     ]
   }
 }
@@ -223,8 +267,8 @@ resource acajob 'Microsoft.App/jobs@2024-03-01' = {
             defaultCommand
           ]
           resources: {
-            cpu: 24
-            memory: '220Gi'
+            cpu: gpuProfile.cpu
+            memory: gpuProfile.memory
           }
           volumeMounts: [
             {
@@ -260,3 +304,4 @@ output LOG_ANALYTICS_WORKSPACE_ID string = logAnalytics.properties.customerId
 output LOG_ANALYTICS_WORKSPACE_NAME string = logAnalytics.name
 output ACA_ENVIRONMENT_NAME string = environment.name
 output ACA_ENVIRONMENT_STORAGE_NAME string = envStorage.name
+output WORKLOAD_PROFILE_TYPE string = gpuProfileType

@@ -7,6 +7,15 @@ param defaultCommands array
 param maximumInstanceCount int = 1
 @description('The app image: the payload image built from the Dockerfile (target payload), or the seed PyTorch image.')
 param image string = 'docker.io/pytorch/pytorch:2.6.0-cuda12.4-cudnn9-runtime'
+@description('Workload profile type of the environment\'s GPU profile (finetuning.bicep\'s gpuProfileType, its output WORKLOAD_PROFILE_TYPE): it sets the app\'s CPU and memory.')
+@allowed([
+  'Consumption-GPU-NC24-A100'
+  'Consumption-GPU-NC8as-T4'
+  'NC24-A100'
+  'NC48-A100'
+  'NC96-A100'
+])
+param gpuProfileType string = 'Consumption-GPU-NC24-A100'
 
 param resourceSuffix string = substring(uniqueString(resourceGroup().id), 0, 5)
 param storageAccountName string = 'aistorage${resourceSuffix}'
@@ -17,6 +26,36 @@ param acaAppName string = 'aiacaapp${resourceSuffix}'
 param identityName string = 'aiid${resourceSuffix}'
 
 var defaultCommand = join(defaultCommands, '; ')
+// What one replica may ask for on each GPU workload profile type: the figures of jobs/backends/aca/profiles.py, as in
+// finetuning.bicep (tests/azure/test_aca_infra.py holds both equal to it).
+var gpuProfiles = {
+  'Consumption-GPU-NC24-A100': {
+    dedicated: false
+    cpu: 24
+    memory: '220Gi'
+  }
+  'Consumption-GPU-NC8as-T4': {
+    dedicated: false
+    cpu: 8
+    memory: '56Gi'
+  }
+  'NC24-A100': {
+    dedicated: true
+    cpu: 24
+    memory: '220Gi'
+  }
+  'NC48-A100': {
+    dedicated: true
+    cpu: 48
+    memory: '440Gi'
+  }
+  'NC96-A100': {
+    dedicated: true
+    cpu: 96
+    memory: '880Gi'
+  }
+}
+var gpuProfile = gpuProfiles[gpuProfileType]
 
 resource storageAccount 'Microsoft.Storage/storageAccounts@2023-01-01' existing = {
   name: storageAccountName
@@ -68,8 +107,8 @@ resource acaApp 'Microsoft.App/containerApps@2024-03-01' = {
             defaultCommand
           ]
           resources: {
-            cpu: 24
-            memory: '220Gi'
+            cpu: gpuProfile.cpu
+            memory: gpuProfile.memory
           }
           probes: [
             {

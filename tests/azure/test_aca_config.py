@@ -145,3 +145,77 @@ def test_each_client_is_made_once_per_process_and_kept_across_config_edits(tmp_p
         assert elsewhere.arm is not first.arm
     finally:
         reset_clients()
+
+
+def test_the_workload_profile_type_defaults_to_the_serverless_a100_and_sets_cpu_and_memory(tmp_path):
+    cfg = parse_aca_config(SEED, None, {}, tmp_path)
+    assert (cfg.workload_profile_type, cfg.cpu, cfg.memory) == ("Consumption-GPU-NC24-A100", 24.0, "220Gi")
+    assert (cfg.app_workload_profile_type, cfg.app_cpu, cfg.app_memory) == ("Consumption-GPU-NC24-A100", 24.0, "220Gi")
+
+
+def test_a_t4_without_cpu_and_memory_gets_what_a_t4_allows(tmp_path):
+    cfg = parse_aca_config(dict(SEED, WORKLOAD_PROFILE_TYPE="Consumption-GPU-NC8as-T4"), None, {}, tmp_path)
+    assert (cfg.workload_profile_type, cfg.cpu, cfg.memory) == ("Consumption-GPU-NC8as-T4", 8.0, "56Gi")
+    # The app on the same profile is on the same T4.
+    assert (cfg.app_workload_profile_type, cfg.app_cpu, cfg.app_memory) == ("Consumption-GPU-NC8as-T4", 8.0, "56Gi")
+    cfg = parse_aca_config(dict(SEED, WORKLOAD_PROFILE_TYPE="consumption-gpu-nc8as-t4", CPU=4), None, {}, tmp_path)
+    assert (cfg.workload_profile_type, cfg.cpu, cfg.memory) == ("Consumption-GPU-NC8as-T4", 4.0, "56Gi")
+
+
+def test_a_t4_asked_for_24_cpus_is_refused_with_the_limit_and_what_to_do(tmp_path):
+    infra = write(tmp_path / "infra", dict(SEED, WORKLOAD_PROFILE_TYPE="Consumption-GPU-NC8as-T4", CPU=24))
+    with pytest.raises(AcaConfigError) as e:
+        load_aca_config({"TUNEOPS_INFRA_DIR": str(infra)})
+    assert str(e.value) == (
+        f"{infra / 'finetuning.config.json'}: CPU does not fit the workload profile type Consumption-GPU-NC8as-T4 "
+        f"(8 vCPU / 56Gi at most on Consumption-GPU-NC8as-T4; asked 24 / 56Gi). Lower it, or remove it to get the "
+        f"profile's 8 / 56Gi; if the profile is of another type, set WORKLOAD_PROFILE_TYPE to it.")
+    with pytest.raises(AcaConfigError, match=r"CPU and MEMORY do not fit .*asked 24 / 220Gi\)\. Lower them"):
+        parse_aca_config(dict(SEED, WORKLOAD_PROFILE_TYPE="Consumption-GPU-NC8as-T4", CPU=24, MEMORY="220Gi"),
+                         None, {}, tmp_path)
+
+
+def test_the_apps_resources_are_checked_against_its_profile_in_the_inference_file(tmp_path):
+    with pytest.raises(AcaConfigError) as e:
+        parse_aca_config(dict(SEED, WORKLOAD_PROFILE_TYPE="Consumption-GPU-NC8as-T4"), {"MEMORY": "220Gi"}, {},
+                         tmp_path)
+    assert str(e.value).startswith(f"{tmp_path / 'inference.config.json'}: MEMORY does not fit the workload profile "
+                                   f"type Consumption-GPU-NC8as-T4 (8 vCPU / 56Gi at most")
+    # An app on a profile of its own has its own type.
+    cfg = parse_aca_config(SEED, {"WORKLOAD_PROFILE_NAME": "T4", "WORKLOAD_PROFILE_TYPE": "Consumption-GPU-NC8as-T4"},
+                           {}, tmp_path)
+    assert (cfg.app_workload_profile, cfg.app_cpu, cfg.app_memory) == ("T4", 8.0, "56Gi")
+    assert (cfg.workload_profile, cfg.cpu) == ("GPU", 24.0)
+    with pytest.raises(AcaConfigError, match=r"inference.config.json: WORKLOAD_PROFILE_TYPE \(NC24-A100\) differs from "
+                                             r"the job's \(Consumption-GPU-NC24-A100"):
+        parse_aca_config(SEED, {"WORKLOAD_PROFILE_TYPE": "NC24-A100"}, {}, tmp_path)
+
+
+@pytest.mark.parametrize("extra,expect", [
+    ({"WORKLOAD_PROFILE_TYPE": "T4"}, ("WORKLOAD_PROFILE_TYPE is 'T4', a type tuneops does not know; set it to the "
+                                       "type of the environment's profile, one of Consumption, Consumption-GPU-NC24")),
+    ({"WORKLOAD_PROFILE_TYPE": 4}, "WORKLOAD_PROFILE_TYPE must be a string"),
+    ({"MEMORY": "56GB"}, "MEMORY must be in Gi, like '56Gi' or '0.5Gi', not '56GB'"),
+    ({"CPU": 0.1}, "CPU must be at least 0.25"),
+    ({"WORKLOAD_PROFILE_TYPE": "NC24-A100", "CPU": 48}, "(24 vCPU / 220Gi at most on NC24-A100; asked 48 / 220Gi)"),
+    ({"WORKLOAD_PROFILE_NAME": "Consumption", "CPU": 1, "MEMORY": "3Gi"},
+     "CPU and MEMORY do not fit the workload profile type Consumption (Consumption takes only cpu/memory pairs"),
+])
+def test_a_wrong_profile_type_or_resource_names_file_and_key(tmp_path, extra, expect):
+    with pytest.raises(AcaConfigError) as e:
+        parse_aca_config(dict(SEED, **extra), None, {}, tmp_path)
+    assert expect in str(e.value) and str(tmp_path / "finetuning.config.json") in str(e.value)
+
+
+def test_the_consumption_profile_defaults_to_its_own_type_and_pairs(tmp_path):
+    cfg = parse_aca_config(dict(SEED, WORKLOAD_PROFILE_NAME="Consumption"), None, {}, tmp_path)
+    assert (cfg.workload_profile_type, cfg.cpu, cfg.memory) == ("Consumption", 4.0, "8Gi")
+    cfg = parse_aca_config(dict(SEED, WORKLOAD_PROFILE_NAME="Consumption", CPU=1.5), None, {}, tmp_path)
+    assert (cfg.cpu, cfg.memory) == (1.5, "3Gi")
+    # The app keeps the GPU profile's type when the job moves to Consumption.
+    assert (cfg.app_workload_profile_type, cfg.app_cpu) == ("Consumption-GPU-NC24-A100", 24.0)
+
+
+def test_a_dedicated_profile_type_allows_the_whole_node(tmp_path):
+    cfg = parse_aca_config(dict(SEED, WORKLOAD_PROFILE_TYPE="NC48-A100"), None, {}, tmp_path)
+    assert (cfg.cpu, cfg.memory) == (48.0, "440Gi")

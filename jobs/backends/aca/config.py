@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from jobs.backends.aca import profiles
 from jobs.core.errors import BackendError
 
 FINETUNING_FILE = "finetuning.config.json"
@@ -23,17 +24,20 @@ INFERENCE_FILE = "inference.config.json"
 SEED_FINETUNING_KEYS = ("SUBSCRIPTION_ID", "RESOURCE_GROUP_NAME", "STORAGE_ACCOUNT_NAME", "FILE_SHARE_NAME",
                         "ACA_JOB_NAME", "COMMANDS")
 SEED_INFERENCE_KEYS = ("ACA_APP_NAME", "ACA_APP_ENDPOINT")
-# Our optional keys in finetuning.config.json. The first six are outputs of infra/provision/finetuning.bicep.
-OPTIONAL_FINETUNING_KEYS = (
+# Our optional keys in finetuning.config.json: first those that infra/provision/finetuning.bicep writes (its outputs
+# beyond the seed's), then those a person sets.
+OPTIONAL_FINETUNING_OUTPUT_KEYS = (
     "KEY_VAULT_URL", "IDENTITY_ID", "LOG_ANALYTICS_WORKSPACE_ID", "LOG_ANALYTICS_WORKSPACE_NAME",
-    "ACA_ENVIRONMENT_NAME", "ACA_ENVIRONMENT_STORAGE_NAME",
+    "ACA_ENVIRONMENT_NAME", "ACA_ENVIRONMENT_STORAGE_NAME", "WORKLOAD_PROFILE_TYPE",
+)
+OPTIONAL_FINETUNING_KEYS = OPTIONAL_FINETUNING_OUTPUT_KEYS + (
     "WORKLOAD_PROFILE_NAME", "IMAGE", "REGISTRY", "REPLICA_TIMEOUT", "CPU", "MEMORY", "SYNC_PAYLOAD",
     "ARM_ENDPOINT", "FILES_ENDPOINT", "LOGS_ENDPOINT", "POLLING_INTERVAL",
 )
 OPTIONAL_INFERENCE_KEYS = ("COMMANDS", "IMAGE", "MIN_REPLICAS", "MAX_REPLICAS", "CPU", "MEMORY",
-                           "WORKLOAD_PROFILE_NAME")
+                           "WORKLOAD_PROFILE_NAME", "WORKLOAD_PROFILE_TYPE")
 # Keys whose value the Bicep deployment writes (its outputs); the infra test checks they agree with the templates.
-FINETUNING_OUTPUT_KEYS = SEED_FINETUNING_KEYS + OPTIONAL_FINETUNING_KEYS[:6]
+FINETUNING_OUTPUT_KEYS = SEED_FINETUNING_KEYS + OPTIONAL_FINETUNING_OUTPUT_KEYS
 INFERENCE_OUTPUT_KEYS = ("SUBSCRIPTION_ID", "RESOURCE_GROUP_NAME", "STORAGE_ACCOUNT_NAME", "FILE_SHARE_NAME",
                          "ACA_APP_NAME", "ACA_APP_ENDPOINT")
 
@@ -42,6 +46,9 @@ INFERENCE_OUTPUT_KEYS = ("SUBSCRIPTION_ID", "RESOURCE_GROUP_NAME", "STORAGE_ACCO
 SEED_IMAGE = "docker.io/pytorch/pytorch:2.6.0-cuda12.4-cudnn9-runtime"
 DEFAULT_REPLICA_TIMEOUT = 10800
 DEFAULT_WORKLOAD_PROFILE = "GPU"
+# The type of the GPU profile finetuning.bicep makes unless told otherwise; CPU and MEMORY default to what it allows.
+DEFAULT_WORKLOAD_PROFILE_TYPE = profiles.DEFAULT_PROFILE_TYPE
+DEFAULT_CPU, DEFAULT_MEMORY = profiles.default_resources(DEFAULT_WORKLOAD_PROFILE_TYPE)
 
 # Environment variables (documented in the README); env wins over the files for endpoints, which differ per place.
 ENV_INFRA_DIR = "TUNEOPS_INFRA_DIR"
@@ -75,11 +82,12 @@ class AcaConfig:
     environment_name: str = ""
     environment_storage_name: str = ""
     workload_profile: str = DEFAULT_WORKLOAD_PROFILE
+    workload_profile_type: str = DEFAULT_WORKLOAD_PROFILE_TYPE
     image: str = ""
     registry: str = ""
     replica_timeout: int = DEFAULT_REPLICA_TIMEOUT
-    cpu: float = 24.0
-    memory: str = "220Gi"
+    cpu: float = DEFAULT_CPU
+    memory: str = DEFAULT_MEMORY
     sync_payload: bool = True
     arm_endpoint: str = "https://management.azure.com"
     files_endpoint: str = ""
@@ -94,9 +102,10 @@ class AcaConfig:
     app_image: str = ""
     app_min_replicas: int = 0
     app_max_replicas: int = 1
-    app_cpu: float = 24.0
-    app_memory: str = "220Gi"
+    app_cpu: float = DEFAULT_CPU
+    app_memory: str = DEFAULT_MEMORY
     app_workload_profile: str = DEFAULT_WORKLOAD_PROFILE
+    app_workload_profile_type: str = DEFAULT_WORKLOAD_PROFILE_TYPE
 
     @property
     def files_account_url(self) -> str:
@@ -212,6 +221,40 @@ class _Reader:
             raise self.fail(key, f"must be at least {minimum}, not {value!r}")
         return kind(value)
 
+    def profile_type(self, default: str) -> str:
+        """WORKLOAD_PROFILE_TYPE, spelled as the table spells it."""
+        value = self.text("WORKLOAD_PROFILE_TYPE")
+        if not value:
+            return default
+        try:
+            return profiles.profile(value).type_name
+        except ValueError:
+            raise self.fail("WORKLOAD_PROFILE_TYPE",
+                            f"is {value!r}, a type tuneops does not know; set it to the type of the environment's "
+                            f"profile, one of {', '.join(profiles.PROFILES)}") from None
+
+    def resources(self, type_name: str) -> tuple[float, str]:
+        """CPU and MEMORY, an unset one filled in from the profile type; asking for more than it allows is refused."""
+        cpu = self.number("CPU", None, kind=float, minimum=0.25)
+        memory = self.text("MEMORY") or None
+        if memory is not None:
+            try:
+                profiles.parse_memory(memory)
+            except ValueError:
+                raise self.fail("MEMORY", f"must be in Gi, like '56Gi' or '0.5Gi', not {memory!r}") from None
+        given = [k for k, v in (("CPU", cpu), ("MEMORY", memory)) if v is not None]
+        cpu, memory = profiles.fill_resources(type_name, cpu, memory)
+        reason = profiles.check_resources(type_name, cpu, memory)
+        if reason:
+            keys, them = " and ".join(given), "them" if len(given) > 1 else "it"
+            change = "Change" if profiles.profile(type_name).allocations else "Lower"
+            default_cpu, default_memory = profiles.default_resources(type_name)
+            raise AcaConfigError(
+                f"{self.path}: {keys} {'do' if len(given) > 1 else 'does'} not fit the workload profile type "
+                f"{type_name} ({reason}). {change} {them}, or remove {them} to get the profile's {default_cpu:g} / "
+                f"{default_memory}; if the profile is of another type, set WORKLOAD_PROFILE_TYPE to it.")
+        return cpu, memory
+
     def flag(self, key: str, default: bool) -> bool:
         value = self.data.get(key)
         if value is None:
@@ -234,6 +277,17 @@ def parse_aca_config(finetuning: Mapping[str, Any], inference: Mapping[str, Any]
     if identity and not identity.lower().startswith("/subscriptions/"):
         raise f.fail("IDENTITY_ID", "must be the managed identity's resource id (/subscriptions/.../"
                                     "userAssignedIdentities/NAME), as the Bicep output IDENTITY_ID gives it")
+    job_profile = f.text("WORKLOAD_PROFILE_NAME") or DEFAULT_WORKLOAD_PROFILE
+    job_type = f.profile_type(_default_type(job_profile))
+    app_profile = i.text("WORKLOAD_PROFILE_NAME") or DEFAULT_WORKLOAD_PROFILE
+    # The app and the job live in one environment: the same profile name is the same profile, so of the same type.
+    app_type = i.profile_type(job_type if app_profile == job_profile else _default_type(app_profile))
+    if app_profile == job_profile and app_type != job_type:
+        raise i.fail("WORKLOAD_PROFILE_TYPE", f"({app_type}) differs from the job's ({job_type}, in {f.path}) while "
+                                              f"both run on the profile {app_profile!r}: set the profile's one type in "
+                                              f"both files")
+    cpu, memory = f.resources(job_type)
+    app_cpu, app_memory = i.resources(app_type)
     app_max = i.number("MAX_REPLICAS", 1, minimum=1)
     app_min = i.number("MIN_REPLICAS", 0, minimum=0)
     if app_min > app_max:
@@ -252,12 +306,13 @@ def parse_aca_config(finetuning: Mapping[str, Any], inference: Mapping[str, Any]
         log_analytics_workspace_name=f.text("LOG_ANALYTICS_WORKSPACE_NAME", pattern=_NAME_RE),
         environment_name=f.text("ACA_ENVIRONMENT_NAME", pattern=_NAME_RE),
         environment_storage_name=f.text("ACA_ENVIRONMENT_STORAGE_NAME", pattern=_NAME_RE),
-        workload_profile=f.text("WORKLOAD_PROFILE_NAME") or DEFAULT_WORKLOAD_PROFILE,
+        workload_profile=job_profile,
+        workload_profile_type=job_type,
         image=f.text("IMAGE"),
         registry=f.text("REGISTRY", pattern=re.compile(r"^[a-z0-9][a-z0-9.-]*(:\d+)?$")),
         replica_timeout=f.number("REPLICA_TIMEOUT", DEFAULT_REPLICA_TIMEOUT, minimum=1),
-        cpu=f.number("CPU", 24.0, kind=float, minimum=0.25),
-        memory=f.text("MEMORY") or "220Gi",
+        cpu=cpu,
+        memory=memory,
         sync_payload=f.flag("SYNC_PAYLOAD", True),
         arm_endpoint=arm.rstrip("/"),
         files_endpoint=files.rstrip("/"),
@@ -271,10 +326,17 @@ def parse_aca_config(finetuning: Mapping[str, Any], inference: Mapping[str, Any]
         app_image=i.text("IMAGE"),
         app_min_replicas=app_min,
         app_max_replicas=app_max,
-        app_cpu=i.number("CPU", 24.0, kind=float, minimum=0.25),
-        app_memory=i.text("MEMORY") or "220Gi",
-        app_workload_profile=i.text("WORKLOAD_PROFILE_NAME") or DEFAULT_WORKLOAD_PROFILE,
+        app_cpu=app_cpu,
+        app_memory=app_memory,
+        app_workload_profile=app_profile,
+        app_workload_profile_type=app_type,
     )
+
+
+def _default_type(profile_name: str) -> str:
+    """The type a profile has when no WORKLOAD_PROFILE_TYPE says: the environment's Consumption profile is of type
+    Consumption; any other is the GPU profile finetuning.bicep makes."""
+    return "Consumption" if profile_name.lower() == "consumption" else DEFAULT_WORKLOAD_PROFILE_TYPE
 
 
 def load_aca_config(env: Mapping[str, str] | None = None, workspace: str | Path | None = None) -> AcaConfig:
