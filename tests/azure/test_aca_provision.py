@@ -7,6 +7,7 @@ import threading
 import time
 
 import pytest
+from azure.core.exceptions import HttpResponseError
 
 from jobs.backends.aca import ops
 from jobs.backends.aca.provision import (
@@ -262,3 +263,33 @@ def test_an_op_done_once_is_not_done_again(aca, settings):
     assert len(op_events(settings, op_id)) == n
     assert store.load_op(store.connect(settings), op_id).state == "succeeded"
     assert SUBSCRIPTION in aca.standin.apps["tuneops-infer"]["id"]
+
+
+def test_a_job_is_sized_for_the_profile_type_the_environment_really_has(aca):
+    """A T4 profile allows 8 vCPU / 56Gi (jobs.backends.aca.profiles); the A100's 24 / 220Gi there is refused by Azure
+    (ContainerAppInvalidResourceTotal), so a config sized for another type is caught before the PUT."""
+    aca.standin.add_environment("tuneops-env", types={"GPU": "Consumption-GPU-NC8as-T4"})
+    with pytest.raises(BackendError) as e:
+        provision_finetune(aca.clients)
+    assert "of type Consumption-GPU-NC8as-T4" in e.value.reason and "WORKLOAD_PROFILE_TYPE" in e.value.reason
+    assert not aca.standin.requests_to("arm", "PUT", r"/jobs/")
+
+    t4 = aca.reload(WORKLOAD_PROFILE_TYPE="Consumption-GPU-NC8as-T4")
+    assert provision_finetune(t4.clients).created
+    container = aca.standin.jobs["tuneops-ft"]["properties"]["template"]["containers"][0]
+    assert container["resources"] == {"cpu": 8.0, "memory": "56Gi"}
+
+    # What Azure itself answers for too much on the profile.
+    job = t4.clients.arm.jobs.get("tuneops-rg", "tuneops-ft").as_dict()
+    job["properties"]["template"]["containers"][0]["resources"] = {"cpu": 24.0, "memory": "220Gi"}
+    with pytest.raises(HttpResponseError) as refused:
+        t4.clients.arm.jobs.begin_create_or_update("tuneops-rg", "tuneops-ft", job).result()
+    assert refused.value.error.code == "ContainerAppInvalidResourceTotal"
+    assert "8 vCPU / 56Gi at most" in refused.value.error.message
+
+
+def test_instance_counts_fit_dedicated_profiles_only(aca):
+    with pytest.raises(ValueError, match="WorkloadProfilePropertyNotSupported"):
+        aca.standin.add_environment("other-env", counts={"GPU": (0, 1)})
+    env = aca.standin.add_environment("other-env", types={"GPU": "NC24-A100"}, counts={"GPU": (0, 1)})
+    assert env["properties"]["workloadProfiles"][1]["maximumCount"] == 1

@@ -128,9 +128,11 @@ def _storage_of(existing: Mapping | None) -> str:
     return (volume or {}).get("storageName") or ""
 
 
-def resolve_environment(clients: AzureClients, existing: Mapping | None, profile: str, notice: Notice) -> tuple[dict, str]:
+def resolve_environment(clients: AzureClients, existing: Mapping | None, profile: str, notice: Notice,
+                        profile_type: str = "") -> tuple[dict, str]:
     """The managed environment (the existing resource's, else ACA_ENVIRONMENT_NAME) and the name of its storage for
-    the share, both checked: the workload profile must exist and the storage must point at FILE_SHARE_NAME."""
+    the share, both checked: the workload profile must exist, be of the type the config's CPU and memory were
+    sized for, and the storage must point at FILE_SHARE_NAME."""
     cfg = clients.cfg
     env_id = ((existing or {}).get("properties") or {}).get("environmentId") or ""
     env_name = env_id.rstrip("/").rsplit("/", 1)[-1] if env_id else cfg.environment_name
@@ -143,11 +145,18 @@ def resolve_environment(clients: AzureClients, existing: Mapping | None, profile
             raise BackendError(f"The Container Apps environment {env_name} does not exist in {cfg.resource_group}: "
                                f"deploy infra/provision/finetuning.bicep first (see infra/README.md), or fix "
                                f"ACA_ENVIRONMENT_NAME in infra/finetuning.config.json.") from None
-    profiles = [p.get("name") for p in (environment.get("properties") or {}).get("workloadProfiles") or []]
-    if profiles and profile not in profiles:
+    types = {p.get("name"): p.get("workloadProfileType") or ""
+             for p in (environment.get("properties") or {}).get("workloadProfiles") or []}
+    if types and profile not in types:
         raise BackendError(f"The environment {env_name} has no workload profile {profile!r} (it has "
-                           f"{', '.join(profiles)}): set WORKLOAD_PROFILE_NAME in infra/finetuning.config.json, or add "
+                           f"{', '.join(types)}): set WORKLOAD_PROFILE_NAME in infra/finetuning.config.json, or add "
                            f"a GPU profile to the environment with the Bicep template.")
+    have = types.get(profile, "")
+    if profile_type and have and have.lower() != profile_type.lower():
+        raise BackendError(f"The workload profile {profile} of the environment {env_name} is of type {have}, but the "
+                           f"config sizes CPU and memory for {profile_type}: set WORKLOAD_PROFILE_TYPE to {have} in "
+                           f"infra/finetuning.config.json (and in inference.config.json for the app), then provision "
+                           f"again.")
     storage_name = cfg.environment_storage_name or _storage_of(existing)
     if not storage_name:
         cfg.require("Mounting the share in the job", "environment_storage_name")
@@ -232,7 +241,8 @@ def _wanted(clients: AzureClients, kind: str, existing: Mapping | None, profile:
     cfg = clients.cfg
     if cfg.registry:
         cfg.require(f"Pulling the image from {cfg.registry}", "identity_id")
-    environment, storage_name = resolve_environment(clients, existing, profile, notice)
+    profile_type = cfg.workload_profile_type if kind == "job" else cfg.app_workload_profile_type
+    environment, storage_name = resolve_environment(clients, existing, profile, notice, profile_type)
     envs = list(secret_envs) if secret_envs is not None else vault_secret_envs(clients, notice)
     return build(cfg, environment, storage_name=storage_name, secret_envs=envs, existing=existing,
                  foreign_secret_values=_foreign_values(clients, kind, existing, envs))

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from jobs.backends.aca import profiles
 from jobs.backends.aca.standin.common import (
     SUBSCRIPTION,
     _iso,
@@ -119,6 +120,23 @@ class ArmService:
             return web.json_response(stored)
         return self._arm_error(405, "MethodNotAllowed", request.method)
 
+    def _resources_problem(self, env: dict, props: dict) -> str:
+        """A job's or app's containers against their workload profile: Azure refuses what one replica may not ask
+        for with ContainerAppInvalidResourceTotal (microsoft/azure-container-apps#1259, Azure/bicep-types-az#1924:
+        "The total requested CPU and memory resources for this application (CPU: 4, memory: 8) is invalid"); the
+        limits are the profile table's (jobs.backends.aca.profiles, each figure with its source)."""
+        by_name = {wp["name"]: wp["workloadProfileType"] for wp in env["properties"]["workloadProfiles"]}
+        type_name = by_name.get(props.get("workloadProfileName") or "Consumption", "Consumption")
+        containers = (props.get("template") or {}).get("containers") or []
+        try:
+            cpu = sum(float((c.get("resources") or {}).get("cpu") or 0) for c in containers)
+            gib = sum(profiles.parse_memory((c.get("resources") or {}).get("memory") or "0Gi") for c in containers)
+        except (TypeError, ValueError) as e:
+            return f"ContainerAppInvalidResourceTotal: {e}"
+        why = profiles.check_resources(type_name, cpu, profiles.format_memory(gib))
+        return (f"ContainerAppInvalidResourceTotal: The total requested CPU and memory resources for this application "
+                f"(CPU: {cpu:g}, memory: {gib:g}) is invalid: {why}") if why else ""
+
     def _validate_job(self, body: dict) -> str:
         props = body.get("properties") or {}
         if not body.get("location"):
@@ -155,6 +173,9 @@ class ArmService:
         containers = template.get("containers") or []
         if not containers or not all(c.get("image") and c.get("name") for c in containers):
             return "template.containers needs at least one container with a name and an image"
+        too_much = self._resources_problem(env, props)
+        if too_much:
+            return too_much
         volumes = {v["name"]: v for v in template.get("volumes") or []}
         for v in volumes.values():
             if v.get("storageType") == "AzureFile" and (env_name, v.get("storageName")) not in self.env_storages:
@@ -178,7 +199,7 @@ class ArmService:
         if request.method == "PUT":
             problem = self._validate_job(data or {})
             if problem:
-                return self._arm_error(400, "InvalidParameterValue", problem)
+                return self._arm_error(400, *_code_and_message(problem))
             created = name not in self.jobs
             job = json.loads(json.dumps(data))
             job.update(id=self._rid(f"jobs/{name}", request.match_info["rg"]), name=name, type="Microsoft.App/jobs")
@@ -197,7 +218,7 @@ class ArmService:
             merged = _merge_patch(job, data or {})
             problem = self._validate_job(merged)
             if problem:
-                return self._arm_error(400, "InvalidParameterValue", problem)
+                return self._arm_error(400, *_code_and_message(problem))
             merged = self.jobs[name] = _as_azure_keeps(merged)
             return web.json_response(self._without_values(merged))
         return self._arm_error(405, "MethodNotAllowed", request.method)
@@ -295,6 +316,9 @@ class ArmService:
             template = props.get("template") or {}
             if not template.get("containers"):
                 return self._arm_error(400, "InvalidParameterValue", "template.containers is empty")
+            too_much = self._resources_problem(env, props)
+            if too_much:
+                return self._arm_error(400, *_code_and_message(too_much))
             old = self.apps.get(name)
             revision = (old or {}).get("properties", {}).get("latestRevisionName")
             if old is None or old["properties"].get("template") != template:
@@ -481,3 +505,11 @@ def _as_azure_keeps(resource: dict) -> dict:
             ingress["transport"] = str(ingress.get("transport") or "auto").lower()
             ingress.setdefault("allowInsecure", False)
     return out
+
+
+def _code_and_message(problem: str) -> tuple[str, str]:
+    """'Code: message' -> (code, message); a problem without Azure's code of its own is InvalidParameterValue."""
+    code, sep, message = problem.partition(": ")
+    if sep and re.fullmatch(r"[A-Z][A-Za-z]+", code):
+        return code, message
+    return "InvalidParameterValue", problem

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from jobs.backends.aca import profiles as profile_table
 from jobs.backends.aca.standin.arm import ArmService
 from jobs.backends.aca.standin.common import (
     ACCOUNT,
@@ -159,14 +160,27 @@ class AzureStandIn(ArmService, UsagesService, VaultService, FilesService, LogsSe
         d.mkdir(parents=True, exist_ok=True)
         return d
 
-    def add_environment(self, name: str, profiles: tuple[str, ...] = ("Consumption", "GPU")) -> dict:
+    def add_environment(self, name: str, profiles: tuple[str, ...] = ("Consumption", "GPU"),
+                        types: dict[str, str] | None = None, counts: dict[str, tuple[int, int]] | None = None) -> dict:
+        """A managed environment with workload profiles `profiles` (their types from `types`, by default Consumption
+        for "Consumption" and the serverless A100 for the others; `counts` gives a profile minimum and maximum
+        instance counts). An entry Azure would refuse (jobs.backends.aca.profiles.check_workload_profile: counts on a
+        serverless type, an unknown type) is refused here too, with Azure's code."""
+        entries = []
+        for p in profiles:
+            entry = {"name": p, "workloadProfileType": (types or {}).get(
+                p, "Consumption" if p == "Consumption" else "Consumption-GPU-NC24-A100")}
+            if counts and p in counts:
+                entry["minimumCount"], entry["maximumCount"] = counts[p]
+            problem = profile_table.check_workload_profile(entry)
+            if problem:
+                raise ValueError(problem)
+            entries.append(entry)
         env = {
             "id": self._rid(f"managedEnvironments/{name}"), "name": name, "type": "Microsoft.App/managedEnvironments",
             "location": self.location,
             "properties": {"provisioningState": "Succeeded", "defaultDomain": f"{name}.{self.location}.azurecontainerapps.io",
-                           "workloadProfiles": [{"name": p, "workloadProfileType":
-                                                 "Consumption" if p == "Consumption" else "Consumption-GPU-NC24-A100"}
-                                                for p in profiles]},
+                           "workloadProfiles": entries},
         }
         with self.lock:
             self.environments[name] = env
