@@ -16,6 +16,7 @@ from jobs.backends.aca.provision import (
     provision_finetune,
     provision_inference,
 )
+from jobs.backends.aca.resources import job_body
 from jobs.backends.aca.standin import SUBSCRIPTION, Fault
 from jobs.core import store
 from jobs.core.errors import BackendError
@@ -277,10 +278,11 @@ def test_a_job_is_sized_for_the_profile_type_the_environment_really_has(aca):
     t4 = aca.reload(WORKLOAD_PROFILE_TYPE="Consumption-GPU-NC8as-T4")
     assert provision_finetune(t4.clients).created
     container = aca.standin.jobs["tuneops-ft"]["properties"]["template"]["containers"][0]
-    assert container["resources"] == {"cpu": 8.0, "memory": "56Gi"}
+    assert (container["resources"]["cpu"], container["resources"]["memory"]) == (8.0, "56Gi")
 
     # What Azure itself answers for too much on the profile.
-    job = t4.clients.arm.jobs.get("tuneops-rg", "tuneops-ft").as_dict()
+    environment = t4.clients.arm.managed_environments.get("tuneops-rg", "tuneops-env").as_dict()
+    job = job_body(t4.cfg, environment, storage_name=ENV_STORAGE, secret_envs=[])
     job["properties"]["template"]["containers"][0]["resources"] = {"cpu": 24.0, "memory": "220Gi"}
     with pytest.raises(HttpResponseError) as refused:
         t4.clients.arm.jobs.begin_create_or_update("tuneops-rg", "tuneops-ft", job).result()

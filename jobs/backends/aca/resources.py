@@ -156,6 +156,9 @@ def run_template(job: Mapping[str, Any], script: str, env: Mapping[str, str]) ->
     container_env += [{"name": k, "value": v} for k, v in env.items()]
     base.update(command=["/bin/bash", "-c", script], env=container_env)
     base.pop("args", None)
+    for c in containers + (template.get("initContainers") or []):
+        # What Azure fills in and refuses back: ContainerResources.ephemeralStorage is read-only.
+        (c.get("resources") or {}).pop("ephemeralStorage", None)
     return {k: v for k, v in template.items() if k in ("containers", "initContainers", "volumes") and v is not None}
 
 

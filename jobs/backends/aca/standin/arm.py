@@ -65,6 +65,9 @@ class ArmService:
                 data = json.loads(body) if body else None
             except json.JSONDecodeError:
                 return self._arm_error(400, "InvalidRequestContent", "body is not JSON")
+            refused = self._against_spec("arm", request, data)
+            if refused is not None:
+                return refused
             with self.lock:
                 return handler(request, data)
 
@@ -487,6 +490,7 @@ def _as_azure_keeps(resource: dict) -> dict:
     - user-assigned identity ids come back in lower case, with the identity's principal and client ids filled in
       (Azure/azure-rest-api-specs#18595: "userAssignedIdentities are returned in lower case"; the resource group
       segment as `resourcegroups`: pulumi/pulumi-azure-native#2152);
+    - each container's resources come back with ephemeralStorage, a read-only field;
     - an app's ingress comes back with `transport: "auto"` in lower case and `allowInsecure` filled in
       (examples/ContainerApps_Get.json, Microsoft.App 2025-01-01; Azure/terraform-azurerm-avm-res-app-containerapp#88
       on the drift these defaults cause), and with `managedEnvironmentId` beside `environmentId` (same example)."""
@@ -498,6 +502,11 @@ def _as_azure_keeps(resource: dict) -> dict:
                         "clientId": str(uuid.uuid5(uuid.NAMESPACE_URL, "client:" + k.lower()))}
             for k in identity["userAssignedIdentities"]}
     props = out.get("properties") or {}
+    # Each container's resources come back with ephemeralStorage, which "can only be populated by the server"
+    # (ContainerResources, @azure/arm-appcontainers; readOnly in CommonDefinitions.json).
+    for c in (props.get("template") or {}).get("containers") or []:
+        if isinstance(c.get("resources"), dict):
+            c["resources"].setdefault("ephemeralStorage", "1Gi")
     ingress = (props.get("configuration") or {}).get("ingress")
     if out.get("type") == "Microsoft.App/containerApps":
         props["managedEnvironmentId"] = props.get("environmentId")

@@ -46,6 +46,9 @@ class FilesService:
             if not (auth.startswith(f"SharedKey {ACCOUNT}:") or
                     (auth.startswith("Bearer ") and request.headers.get("x-ms-file-request-intent") == "backup")):
                 return self._storage_error(403, "AuthenticationFailed", "Server failed to authenticate the request.")
+            refused = self._against_spec("files", request, None)
+            if refused is not None:
+                return refused
             if request.match_info["account"] != ACCOUNT:
                 return self._storage_error(400, "InvalidUri", "unknown account")
             share = request.match_info["share"]

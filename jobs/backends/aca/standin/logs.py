@@ -32,6 +32,9 @@ class LogsService:
             return web.json_response({"error": {"code": "WorkspaceNotFoundError", "message": "no such workspace"}},
                                      status=404)
         data = json.loads(body)
+        refused = self._against_spec("logs", request, data)
+        if refused is not None:
+            return refused
         with self.lock:
             tables = {k: list(v) for k, v in self.log_tables.items() if v or k == "ContainerAppConsoleLogs_CL"}
         try:

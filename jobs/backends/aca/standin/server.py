@@ -22,6 +22,7 @@ from pathlib import Path
 from aiohttp import web
 
 from jobs.backends.aca import profiles as profile_table
+from jobs.backends.aca import schema as spec
 from jobs.backends.aca.standin.arm import ArmService
 from jobs.backends.aca.standin.common import (
     ACCOUNT,
@@ -62,6 +63,8 @@ class AzureStandIn(ArmService, UsagesService, VaultService, FilesService, LogsSe
         self.execution_mounts: dict[str, tuple[str, list, list]] = {}  # environment id, volumes, mounts
         self.start_answers_name = True           # False: a start's operation ends with an empty body
         self.execution_outcome: dict[str, dict[str, str]] = {}  # why each execution ended (not in its answer)
+        self.check_spec = True                   # refuse requests the REST specs refuse (jobs.backends.aca.schema)
+        self.spec_violations: list = []          # what was refused for it, for the tests to see
         self._stop_events: dict[str, threading.Event] = {}
         self._stopped: set[str] = set()
         self.restarts: list[str] = []
@@ -263,6 +266,21 @@ class AzureStandIn(ArmService, UsagesService, VaultService, FilesService, LogsSe
         code = fault.code or {429: "TooManyRequests"}.get(fault.status, "InternalServerError")
         return web.json_response({"error": {"code": code, "message": fault.message}}, status=fault.status,
                                  headers=headers), body
+
+    def _against_spec(self, service: str, request: web.Request, data) -> web.Response | None:
+        """Refuse what the official REST spec refuses (jobs.backends.aca.schema: the operation's body schema, its
+        read-only members, enums and required headers), in the service's error shape; None when the spec is met."""
+        if not self.check_spec:
+            return None
+        violation = spec.check_request(service, request.method, request.path, dict(request.query),
+                                       dict(request.headers), data)
+        if violation is None:
+            return None
+        with self.lock:
+            self.spec_violations.append(violation)
+        if service == "files":
+            return self._storage_error(violation.status, violation.code, violation.message)
+        return web.json_response(violation.arm_body(), status=violation.status)
 
     @staticmethod
     def _arm_error(status: int, code: str, message: str) -> web.Response:
