@@ -33,6 +33,12 @@ param acaEnvironmentStorageName string = 'aienvstorage${resourceSuffix}'
 param acaJobName string = 'aiacajob${resourceSuffix}'
 param acaLogAnalyticsName string = 'ailog${resourceSuffix}'
 param keyVaultName string = 'aikv${resourceSuffix}'
+// A deleted resource group leaves its Key Vault soft-deleted, and the name (uniqueString of the group's id, which a
+// recreated group of the same name repeats) stays taken for softDeleteRetentionInDays (Azure/bicep#7529). 'recover'
+// takes that vault and its secrets back; it fails with SoftDeletedVaultDoesNotExist when there is none (AzureCosmosDB/
+// OmniVec#23), and keeps the old vault's settings (Azure/azure-rest-api-specs#21306): deploy again with 'default' after.
+@allowed(['default', 'recover'])
+param keyVaultCreateMode string = 'default'
 param identityName string = 'aiid${resourceSuffix}'
 
 var defaultCommand = join(defaultCommands, '; ')
@@ -168,6 +174,7 @@ resource keyVault 'Microsoft.KeyVault/vaults@2023-07-01' = {
   location: location
   properties: {
     tenantId: subscription().tenantId
+    createMode: keyVaultCreateMode
     sku: {
       family: 'A'
       name: 'standard'

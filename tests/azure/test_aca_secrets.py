@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import logging
 import pickle
+import time
 
 import pytest
 import redis
 
 from jobs.backends.aca import ops
+from jobs.backends.aca.errors import azure_call
 from jobs.backends.aca.executor import AcaExecutor
 from jobs.backends.aca.provision import provision_finetune
 from jobs.backends.aca.secrets import list_secrets, set_secret
 from jobs.backends.aca.standin import ExecutionPlan, Fault, simulated_trainer
+from jobs.backends.aca.standin.vault import RECOVER
 from jobs.core import store
 from jobs.core.domain import Run
 from jobs.core.errors import BackendError
@@ -20,6 +23,7 @@ from jobs.core.runconfig import build_train_config
 from tests.azure.conftest import run_worker_burst, wait_for
 
 VALUE = "hf_Secr3tValue-that-must-not-leak-0123456789"
+OLD_VALUE = "hf_the-old-value-deleted-from-the-vault-0000"
 
 
 def everything_in_redis(url: str) -> bytes:
@@ -157,3 +161,71 @@ def test_a_secret_the_container_prints_is_masked_before_it_leaves_the_executor(a
 
     answer = run_logs(aca.clients, run, tail=50)
     assert "debug: HF_TOKEN=***" in answer.lines and not any(VALUE in line for line in answer.lines)
+
+
+def set_then_delete(aca) -> None:
+    """HF_TOKEN written, then deleted as an admin would in the portal: soft-deleted, its name still taken."""
+    set_secret(aca.clients, "HF_TOKEN", OLD_VALUE)
+    aca.clients.secrets.begin_delete_secret("hf-token").wait()
+    assert "hf-token" not in aca.standin.vault and "hf-token" in aca.standin.deleted_secrets
+
+
+def test_setting_a_deleted_secrets_name_recovers_it_then_writes_the_new_value(aca, settings, caplog):
+    caplog.set_level(logging.DEBUG)
+    provision_finetune(aca.clients)
+    set_then_delete(aca)
+    # Key Vault takes a while: GETs answer 404 for a second, and PUTs 409 ObjectIsBeingRecovered a little longer.
+    aca.standin.vault_recovery_s, aca.standin.vault_recovery_put_lag_s = 1.0, 1.5
+
+    info = set_secret(aca.clients, "HF_TOKEN", VALUE)
+    assert info.vault_name == "hf-token" and info.updated_on is not None
+    versions = aca.standin.vault["hf-token"]
+    assert [v["value"] for v in versions] == [OLD_VALUE, VALUE] and versions[-1]["tags"] == {"tuneops-env": "HF_TOKEN"}
+    assert len(aca.standin.requests_to("vault", "POST", r"^/deletedsecrets/hf-token/recover$")) == 1
+    assert len(aca.standin.requests_to("vault", "GET", r"^/secrets/hf-token/$")) >= 2   # the poller saw a 404 first
+    assert len(aca.standin.requests_to("vault", "PUT", r"^/secrets/hf-token$")) >= 3    # deleted, recovering, written
+
+    # The job's reference resolves the new value.
+    ops.enqueue_secret_reference(settings, "HF_TOKEN", "U_ADMIN", "C1")
+    run_worker_burst(settings)
+    ex = AcaExecutor(settings, clients=aca.clients)
+    run = Run(id="ft-0001", requester="U1", channel="C1", model="model-cache/tiny", dataset="datasets/train.jsonl",
+              attempts=1)
+    run.execution_id = ex.start(run, build_train_config(run.id, run.model, run.dataset, {}).model_dump())
+    wait_for(lambda: ex.status(run).status.finished, 20, "the run to end")
+    assert aca.standin.execution_env[run.execution_id]["HF_TOKEN"] == VALUE
+    assert VALUE not in caplog.text and OLD_VALUE not in caplog.text
+
+
+def test_a_refused_recovery_says_which_role_or_how_to_purge_and_leaks_no_value(aca, caplog):
+    caplog.set_level(logging.DEBUG)
+    set_then_delete(aca)
+    aca.standin.deny_vault_actions(RECOVER)
+    with pytest.raises(BackendError) as e:
+        set_secret(aca.clients, "HF_TOKEN", VALUE)
+    said = str(e.value)
+    vault = "127"  # the stand-in's vault URL is https://127.0.0.1:PORT; a real one is https://NAME.vault.azure.net
+    assert "deleted secret named hf-token" in said and '"Key Vault Secrets Officer" role' in said
+    assert f"`az keyvault secret purge --vault-name {vault} --name hf-token`" in said
+    purge_on = aca.standin.deleted_secrets["hf-token"]["scheduledPurgeDate"]
+    assert time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(purge_on)) in said
+    assert "try again in a minute" not in said and not e.value.transient
+    assert VALUE not in said and VALUE not in caplog.text and VALUE not in repr(e.value.__cause__)
+
+    # Following the advice works: purge, then save again.
+    aca.clients.secrets.purge_deleted_secret("hf-token")
+    set_secret(aca.clients, "HF_TOKEN", VALUE)
+    assert [v["value"] for v in aca.standin.vault["hf-token"]] == [VALUE]
+
+
+def test_a_deleted_secrets_409_says_how_to_free_the_name(aca):
+    """What any caller that writes a soft-deleted name without recovering it first is told."""
+    set_then_delete(aca)
+    with pytest.raises(BackendError) as e, azure_call("write the secret hf-token to Key Vault"):
+        aca.clients.secrets.set_secret("hf-token", VALUE)
+    said = str(e.value)
+    assert "Azure said: Conflict: Secret hf-token is currently in a deleted but recoverable state" in said
+    assert "deleted secret named hf-token" in said
+    assert "`az keyvault secret recover --vault-name 127 --name hf-token`" in said
+    assert "`az keyvault secret purge --vault-name 127 --name hf-token`" in said
+    assert "try again in a minute" not in said and not e.value.transient and VALUE not in said

@@ -12,8 +12,16 @@ import logging
 import threading
 import time
 
+from azure.core.exceptions import HttpResponseError
+
 from jobs.backends.aca.clients import AzureClients
-from jobs.backends.aca.errors import azure_call
+from jobs.backends.aca.errors import (
+    azure_call,
+    azure_said,
+    deleted_secret_blocks,
+    error_code,
+    inner_error_code,
+)
 from jobs.backends.aca.resources import (
     ENV_TAG,
     InvalidSecretName,
@@ -27,6 +35,10 @@ from jobs.core.masking import MIN_KNOWN_LEN
 log = logging.getLogger(__name__)
 
 MAX_SECRET_BYTES = 25 * 1024   # Key Vault's limit for a secret value
+# A recovery takes seconds (Azure/azure-sdk-for-js records one whose poller saw 404s for over fifteen); past this, the
+# person is told to try again.
+RECOVERY_WAIT_S = 60.0
+RECOVERY_RETRY_PAUSE_S = 1.0
 MASK_TTL_S = 300.0
 _mask_cache: dict[str, tuple[float, tuple[str, ...]]] = {}
 _mask_lock = threading.Lock()
@@ -50,12 +62,63 @@ def check_secret(name: str, value: str) -> str:
 
 def set_secret(clients: AzureClients, name: str, value: str) -> SecretInfo:
     """Write `value` to Key Vault as the secret for env var `name` (HF_TOKEN -> hf-token). A quick call, made from
-    the modal handler; the job reference is updated afterwards by an RQ task that gets the name only."""
+    the modal handler; the job reference is updated afterwards by an RQ task that gets the name only. A name still
+    held by a deleted secret is recovered first (the bot's Key Vault Secrets Officer role allows it), then written."""
     vault_name = check_secret(name, value)
-    with azure_call(f"write the secret {vault_name} to Key Vault"):
-        props = clients.secrets.set_secret(vault_name, value, tags={ENV_TAG: name}, content_type="text/plain")
+    action = f"write the secret {vault_name} to Key Vault"
+    with azure_call(action):
+        props = _write(clients, action, vault_name, name, value)
     return SecretInfo(name, vault_name, props.properties.updated_on, props.properties.created_on,
                       bool(props.properties.enabled), True)
+
+
+def _write(clients: AzureClients, action: str, vault_name: str, env_name: str, value: str):
+    """set_secret, through the 409s of soft delete: ObjectIsDeletedButRecoverable never clears by itself (recover,
+    then write); ObjectIsBeingRecovered clears within seconds, even after the recovery poller is done (Azure/azure-
+    sdk-for-net issue 31581), so the write is tried again for a while."""
+    recovered = False
+    deadline = time.monotonic() + RECOVERY_WAIT_S
+    while True:
+        try:
+            return clients.secrets.set_secret(vault_name, value, tags={ENV_TAG: env_name}, content_type="text/plain")
+        except HttpResponseError as e:
+            inner = inner_error_code(e) if e.status_code == 409 else ""
+            if inner == "ObjectIsDeletedButRecoverable" and not recovered:
+                _recover(clients, action, vault_name)
+                recovered, deadline = True, time.monotonic() + RECOVERY_WAIT_S
+            elif inner == "ObjectIsBeingRecovered" and time.monotonic() < deadline:
+                time.sleep(RECOVERY_RETRY_PAUSE_S)
+            else:
+                raise
+
+
+def _recover(clients: AzureClients, action: str, vault_name: str) -> None:
+    """Recover the deleted secret `vault_name` and wait until Key Vault serves it again."""
+    try:
+        poller = clients.secrets.begin_recover_deleted_secret(vault_name)
+    except HttpResponseError as e:
+        if e.status_code == 404:
+            return  # purged meanwhile: the name is free, the write may go ahead
+        if e.status_code == 403:
+            raise _recover_refused(clients, action, vault_name, e) from e
+        raise
+    # The poller's result() does not wait; wait() polls GET /secrets/NAME/ until it stops answering 404.
+    poller.wait(RECOVERY_WAIT_S)
+    if not poller.done():
+        raise BackendError(f"Could not {action}: Key Vault is still recovering the deleted secret {vault_name}. "
+                           f"Try again in a minute.", transient=True)
+    log.info("recovered the deleted Key Vault secret %s before writing its new value", vault_name)
+
+
+def _recover_refused(clients: AzureClients, action: str, vault_name: str, err: HttpResponseError) -> BackendError:
+    """What to do when the bot may not recover the deleted secret: the role, the purge command, the purge date."""
+    purge_on = None
+    try:
+        purge_on = clients.secrets.get_deleted_secret(vault_name).scheduled_purge_date
+    except HttpResponseError as e:  # reading deleted secrets needs its own permission; the message does without
+        log.info("cannot read the deleted secret %s (%s); no purge date in the message", vault_name, error_code(e))
+    return deleted_secret_blocks(action, clients.cfg.key_vault_url, vault_name, azure_said(err), purge_on=purge_on,
+                                 recover_refused=True)
 
 
 def list_secrets(clients: AzureClients) -> list[SecretInfo]:
