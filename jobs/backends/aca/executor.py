@@ -60,7 +60,10 @@ MAX_EVENT_READ = 1024 * 1024
 MAX_LOG_READ = 256 * 1024
 SYNC_LOCK = store.ACA_SYNC_LOCK
 STOP_WAIT_S = 120.0
-STAGE_LOCK_S = 1800
+# The job's lock, for a run's template patch and start: held at most this long (a worker that dies frees it then),
+# waited for at most this long (a provisioning holds it for minutes), within the start's own time (START_TIMEOUT_S).
+STAGE_HOLD_S = 600
+STAGE_WAIT_S = 900
 FIND_STARTED_S = 60.0
 
 
@@ -187,11 +190,11 @@ class AcaExecutor:
         """Put the run into the job's template and start an execution of it, the two under the job's lock so that
         neither another run nor a provisioning changes the template in between."""
         redis_url = getattr(self.settings, "redis_url", "")
-        lock = (store.connect(self.settings).lock(store.azure_lock("job", self.cfg.job_name), timeout=STAGE_LOCK_S,
-                                                  blocking_timeout=STAGE_LOCK_S) if redis_url else None)
+        lock = (store.connect(self.settings).lock(store.azure_lock("job", self.cfg.job_name), timeout=STAGE_HOLD_S,
+                                                  blocking_timeout=STAGE_WAIT_S) if redis_url else None)
         if lock is not None and not lock.acquire():
             raise BackendError(f"The ACA job {self.cfg.job_name} stayed busy (a provisioning or another start) for "
-                               f"{STAGE_LOCK_S // 60} minutes; the start will be tried again.", transient=True)
+                               f"{STAGE_WAIT_S // 60} minutes; the start will be tried again.", transient=True)
         try:
             job = self._job()
             try:
