@@ -1,4 +1,11 @@
-"""KQL: the subset tuneops' queries use. Anything else is a 400, so a query the stand-in does not understand fails."""
+"""KQL: the subset tuneops' queries use. Anything else is a 400, so a query the stand-in does not understand fails.
+
+Semantics are the Kusto Query Language reference's (learn.microsoft.com/kusto/query): `let` statements, `union`
+with isfuzzy ("union operator"), `where` with `==` (case-sensitive), `startswith`, `!startswith` ("startswith
+operator": case-insensitive), `contains` (case-insensitive) and `contains_cs` ("String operators"), `project` with
+renames, `top N by col [asc|desc]` ("top operator": desc by default), `order by`/`sort by` ("sort operator": desc
+by default), `take`/`limit`. The tables and columns are the ones the stand-in writes (ArmService._console names
+their sources)."""
 
 from __future__ import annotations
 
@@ -72,6 +79,9 @@ class _Kql:
         return rows
 
     def source(self) -> list[dict]:
+        # A fuzzy union none of whose tables resolves is an error in Kusto (SEM0529, "union: must have at least one
+        # operand..."); here it gives no rows. It cannot happen through the query endpoint, which always has the
+        # _CL table (LogsService.logs_query).
         if self.peek() == ("word", "union"):
             self.take()
             fuzzy = False
@@ -91,8 +101,11 @@ class _Kql:
 
     def subquery(self, fuzzy: bool) -> list[dict]:
         name = self.take("word")
+        # A missing table fails the query unless the union is fuzzy, which drops the legs it cannot resolve ("union
+        # operator", isfuzzy). The message is Kusto's (microsoft/finops-toolkit#1776: "'where' operator: Failed to
+        # resolve table or column expression named 'Costs_v1_2'"), without the operator's name.
         if name not in self.tables and not fuzzy:
-            raise KqlError(f"'{name}' could not be resolved to a table")
+            raise KqlError(f"Failed to resolve table or column expression named '{name}'")
         rows = [dict(r) for r in self.tables.get(name, [])]
         while self.peek() == ("op", "|"):
             self.take()

@@ -169,6 +169,10 @@ class AzureStandIn(ArmService, UsagesService, VaultService, FilesService, LogsSe
         for "Consumption" and the serverless A100 for the others; `counts` gives a profile minimum and maximum
         instance counts). An entry Azure would refuse (jobs.backends.aca.profiles.check_workload_profile: counts on a
         serverless type, an unknown type) is refused here too, with Azure's code."""
+        # The environment's shape is ManagedEnvironments_Get's (ManagedEnvironments.json, Microsoft.App 2025-01-01).
+        # defaultDomain: "<unique>.<region>.azurecontainerapps.io" as real apps' fqdns show it
+        # (microsoft/azure-container-apps#1174: "<app>.somename-804dbc47.northeurope.azurecontainerapps.io"); the
+        # stand-in uses the environment's name as the unique part.
         entries = []
         for p in profiles:
             entry = {"name": p, "workloadProfileType": (types or {}).get(
@@ -190,6 +194,9 @@ class AzureStandIn(ArmService, UsagesService, VaultService, FilesService, LogsSe
         return env
 
     def add_env_storage(self, env: str, name: str, share: str, account: str = ACCOUNT) -> None:
+        # As ManagedEnvironmentsStorages_Get answers it (examples/ManagedEnvironmentsStorages_Get.json): the
+        # azureFile properties without the accountKey, which is x-ms-secret (CommonDefinitions.json
+        # AzureFileProperties).
         with self.lock:
             self.env_storages[(env, name)] = {
                 "id": self._rid(f"managedEnvironments/{env}/storages/{name}"), "name": name,
@@ -233,6 +240,7 @@ class AzureStandIn(ArmService, UsagesService, VaultService, FilesService, LogsSe
     # ---- shared helpers --------------------------------------------------------------------------------------
 
     def _rid(self, tail: str, rg: str = "tuneops-rg") -> str:
+        # ARM resource ids as the operations' paths spell them (Jobs.json, ContainerApps.json 2025-01-01).
         return f"/subscriptions/{SUBSCRIPTION}/resourceGroups/{rg}/providers/Microsoft.App/{tail}"
 
     async def _gate(self, service: str, request: web.Request) -> tuple[web.Response | None, bytes]:
@@ -257,13 +265,22 @@ class AzureStandIn(ArmService, UsagesService, VaultService, FilesService, LogsSe
         if fault.status is None:
             return None, body
         headers = {}
+        # Retry-After in seconds, as ARM's throttled answers carry it ("Request limits and throttling",
+        # learn.microsoft.com/azure/azure-resource-manager/management/request-limits-and-throttling) and as
+        # azure-core's RetryPolicy reads it; a fraction is kept only for the tests' short waits.
         if fault.retry_after is not None:
             headers["Retry-After"] = str(fault.retry_after if fault.retry_after % 1 else int(fault.retry_after))
         rec.status = fault.status
         if service == "files":
+            # Storage answers in its XML error shape with x-ms-error-code (FilesService._storage_error); ServerBusy is
+            # its throttling code ("Common REST API error codes", learn.microsoft.com/rest/api/storageservices).
             headers["x-ms-error-code"] = fault.code or "ServerBusy"
             return self._storage_error(fault.status, fault.code or "ServerBusy", fault.message, headers), body
-        code = fault.code or {429: "TooManyRequests"}.get(fault.status, "InternalServerError")
+        # The others answer in ARM's JSON error shape (_arm_error). A 429 is ARM's subscription throttling,
+        # SubscriptionRequestsThrottled ("Troubleshoot the TooManyRequestsReceived or SubscriptionRequestsThrottled
+        # error code", learn.microsoft.com/troubleshoot/azure/azure-kubernetes). InternalServerError for other
+        # statuses: no public source found; kept because a test fault's code only labels it.
+        code = fault.code or {429: "SubscriptionRequestsThrottled"}.get(fault.status, "InternalServerError")
         return web.json_response({"error": {"code": code, "message": fault.message}}, status=fault.status,
                                  headers=headers), body
 
@@ -284,6 +301,8 @@ class AzureStandIn(ArmService, UsagesService, VaultService, FilesService, LogsSe
 
     @staticmethod
     def _arm_error(status: int, code: str, message: str) -> web.Response:
+        # ARM's error body {"error": {"code", "message"}}: DefaultErrorResponse (CommonDefinitions.json, Microsoft.App
+        # 2025-01-01); Key Vault's KeyVaultError and Log Analytics' errorResponse have the same outer shape.
         return web.json_response({"error": {"code": code, "message": message}}, status=status)
 
 

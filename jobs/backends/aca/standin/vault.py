@@ -56,9 +56,18 @@ class VaultService:
             if early is not None:
                 return early
             if not request.headers.get("Authorization", "").startswith("Bearer "):
-                # The handshake: Key Vault's client first asks without a token and learns where to get one.
+                # The handshake: Key Vault's client first asks without a token and learns where to get one. A
+                # request without a token is a 401 with a Bearer challenge naming the tenant's authority and the
+                # resource ("Azure Key Vault REST API Error Codes", HTTP 401, learn.microsoft.com/azure/key-vault/
+                # general/rest-error-codes); body and header as recorded in Azure/azure-sdk-for-js
+                # sdk/keyvault/keyvault-secrets/recordings/node/secret_client__list_secrets_in_various_ways/
+                # recording_can_list_secret_properties.js ({"error": {"code": "Unauthorized", "message": "AKV10000:
+                # Request is missing a Bearer or PoP token."}}; 'Bearer authorization="https://login.windows.net/
+                # <tenant>", resource="https://vault.azure.net"'). login.microsoftonline.com is the same authority
+                # (an alias of login.windows.net in that recording's instance discovery).
                 return web.json_response(
-                    {"error": {"code": "Unauthorized", "message": "AKV10000: Request is missing a Bearer token."}},
+                    {"error": {"code": "Unauthorized",
+                               "message": "AKV10000: Request is missing a Bearer or PoP token."}},
                     status=401, headers={"WWW-Authenticate": f'Bearer authorization="https://login.microsoftonline.com/'
                                                              f'{TENANT}", resource="https://vault.azure.net"'})
             data = json.loads(body) if body else None
@@ -95,6 +104,9 @@ class VaultService:
     # ---- shared pieces -------------------------------------------------------------------------------------------
 
     def _bundle(self, name: str, version: dict, with_value: bool) -> dict:
+        """A SecretBundle (secrets.json 7.6): id "<vault>/secrets/<name>/<version>", attributes, tags, contentType
+        when set, and value only where the operation gives it (SetSecret, GetSecret; not the deleted, recovered or
+        listed forms: RecoverDeletedSecret-example.json has none)."""
         out = {"id": f"{self.vault_url}/secrets/{name}/{version['version']}", "attributes": version["attributes"],
                "tags": version.get("tags") or {}}
         if version.get("contentType"):
@@ -144,6 +156,9 @@ class VaultService:
 
     @staticmethod
     def _bad_name(name: str) -> web.Response | None:
+        # secret-name's pattern "^[0-9a-zA-Z-]+$" (SetSecret in secrets.json 7.6) and 1-127 characters ("About keys,
+        # secrets, and certificates", object identifiers); BadParameter is Key Vault's code for a bad parameter
+        # (schema.py). The message is the stand-in's.
         if re.match(r"^[0-9a-zA-Z-]{1,127}$", name):
             return None
         return _error(400, "BadParameter", f"invalid secret name {name}")
@@ -155,6 +170,9 @@ class VaultService:
             return _error(405, "BadParameter", "method")
         if (refused := self._forbidden(LIST, "")) is not None:
             return refused
+        # GetSecrets: a SecretListResult, {"value": [SecretItem], "nextLink"} (secrets.json 7.6), each item the
+        # secret's id without a version, its attributes, tags and contentType, never a value (SecretItem has none);
+        # one page here, so nextLink is null. Listing needs secrets/readMetadata (DATA_ACTION above).
         items = [self._bundle(n, v[-1], False) for n, v in sorted(self.vault.items()) if not self._recovery(n)[0]]
         for item in items:
             item["id"] = item["id"].rsplit("/", 1)[0]
