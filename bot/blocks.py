@@ -340,7 +340,8 @@ HELP_LINES = {
     "resume": "continue a failed, cancelled or timed-out run from its last checkpoint",
     "deploy": "deploy a finished run's adapter to the inference endpoint (after approval)",
     "secret": "store a secret for the training job in Key Vault (admins)",
-    "provision": "create the Azure fine-tuning job and/or the inference app (admins)",
+    "provision": "create the Azure fine-tuning job and/or the inference app, or `check` the set-up with one short CPU run "
+                 "(admins)",
 }
 
 

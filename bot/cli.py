@@ -1,4 +1,4 @@
-"""The `tuneops` command line: `bot [--http --port N]`, `worker`, `demo`, `doctor`.
+"""The `tuneops` command line: `bot [--http --port N]`, `worker`, `demo`, `doctor [--smoke]`.
 
 Configuration problems end the command with one line per problem and exit code 2, never a stack trace.
 """
@@ -70,7 +70,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         main as doctor_main,  # the Slack client and RQ load only for `tuneops doctor`
     )
 
-    return doctor_main()
+    return doctor_main(smoke_check=args.smoke, log_wait_s=args.log_wait)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,6 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("doctor", help="check the configuration, Redis, Slack and the backend")
+    p.add_argument("--smoke", action="store_true",
+                   help="instead, run the smoke check: one short CPU execution on Azure that proves the share, the "
+                        "Key Vault references, the payload import and the logs (exit code 0 only when it passes)")
+    p.add_argument("--log-wait", type=float, default=None, metavar="SECONDS",
+                   help="with --smoke: how long to wait for the check's line in Log Analytics, which lags by "
+                        "minutes (default 300)")
     p.set_defaults(func=cmd_doctor)
     return parser
 

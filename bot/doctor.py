@@ -1,11 +1,15 @@
 """`tuneops doctor`: checks the configuration, Redis, Slack (auth.test), the workers and the backend, and says plainly
-what is missing and what to do. Exit code 0 only when everything needed is there."""
+what is missing and what to do. Exit code 0 only when everything needed is there.
+
+`tuneops doctor --smoke` runs the backend's smoke check instead: one short, cheap execution on Azure that proves the
+share, the Key Vault references, the payload import and the logs before the first GPU minute, printing each step as it
+ends. Exit code 0 only when it passes."""
 
 from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import redis
@@ -17,6 +21,7 @@ from bot import words
 from bot.redact import redact
 from bot.settings import BotSettings
 from jobs.backends import get_backend
+from jobs.backends.protocol import SmokeStep
 from jobs.core import queue
 from jobs.core.errors import BackendError
 from jobs.core.settings import JobSettings, SettingsError
@@ -116,7 +121,40 @@ def _safe_url(url: str) -> str:
     return redact(url)
 
 
-def main(env: Mapping[str, str] = os.environ) -> int:
+_MARK = {"ok": "ok ", "warn": "WARN", "fail": "FAILED", "info": "..."}
+
+
+def print_step(step: SmokeStep, out: Callable[[str], None] = print) -> None:
+    """One smoke step as a doctor line, its links under it."""
+    out(f"[{_MARK.get(step.status, step.status):7}] {step.name}: {words.with_hint(step.text, step.hint)}")
+    for name, url in step.links.items():
+        out(f"{'':10}{name}: {url}")
+
+
+def smoke(env: Mapping[str, str] = os.environ, log_wait_s: float | None = None,
+          out: Callable[[str], None] = print) -> int:
+    """`tuneops doctor --smoke`: the backend's smoke check, step by step; 0 only when it passes."""
+    try:
+        jobs = JobSettings.from_env(env)
+    except SettingsError as e:
+        for problem in getattr(e, "problems", None) or str(e).splitlines():
+            out(f"[MISSING] configuration: {problem}")
+        return 1
+    try:
+        backend = get_backend(jobs)
+        out(f"Smoke check on the {jobs.backend} backend: one short execution; each step as it ends.")
+        result = backend.smoke_check(lambda step: print_step(step, out), log_wait_s=log_wait_s)
+    except BackendError as e:
+        out(f"[FAILED ] smoke check: {words.refusal(e)}")
+        return 1
+    out("")
+    out(words.with_hint(result.verdict, result.hint))
+    return 0 if result.passed else 1
+
+
+def main(env: Mapping[str, str] = os.environ, smoke_check: bool = False, log_wait_s: float | None = None) -> int:
+    if smoke_check:
+        return smoke(env, log_wait_s)
     checks = run_checks(env)
     for c in checks:
         mark = "ok " if c.ok else "MISSING"

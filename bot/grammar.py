@@ -30,7 +30,7 @@ USAGE: dict[str, str] = {
     "resume": "/finetune resume RUN",
     "deploy": "/finetune deploy RUN",
     "secret": "/finetune secret set NAME | /finetune secret list",
-    "provision": "/finetune provision [finetune|inference]",
+    "provision": "/finetune provision [finetune|inference|check]",
 }
 SUBCOMMANDS = tuple(USAGE)
 GENERAL_USAGE = "/finetune " + " | ".join(SUBCOMMANDS)
@@ -100,7 +100,7 @@ class SecretList:
 
 @dataclass(frozen=True)
 class Provision:
-    target: Literal["finetune", "inference"] | None = None   # None: both
+    target: Literal["finetune", "inference", "check"] | None = None   # None: both; check: the smoke check
 
 
 Command = Union[Help, RunCommand, Status, ListRuns, Logs, Cancel, Resume, Deploy, SecretSet, SecretList, Provision]
@@ -369,9 +369,10 @@ def _secret(args: list[str]) -> SecretSet | SecretList:
 def _provision(args: list[str]) -> Provision:
     if not args:
         return Provision()
-    if len(args) == 1 and args[0].lower() in ("finetune", "inference"):
+    if len(args) == 1 and args[0].lower() in ("finetune", "inference", "check"):
         return Provision(args[0].lower())  # type: ignore[arg-type]
-    raise _Bad(f"`provision` takes `finetune`, `inference` or nothing (both); got `{_shorten(' '.join(args))}`.")
+    raise _Bad(f"`provision` takes `finetune`, `inference` or nothing (both), or `check` (a short smoke run of the "
+               f"set-up); got `{_shorten(' '.join(args))}`.")
 
 
 _PARSERS = {

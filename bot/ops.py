@@ -1,5 +1,6 @@
-"""Azure operations in Slack (provisioning, a secret's job reference, deploys; ids like pv-0001): the op's root message
-in its channel and the story of its steps in that message's thread, rendered from the op's RunEvents.
+"""Azure operations in Slack (provisioning, the smoke check, a secret's job reference, deploys; ids like pv-0001): the
+op's root message in its channel and the story of its steps in that message's thread, rendered from the op's RunEvents.
+A step may carry a status (ok, warn, fail, info) and links (the smoke check's execution and logs), shown with it.
 
 The builders are pure; `show_op_event` is what the notifier calls for an event whose run id is an op id.
 """
@@ -32,7 +33,10 @@ OP_PREFIX = "pv-"
 _WHAT = {
     "finetune": "provisioning the fine-tuning job",
     "inference": "provisioning the inference app",
+    "smoke": "a smoke check of the Azure set-up (one short CPU execution of the job's twin)",
 }
+# A step's status as an emoji; a notice without one is a plain step.
+_STEP = {"ok": ":white_check_mark:", "warn": ":warning:", "fail": ":x:", "info": ":small_blue_diamond:"}
 _STATE = {
     "queued": ":hourglass_flowing_sand: queued",
     "running": ":arrows_counterclockwise: running",
@@ -64,9 +68,19 @@ def render_op_root(op) -> Message:
     return message(f"{op.id}: {what} ({op.state})", blocks)
 
 
-def render_op_notice(op, text: str) -> Message:
+def render_op_notice(op, text: str, step: str = "", status: str = "", links: dict[str, str] | None = None,
+                     hint: dict[str, str] | None = None) -> Message:
+    """One step in the op's thread: its status, its name in bold (unless the text begins with it), the text with the
+    command that helps, and its links."""
     text = truncate(str(text), 2000)
-    return message(f"{op.id}: {text}", [section(f":small_blue_diamond: {escape(text)}")])
+    icon = _STEP.get(status, _STEP["info"])
+    named = bool(step) and not (text.startswith(step) and text[len(step):len(step) + 1] in (":", " "))
+    head = f"*{escape(step)}*: " if named else ""
+    blocks = [section(f"{icon} {head}{words.with_hint(escape(text), hint)}")]
+    if links:
+        blocks.append(context(render_links(links)))
+    plain = f"{step}: {text}" if named else text
+    return message(f"{op.id}: {plain}", blocks)
 
 
 def render_op_succeeded(op, data: dict[str, Any]) -> Message:
@@ -89,6 +103,8 @@ def render_op_failed(op, data: dict[str, Any]) -> Message:
         "inference": "Provisioning is idempotent: once the cause is fixed, `/finetune provision inference` again.",
         "secret": f"The value of {escape(op.target)} is stored in Key Vault; once the cause is fixed, "
                   "`/finetune provision finetune` adds the job's reference to it.",
+        "smoke": "The smoke check changes nothing a run uses: once the cause is fixed, `/finetune provision check` "
+                 "again.",
     }.get(op.kind)
     if after:
         blocks.append(context(after))
@@ -98,7 +114,9 @@ def render_op_failed(op, data: dict[str, Any]) -> Message:
 def render_op_event(op, event: RunEvent) -> Message | None:
     """The thread message for one of the op's events; None for kinds an op does not tell."""
     if event.kind == "notice":
-        return render_op_notice(op, event.data.get("text", ""))
+        return render_op_notice(op, event.data.get("text", ""), str(event.data.get("step") or ""),
+                                str(event.data.get("status") or ""), event.data.get("links") or None,
+                                event.data.get("hint") or None)
     if event.kind == "succeeded":
         return render_op_succeeded(op, event.data)
     if event.kind == "failed":

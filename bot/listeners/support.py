@@ -34,6 +34,7 @@ def unsupported(rt: BotRuntime, cmd: grammar.Provision | grammar.SecretSet | gra
         return ""
     if isinstance(cmd, grammar.Provision):
         configs = {"finetune": "infra/finetuning.config.json", "inference": "infra/inference.config.json",
+                   "check": "infra/finetuning.config.json",
                    None: "infra/finetuning.config.json and infra/inference.config.json"}[cmd.target]
         need = f"`provision` needs TUNEOPS_BACKEND=aca and {configs} in the workspace"
     else:

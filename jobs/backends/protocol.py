@@ -9,6 +9,7 @@ execution on an Azure Files share). What a backend cannot do it refuses with a B
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol
@@ -93,6 +94,28 @@ class DeployStarted:
     op_id: str = ""
 
 
+@dataclass
+class SmokeStep:
+    """One step of a smoke check (`Backend.smoke_check`): what was checked, how it went, in words."""
+
+    name: str                     # "share", "Key Vault references", "payload import", ...
+    status: str                   # ok | warn | fail | info
+    text: str
+    links: dict[str, str] = field(default_factory=dict)   # portal links (the execution, its logs)
+    hint: Hint | None = None      # the command that fixes a failed step, when there is one
+
+
+@dataclass
+class SmokeResult:
+    """How a smoke check ended: passed or not, a one-line verdict, the steps, and where to look."""
+
+    passed: bool
+    verdict: str
+    steps: list[SmokeStep] = field(default_factory=list)
+    links: dict[str, str] = field(default_factory=dict)
+    hint: Hint | None = None
+
+
 # What a backend may offer beyond training and deploying; `jobs.backends.offers` says which.
 SECRETS = "secrets"
 PROVISION = "provision"
@@ -160,4 +183,10 @@ class Backend(Executor, Protocol):
         """What `provision [target]` provisions here (kinds for enqueue_provision), and a note on what is left out."""
 
     def enqueue_provision(self, kind: str, requester: str, channel: str) -> str:
-        """Queue creating or updating the backend's resources (`finetune` or `inference`); returns the op id."""
+        """Queue creating or updating the backend's resources (`finetune` or `inference`), or a smoke check
+        (`smoke`); returns the op id."""
+
+    def smoke_check(self, report: Callable[[SmokeStep], None], log_wait_s: float | None = None) -> SmokeResult:
+        """Run one short, cheap execution that proves the chain a run needs (share, secrets, payload code, logs),
+        reporting each step as it goes; synchronous (`tuneops doctor --smoke`). Raises BackendError when the backend
+        has nothing to check."""

@@ -168,7 +168,7 @@ class Op:
     (pv-0001); its progress is RunEvents whose run_id is the op id (jobs.backends.aca.ops runs them)."""
 
     id: str
-    kind: str                 # finetune | inference | secret | deploy
+    kind: str                 # finetune | inference | secret | deploy | smoke
     requester: str
     channel: str
     state: str = "queued"     # queued | running | succeeded | failed

@@ -1,4 +1,5 @@
-"""The `tuneops` CLI and `tuneops doctor`: plain messages and exit codes, against real Redis and the Slack stand-in."""
+"""The `tuneops` CLI and `tuneops doctor`: plain messages and exit codes, against real Redis and the Slack stand-in
+(and, for `doctor --smoke`, the Azure stand-in)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import sys
 import pytest
 
 from bot.doctor import run_checks
+from tests.azure.conftest import aca, standin  # noqa: F401  (fixtures: the Azure stand-in, the real SDK clients)
 from tests.bot.conftest import BOT_TOKEN
 from tests.conftest import ROOT, free_port
 
@@ -106,3 +108,53 @@ def test_help_names_the_four_commands():
     assert result.returncode == 0
     for name in ("bot", "worker", "demo", "doctor"):
         assert name in result.stdout
+
+
+# ---- tuneops doctor --smoke -------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def aca_env(bot_env, aca, tmp_path, monkeypatch):
+    """The CLI's environment on the ACA backend, pointing at the Azure stand-in (in this process: the CLI here uses
+    the stand-in's static token that the `aca` fixture installed)."""
+    env = {**bot_env, **aca.env, "TUNEOPS_BACKEND": "aca", "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    return env
+
+
+def test_doctor_smoke_prints_each_step_and_passes_only_when_the_check_does(aca_env, aca, capsys):
+    from bot import cli
+    from jobs.backends.aca.provision import provision_finetune
+    from jobs.backends.aca.standin import ExecutionPlan, Fault, run_command
+
+    provision_finetune(aca.clients)
+    aca.standin.set_usage("SubscriptionConsumptionNCA100Gpus", 0, 0)
+    aca.standin.plan_execution(ExecutionPlan(program=run_command()))
+    assert cli.main(["doctor", "--smoke", "--log-wait", "1"]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert lines[0] == "Smoke check on the aca backend: one short execution; each step as it ends."
+    assert any(line.startswith("[WARN   ] GPU quota: GPU quota: 0 A100") and "Runs will not start" in line
+               for line in lines)
+    for step in ("smoke job", "payload code", "start", "share", "Key Vault references", "payload import",
+                 "Log Analytics"):
+        assert any(line.startswith(f"[ok     ] {step}: ") for line in lines), (step, out)
+    assert any(line.strip().startswith("logs: https://portal.azure.com/") for line in lines)
+    assert lines[-1].startswith("Smoke check passed")
+
+    aca.standin.inject(Fault("arm", path=r"/jobs/tuneops-ft-smoke/start$", method="POST", status=403,
+                             code="AuthorizationFailed", message="no jobs/start/action"))
+    assert cli.main(["doctor", "--smoke", "--log-wait", "1"]) == 1
+    out = capsys.readouterr().out
+    assert "[FAILED ] start: Could not start the smoke job tuneops-ft-smoke" in out
+    assert out.splitlines()[-1].startswith("Smoke check failed at start: ") and "Traceback" not in out
+
+
+def test_doctor_smoke_on_the_local_backend_says_there_is_no_azure_to_check(tmp_path):
+    env = {"REDIS_URL": f"redis://127.0.0.1:{free_port()}/0", "TUNEOPS_BACKEND": "local",
+           "TUNEOPS_WORKSPACE": str(tmp_path), "TUNEOPS_PYTHON": sys.executable}
+    result = tuneops("doctor", "--smoke", env=env)
+    assert result.returncode == 1
+    assert "[FAILED ] smoke check: the local backend has no Azure to check" in result.stdout
+    assert "Traceback" not in result.stdout + result.stderr

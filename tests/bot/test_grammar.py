@@ -57,6 +57,8 @@ from bot.grammar import (
     ("provision", Provision()),
     ("provision finetune", Provision("finetune")),
     ("provision inference", Provision("inference")),
+    ("provision check", Provision("check")),
+    ("provision CHECK", Provision("check")),
 ])
 def test_every_subcommand_parses(text, expected):
     assert parse(text) == expected
@@ -123,6 +125,7 @@ def _error(text: str) -> ParseError:
     ("secret set 1BAD", ["A secret name is a letter"], USAGE["secret"]),
     ("secret get HF_TOKEN", ["`secret get` is not known"], USAGE["secret"]),
     ("provision everything", ["`provision` takes `finetune`, `inference` or nothing"], USAGE["provision"]),
+    ("provision check now", ["or `check` (a short smoke run of the set-up)"], USAGE["provision"]),
     ("help me please", ["`help` takes at most one subcommand"], USAGE["help"]),
     # shell-style quoting gone wrong
     ('run --name "unclosed', ["A quote is not closed"], GENERAL_USAGE),

@@ -8,7 +8,7 @@ import re
 from tests.conftest import ROOT
 
 # Set by tuneops on each ACA execution (documented as such), not settings a person gives.
-SET_BY_TUNEOPS = {"TUNEOPS_RUN_ID", "TUNEOPS_ATTEMPT", "TUNEOPS_CONFIG"}
+SET_BY_TUNEOPS = {"TUNEOPS_RUN_ID", "TUNEOPS_ATTEMPT", "TUNEOPS_CONFIG", "TUNEOPS_SMOKE_ID"}
 # Names the redactor knows as secrets wherever they appear; tuneops itself never reads them.
 REDACTION_ONLY = {"SLACK_CLIENT_SECRET", "SLACK_USER_TOKEN"}
 NAME = re.compile(r"""["']((?:TUNEOPS|SLACK|REDIS)_[A-Z0-9_]*[A-Z0-9])["']""")

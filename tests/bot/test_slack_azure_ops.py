@@ -13,6 +13,7 @@ from jobs.backends.aca.standin import (
     ExecutionPlan,
     Fault,
     dies_at_once,
+    run_command,
     simulated_trainer,
 )
 from jobs.core import store
@@ -176,7 +177,7 @@ async def test_a_container_that_died_before_writing_anything_shows_its_last_word
     assert failed and failed[0].reply_broadcast
     body = json.dumps(failed[0].blocks)
     assert "Last 2 log lines" in body and "exec /bin/bash: exec format error" in body
-    assert "exit" in failed[0].text or "code" in failed[0].text
+    assert "Failed" in failed[0].text  # the execution says no more than that (Job_Execution_Get.json)
 
 
 def test_doctor_includes_the_azure_checks(aca, bot_env, slack):
@@ -185,3 +186,66 @@ def test_doctor_includes_the_azure_checks(aca, bot_env, slack):
     assert checks["Azure config"].ok and checks["Azure Files share"].ok and checks["Key Vault"].ok
     assert not checks["ACA job"].ok and "/finetune provision finetune" in checks["ACA job"].detail
     assert "backend" not in checks  # the placeholder that said Azure was not checked is gone
+
+
+# ---- /finetune provision check: the smoke check -------------------------------------------------------------------
+
+SMOKE_TOKEN = "hf_smoke-slack-test-token-0123456789"
+SMOKE_STEPS = ["GPU quota", "smoke job", "payload code", "start", "share", "Key Vault references", "payload import",
+               "Log Analytics"]
+
+
+def valid_blocks(blocks) -> bool:
+    """Every block builds as slack_sdk's Block Kit model, whose validation raises on what Slack would refuse."""
+    from slack_sdk.models.blocks import Block
+
+    for b in blocks:
+        Block.parse(b).to_dict()
+    return True
+
+
+async def test_provision_check_reports_each_step_of_the_smoke_check_in_its_thread(bot, slack, aca, aca_worker):
+    from jobs.backends.aca.provision import provision_finetune
+    from jobs.backends.aca.secrets import set_secret
+
+    set_secret(aca.clients, "HF_TOKEN", SMOKE_TOKEN)
+    provision_finetune(aca.clients)
+    aca.standin.set_usage("SubscriptionConsumptionNCA100Gpus", 0, 1)
+    aca.standin.plan_execution(ExecutionPlan(program=run_command()))
+
+    status, ack, _ = await bot.command("provision check", user="U0BOB")
+    assert status == 200 and "for tuneops admins only" in ack
+    _, _, key = await bot.command("provision check")
+    [answer] = await slack.until(lambda: slack.responses[key], 20)
+    assert "pv-0001" in json.dumps(answer) and "a smoke check of the Azure set-up" in json.dumps(answer)
+
+    outcome = await op_outcome(slack, "pv-0001", timeout=120)
+    assert outcome, ([m.text for m in slack.root_messages("C0TRAIN")], worker_log(aca_worker)[-3000:])
+    root, thread = outcome
+    steps = [m.text.split(": ", 1)[1].split(":", 1)[0] for m in thread[1:-1]]
+    assert steps == SMOKE_STEPS, [m.text for m in thread]
+    assert thread[1].text.startswith("pv-0001: GPU quota: 0 of 1 A100 GPU(s)")
+    start = next(m for m in thread if m.text.startswith("pv-0001: start:"))
+    links = json.dumps(start.blocks)
+    assert "tuneops-ft-smoke/overview|ACA job>" in links and "executionHistory" in links and "LogsBlade" in links
+    assert ":white_check_mark:" in json.dumps(thread[-2].blocks)
+    assert thread[-1].text.startswith(f"<@{ADMIN}> pv-0001 is done: Smoke check passed: the share is mounted")
+    assert "LogsBlade" in json.dumps(thread[-1].blocks)
+    assert all(SMOKE_TOKEN not in json.dumps(m.blocks) + m.text for m in thread)
+    assert valid_blocks(root.blocks) and all(valid_blocks(m.blocks) for m in thread)
+    assert await slack.until(lambda: "done" in json.dumps(slack.messages["C0TRAIN"][root.ts].blocks), 10)
+    assert valid_blocks(slack.messages["C0TRAIN"][root.ts].blocks)
+
+    # the secret is gone from Key Vault: the next check fails there, in one line that says what to do
+    aca.clients.secrets.begin_delete_secret("hf-token").result()
+    _, _, key = await bot.command("provision check")
+    assert await slack.until(lambda: slack.responses[key], 20)
+    root, thread = await op_outcome(slack, "pv-0002", timeout=120)
+    failed = thread[-1]
+    assert failed.text.startswith(f"<@{ADMIN}> pv-0002 failed: Smoke check failed at Key Vault references: ")
+    assert "Set it again, then check again." in failed.text and "\n" not in failed.text
+    assert "`/finetune secret set HF_TOKEN` stores it again" in json.dumps(failed.blocks)
+    assert "`/finetune secret set HF_TOKEN` stores it again" in json.dumps(thread[-2].blocks)
+    assert "/finetune provision check" in json.dumps(failed.blocks)
+    assert ":x:" in json.dumps(thread[-2].blocks)
+    assert valid_blocks(failed.blocks) and all(valid_blocks(m.blocks) for m in thread)

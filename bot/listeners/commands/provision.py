@@ -1,5 +1,7 @@
-"""`/finetune provision [finetune|inference]` (admins only): queue the provisioning as Azure operations; each op's
-steps and result go into a thread of its own in this channel (bot.ops), and this answer says which ops they are."""
+"""`/finetune provision [finetune|inference|check]` (admins only): queue the provisioning, or the smoke check of the
+set-up (`check`: one short CPU execution that proves the share, the secrets, the payload and the logs), as Azure
+operations; each op's steps and result go into a thread of its own in this channel (bot.ops), and this answer says
+which ops they are."""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """The Azure Container Apps backend whole: AcaExecutor runs the trainer as ACA job executions; this adds what the bot
-and the deploys ask of it: Key Vault secrets, Log Analytics logs, portal links, doctor checks, and the provisioning
-and deploy operations (RQ jobs of `jobs.backends.aca.ops`, reported as RunEvents of their op id).
+and the deploys ask of it: Key Vault secrets, Log Analytics logs, portal links, doctor checks (the GPU quota among
+them), the smoke check, and the provisioning and deploy operations (RQ jobs of `jobs.backends.aca.ops`, reported as
+RunEvents of their op id).
 
 Each method is quick: a Key Vault write or list, a Log Analytics query, or enqueuing an op. A secret's value goes to
 Key Vault in `set_secret` and nowhere else; ops get only the secret's name.
@@ -8,13 +9,27 @@ Key Vault in `set_secret` and nowhere else; ops get only the secret's name.
 
 from __future__ import annotations
 
-from jobs.backends.aca import ops, secrets
+from collections.abc import Callable
+
+import redis
+
+from jobs.backends.aca import ops, secrets, smoke
 from jobs.backends.aca.errors import azure_call
 from jobs.backends.aca.executor import AcaExecutor
 from jobs.backends.aca.logs import run_logs
 from jobs.backends.aca.provision import get_job
+from jobs.backends.aca.quota import read_gpu_quota
 from jobs.backends.aca.resources import InvalidSecretName, secret_name
-from jobs.backends.protocol import Check, DeployStarted, LogsAnswer, SecretInfo
+from jobs.backends.aca.sync import HashCache, default_cache_path, sync_workspace
+from jobs.backends.protocol import (
+    Check,
+    DeployStarted,
+    LogsAnswer,
+    SecretInfo,
+    SmokeResult,
+    SmokeStep,
+)
+from jobs.core import store
 from jobs.core.domain import Run
 from jobs.core.errors import BackendError, Hint
 
@@ -40,7 +55,7 @@ class AcaBackend(AcaExecutor):
     # Doctor -------------------------------------------------------------------------------------------------------
 
     def doctor(self) -> list[Check]:
-        """The config files, the job, the share, Key Vault, Log Analytics. Read-only and quick."""
+        """The config files, the job, the GPU quota, the share, Key Vault, Log Analytics. Read-only and quick."""
         cfg = self.cfg
         out = [Check("Azure config", True, str(cfg.infra_dir))]
 
@@ -62,7 +77,14 @@ class AcaBackend(AcaExecutor):
                 self.clients.share.get_share_properties()
             return cfg.file_share
 
+        def gpu_quota():
+            q = read_gpu_quota(self.clients, job=get_job(self.clients))
+            if not q.ok:
+                raise BackendError(q.line())
+            return q.line()
+
         check("ACA job", job)
+        check("GPU quota", gpu_quota)
         check("Azure Files share", share)
         if cfg.key_vault_url:
             check("Key Vault", lambda: f"{len(self.list_secrets())} secret(s)")
@@ -102,3 +124,34 @@ class AcaBackend(AcaExecutor):
 
     def enqueue_provision(self, kind: str, requester: str, channel: str) -> str:
         return ops.enqueue_provision(self.settings, kind, requester, channel)
+
+    def smoke_check(self, report: Callable[[SmokeStep], None], log_wait_s: float | None = None) -> SmokeResult:
+        """One short CPU execution of `<job>-smoke` that proves the share, the Key Vault references, the payload
+        import and the logs (jobs.backends.aca.smoke), here and now (`tuneops doctor --smoke`). It waits for a
+        smoke check that a worker runs (each check sets its id on the job); without a Redis, it goes unlocked."""
+        lock = None
+        try:
+            lock = store.connect(self.settings).lock(ops.lock_name("smoke", self.clients), timeout=ops.LOCK_TTL_S,
+                                                     blocking_timeout=ops.LOCK_WAIT_S)
+            if not lock.acquire():
+                raise BackendError("Another smoke check has been running for too long; try again later.",
+                                   transient=True)
+        except redis.exceptions.ConnectionError:
+            lock = None
+        try:
+            return smoke.run_smoke(self.clients, report, sync=self._sync_quietly, log_wait_s=log_wait_s)
+        finally:
+            if lock is not None:
+                try:
+                    lock.release()
+                except redis.exceptions.RedisError:
+                    pass  # expired, or Redis went away: the next check takes it anew
+
+    def _sync_quietly(self, sources):
+        """The executor's sync; without a Redis to serialize syncs (a laptop running the doctor), unlocked."""
+        try:
+            return self.sync(sources)
+        except redis.exceptions.ConnectionError:
+            with azure_call("sync the payload code to the Azure Files share"):
+                return sync_workspace(self.clients.share, sources, concurrency=self.clients.upload_concurrency,
+                                      cache=HashCache(default_cache_path()))

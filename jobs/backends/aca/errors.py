@@ -72,6 +72,17 @@ def azure_said(err: HttpResponseError) -> str:
     return f" Azure said: {code + ': ' if code else ''}{detail}" if (code or detail) else ""
 
 
+# Where to ask for more: Microsoft's page on Container Apps quota requests (the GPU quotas are requested there: in the
+# portal's Quotas for the subscription, by a support request for an environment), the serverless GPU page's section on
+# requesting GPU quota, and the portal's Quotas blade (the link that quota-requests page gives).
+QUOTA_REQUESTS_URL = "https://learn.microsoft.com/azure/container-apps/quota-requests"
+GPU_QUOTA_URL = "https://learn.microsoft.com/azure/container-apps/gpu-serverless-overview#request-serverless-gpu-quota"
+PORTAL_QUOTAS_URL = "https://portal.azure.com/#view/Microsoft_Azure_Capacity/QuotaMenuBlade/~/myQuotas"
+WHERE_TO_ASK_ANY = (f"request it in the Azure portal > Quotas (provider Azure Container Apps, {PORTAL_QUOTAS_URL}); "
+                    f"how, and for an environment's own quota: {QUOTA_REQUESTS_URL}")
+WHERE_TO_ASK = f"{WHERE_TO_ASK_ANY} (serverless GPUs: {GPU_QUOTA_URL})"
+
+
 def is_quota(code: str, message: str) -> bool:
     """Whether Azure's answer is about a quota: a quota code, or a message that says one is exceeded."""
     return any(c.lower() in code.lower() for c in QUOTA_CODES) or bool(QUOTA_MESSAGE.search(message))
@@ -119,19 +130,11 @@ def explain(err: Exception, action: str) -> BackendError:
     if isinstance(err, HttpResponseError) and err.status_code is not None:
         status, code, detail, said = err.status_code, error_code(err), _service_message(err), azure_said(err)
         if is_quota(code, detail):
-            # Where to ask: ACA's quota requests page (learn.microsoft.com/azure/container-apps/quota-requests): the
-            # subscription's GPU quotas in the portal's Quotas (provider Azure Container Apps), an environment's by a
-            # support request (Service and subscription limits (quotas), quota type Container Apps).
             if GPU_WORDS.search(code + " " + detail):
-                return BackendError(
-                    f"Could not {action}: the GPU quota is used up.{said} Wait for running jobs to finish, or ask for "
-                    f"more GPU quota: the subscription's in the Azure portal > Quotas (provider Azure Container Apps), "
-                    f"an environment's with a support request (Service and subscription limits (quotas), quota type "
-                    f"Container Apps); then try again.")
-            return BackendError(
-                f"Could not {action}: an Azure quota is used up.{said} Free some of it, or ask for more: the "
-                f"subscription's in the Azure portal > Quotas, a Container Apps environment's with a support request "
-                f"(Service and subscription limits (quotas), quota type Container Apps); then try again.")
+                return BackendError(f"Could not {action}: the GPU quota is used up.{said} Wait for running jobs to "
+                                    f"finish, or ask for more: {WHERE_TO_ASK}; then try again.")
+            return BackendError(f"Could not {action}: an Azure quota is used up.{said} Free some of it, or ask for more: "
+                                f"{WHERE_TO_ASK_ANY}; then try again.")
         if status in (401, 403) or code in AUTH_CODES:
             return BackendError(
                 f"Could not {action}: the bot's Azure identity is not allowed to.{said} Give it the roles listed in "

@@ -1,5 +1,6 @@
-"""Azure operations as RQ jobs: provisioning (the training job or the inference app), the job's reference to a
-Key Vault secret after a secret was set, and deploying an adapter to the inference app.
+"""Azure operations as RQ jobs: provisioning (the training job or the inference app), a smoke check of the whole
+chain before the first GPU minute (jobs.backends.aca.smoke), the job's reference to a Key Vault secret after a secret
+was set, and deploying an adapter to the inference app.
 
 Each operation gets an id like `pv-0001` and a small record in Redis; the bot acks at once and renders the
 operation's RunEvents (kinds "notice", "succeeded", "failed", run_id = the op id) from the same stream as runs'
@@ -13,11 +14,13 @@ import logging
 import re
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
-from jobs.backends.aca import provision
+from jobs.backends.aca import provision, quota, smoke
 from jobs.backends.aca.clients import AzureClients, get_clients
 from jobs.backends.aca.config import load_aca_config
+from jobs.backends.aca.executor import AcaExecutor
 from jobs.backends.aca.resources import InvalidSecretName, secret_name
 from jobs.core import queue, store
 from jobs.core.domain import Op, RunEvent
@@ -28,7 +31,8 @@ log = logging.getLogger(__name__)
 
 OP_TASK = "jobs.backends.aca.ops.run_op"      # the one RQ task that runs every kind of op
 OP_ID_RE = re.compile(r"^pv-\d{4,}$")
-KINDS = ("finetune", "inference")
+KINDS = ("finetune", "inference", "smoke")
+CHECK_TARGET = "check"      # `provision check`: the smoke check
 OP_TIMEOUT_S = 1800
 LOCK_TTL_S = 1800
 LOCK_WAIT_S = 1500
@@ -39,7 +43,10 @@ def clients_for(settings) -> AzureClients:
 
 
 def provision_targets(target: str | None, has_app: bool) -> tuple[list[str], str]:
-    """What to provision for `provision [target]`, and a note on what is left out (no app configured); pure."""
+    """What to provision for `provision [target]`, and a note on what is left out (no app configured); `check` is
+    the smoke check; pure."""
+    if target == CHECK_TARGET:
+        return ["smoke"], ""
     if target is not None:
         return [target], ""
     if has_app:
@@ -62,6 +69,7 @@ def _new_op(settings, kind: str, requester: str, channel: str, target: str = "")
 def _queued_text(kind: str, target: str) -> str:
     return {"finetune": "Provisioning the fine-tuning job: queued.",
             "inference": "Provisioning the inference app: queued.",
+            "smoke": "Smoke check (one short CPU execution of the job's twin): queued.",
             "secret": f"Adding {target} to the job's secret references: queued.",
             "deploy": f"Deploying the adapter of {target}: queued."}[kind]
 
@@ -71,11 +79,12 @@ def _enqueue(settings, op_id: str):
 
 
 def enqueue_provision(settings, kind: str, requester: str, channel: str) -> str:
-    """Queue provisioning KIND (finetune | inference); returns the op id (pv-0001) whose events report the steps and
-    the result."""
+    """Queue provisioning KIND (finetune | inference) or the smoke check (smoke); returns the op id (pv-0001) whose
+    events report the steps and the result."""
     if kind not in KINDS:
         raise BackendError(f"Unknown provision target {kind!r}: provision either the training job (finetune) or the "
-                           "inference app (inference)", hint=Hint("provision finetune", "provisions the training job"))
+                           "inference app (inference), or check the set-up (check)",
+                           hint=Hint("provision finetune", "provisions the training job"))
     op_id = _new_op(settings, kind, requester, channel)
     _enqueue(settings, op_id)
     return op_id
@@ -99,11 +108,14 @@ def enqueue_deploy_op(settings, run_id: str, requester: str, channel: str) -> st
     return op_id
 
 
-def _lock_name(kind: str, clients: AzureClients) -> str:
+def lock_name(kind: str, clients: AzureClients) -> str:
+    """The Redis lock that serializes ops of `kind` on the same Azure resource (the CLI's smoke check takes it too)."""
     cfg = clients.cfg
     if kind in ("finetune", "secret"):
-        return store.AZURE_LOCK.format(f"job:{cfg.job_name}")
-    return store.AZURE_LOCK.format(f"app:{cfg.app_name}")
+        return store.azure_lock("job", cfg.job_name)
+    if kind == "smoke":
+        return store.azure_lock("job", smoke.smoke_job_name(cfg.job_name))
+    return store.azure_lock("app", cfg.app_name)
 
 
 def run_op(op_id: str, clients: AzureClients | None = None) -> str:
@@ -129,7 +141,7 @@ def run_op(op_id: str, clients: AzureClients | None = None) -> str:
     ours = f"{op_id} failed because of an error in tuneops; the worker log has the details."
     try:
         clients = clients or clients_for(settings)
-        lock = conn.lock(_lock_name(op.kind, clients), timeout=LOCK_TTL_S, blocking_timeout=LOCK_WAIT_S)
+        lock = conn.lock(lock_name(op.kind, clients), timeout=LOCK_TTL_S, blocking_timeout=LOCK_WAIT_S)
         if not lock.acquire(blocking=False):
             notice("waiting for another provisioning of the same resource to finish")
             if not lock.acquire():
@@ -142,7 +154,7 @@ def run_op(op_id: str, clients: AzureClients | None = None) -> str:
         return fail(ours)
     try:
         conn.hset(store.OP_KEY.format(op_id), "state", "running")
-        result = _run(op, clients, settings, notice)
+        done = _run(op, clients, settings, notice, emit)
     except BackendError as e:
         log.warning("%s (%s) failed: %s", op_id, op.kind, e)
         return fail(e.reason, e.hint)
@@ -154,14 +166,21 @@ def run_op(op_id: str, clients: AzureClients | None = None) -> str:
             lock.release()
         except Exception:
             log.warning("%s: the Azure lock had expired", op_id)
-    text = result.summary()
-    _finish(conn, op_id, "succeeded", text, endpoint=result.endpoint or "")
-    links = {}
-    if op.kind in ("finetune", "secret"):
-        links = {"job": f"https://portal.azure.com/#resource{clients.cfg.job_id}/overview"}
-    emit("succeeded", text=text, changes=result.changes, created=result.created, endpoint=result.endpoint,
-         links=links, metrics={}, adapter="")
+    _finish(conn, op_id, "succeeded", done.text, endpoint=done.endpoint)
+    emit("succeeded", text=done.text, changes=done.changes, created=done.created, endpoint=done.endpoint,
+         links=done.links, metrics={}, adapter="")
     return "succeeded"
+
+
+@dataclass
+class _Done:
+    """How an op that worked ends: its one line and what the thread's last message shows."""
+
+    text: str
+    links: dict[str, str] = field(default_factory=dict)
+    changes: list[str] = field(default_factory=list)
+    created: bool = False
+    endpoint: str = ""
 
 
 def _finish(conn, op_id: str, state: str, text: str, endpoint: str = "") -> None:
@@ -169,16 +188,47 @@ def _finish(conn, op_id: str, state: str, text: str, endpoint: str = "") -> None
                                                    "endpoint": endpoint})
 
 
-def _run(op: Op, clients: AzureClients, settings, notice: Callable[[str], None]):
+def _run(op: Op, clients: AzureClients, settings, notice: Callable[[str], None], emit: Callable[..., None]) -> _Done:
+    if op.kind == "smoke":
+        return _smoke(clients, settings, emit)
     if op.kind == "finetune":
-        return provision.provision_finetune(clients, notice)
-    if op.kind == "inference":
-        return provision.provision_inference(clients, notice)
-    if op.kind == "secret":
-        return provision.ensure_secret_reference(clients, op.target, notice)
-    if op.kind == "deploy":
+        report_gpu_quota(clients, emit)
+        result = provision.provision_finetune(clients, notice)
+    elif op.kind == "inference":
+        result = provision.provision_inference(clients, notice)
+    elif op.kind == "secret":
+        result = provision.ensure_secret_reference(clients, op.target, notice)
+    elif op.kind == "deploy":
         run = store.load_run(store.connect(settings), op.target)
         if run is None or not run.adapter_path:
             raise BackendError(f"{op.target} has no adapter to deploy: only a run that succeeded can be deployed.")
-        return provision.deploy_adapter(clients, run.model, run.adapter_path, notice)
-    raise BackendError(f"unknown operation {op.kind!r}")
+        result = provision.deploy_adapter(clients, run.model, run.adapter_path, notice)
+    else:
+        raise BackendError(f"unknown operation {op.kind!r}")
+    links = {}
+    if op.kind in ("finetune", "secret"):
+        links = {"job": f"https://portal.azure.com/#resource{clients.cfg.job_id}/overview"}
+    return _Done(result.summary(), links, result.changes, result.created, result.endpoint or "")
+
+
+def report_gpu_quota(clients: AzureClients, emit: Callable[..., None]) -> None:
+    """Say, before anything is created, whether runs will get a GPU. A quota of 0 does not stop provisioning (the
+    job can exist before the quota is granted); the line says that runs will not start until then."""
+    try:
+        q = quota.read_gpu_quota(clients, job=provision.get_job(clients))
+        emit("notice", text=q.line(), step="GPU quota", status="ok" if q.state in ("ok", "not_gpu") else "warn")
+    except BackendError as e:
+        emit("notice", text=f"GPU quota: could not read it. {e.reason}", step="GPU quota", status="warn")
+
+
+def _smoke(clients: AzureClients, settings, emit: Callable[..., None]) -> _Done:
+    """The smoke check, each step a notice with its status and links; a failed check fails the op with its verdict."""
+    def report(step) -> None:
+        emit("notice", text=step.text, step=step.name, status=step.status, links=step.links,
+             hint=step.hint.as_data() if step.hint else {})
+
+    executor = AcaExecutor(settings, clients=clients)
+    result = smoke.run_smoke(clients, report, sync=executor.sync)
+    if not result.passed:
+        raise BackendError(result.verdict, hint=result.hint)
+    return _Done(result.verdict, result.links)

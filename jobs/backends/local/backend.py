@@ -6,6 +6,7 @@ provision: those it refuses with what to do instead.
 from __future__ import annotations
 
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 from jobs.backends.local import inference
@@ -18,6 +19,8 @@ from jobs.backends.protocol import (
     DeployStarted,
     LogsAnswer,
     SecretInfo,
+    SmokeResult,
+    SmokeStep,
 )
 from jobs.core.domain import Run
 from jobs.core.errors import BackendError
@@ -112,3 +115,8 @@ class LocalBackend(LocalExecutor):
 
     def enqueue_provision(self, kind: str, requester: str, channel: str) -> str:
         self._refuse(PROVISION)
+
+    def smoke_check(self, report: Callable[[SmokeStep], None], log_wait_s: float | None = None) -> SmokeResult:
+        raise BackendError("the local backend has no Azure to check: the smoke check starts a short execution on "
+                           "Azure Container Apps (TUNEOPS_BACKEND=aca). Here, `tuneops doctor` checks the workspace, "
+                           "the default model and the trainer.")
