@@ -3,13 +3,27 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test setup redis-server bench
+.PHONY: demo test test-azure-floors setup redis-server bench
 
 demo: setup redis-server
 	$(BIN)/tuneops demo
 
 test: setup redis-server
 	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+# The Azure tests again, on the oldest versions pyproject.toml allows (ci/azure-floors.txt), in a venv of their own.
+FLOORS_VENV ?= .venv-floors
+AZURE_TESTS := tests/azure tests/bot/test_slack_azure_*.py tests/bot/test_deploy_aca.py
+
+test-azure-floors: $(FLOORS_VENV)/.installed redis-server
+	$(FLOORS_VENV)/bin/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS) $(AZURE_TESTS)
+
+$(FLOORS_VENV)/.installed: pyproject.toml ci/azure-floors.txt
+	test -x $(FLOORS_VENV)/bin/python || $(PY) -m venv $(FLOORS_VENV)
+	$(FLOORS_VENV)/bin/pip install -q --disable-pip-version-check torch==2.13.0
+	$(FLOORS_VENV)/bin/pip install -q --disable-pip-version-check -c ci/azure-floors.txt -e '.[payload,serve,dev]' \
+		torch==2.13.0
+	touch $@
 
 # torch is pinned first so that nothing later pulls a multi-GB CUDA build; the CPU wheel lies on this machine's disk.
 setup: $(VENV)/.installed
