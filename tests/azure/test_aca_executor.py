@@ -151,6 +151,7 @@ def test_starting_the_same_attempt_twice_gives_the_same_execution(aca, executor)
     assert first == second
     assert len(aca.standin.executions["tuneops-ft"]) == 1
     assert "execution" in executor.links(run)  # known before the run record holds the id
+    aca.standin.wait_execution("tuneops-ft", first)  # a later attempt starts once the earlier one has ended
     run.attempts = 2
     assert executor.start(run, config_for(run)) != first
 

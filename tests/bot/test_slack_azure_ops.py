@@ -7,6 +7,7 @@ import json
 import os
 
 import pytest
+from rq import Worker
 
 from bot import doctor
 from jobs.backends.aca.standin import (
@@ -52,6 +53,8 @@ async def test_provision_twice_makes_one_job_and_both_threads_report(bot, slack,
     # Two workers, and a slow create: the second provisioning starts while the first holds the job's lock.
     second_worker = standin_worker.start({**os.environ, **bot_env, "PYTHONPATH": str(ROOT)}, tmp_path / "w2.log")
     aca.standin.inject(Fault("arm", path=r"/jobs/tuneops-ft$", method="PUT", status=None, delay=1.5))
+    # Both workers listen before the ops are queued; else the first could do both, one after the other.
+    assert await slack.until(lambda: Worker.count(connection=store.connect_bytes(bot.settings.jobs)) >= 2, 60)
     try:
         await provision_twice(bot, slack, aca, aca_worker)
     finally:
