@@ -11,7 +11,7 @@ import pytest
 
 import jobs.core.settings as jobs_settings
 from jobs.backends.aca.clients import AzureClients, install_clients, reset_clients
-from jobs.backends.aca.config import AcaConfig, load_aca_config
+from jobs.backends.aca.config import AcaConfig, load_aca_config, parse_aca_config
 from jobs.backends.aca.standin import (
     ACCOUNT_KEY,
     AzureStandIn,
@@ -24,6 +24,19 @@ from tests.conftest import make_workspace, wait_for  # noqa: F401  (wait_for: fo
 
 ENV_STORAGE = "tuneopsstorage"
 SHARE = "tuneopsshare"
+
+
+# A config and an environment for the pure builders (no stand-in behind them).
+IDENTITY = "/subscriptions/s/resourceGroups/rg/providers/Microsoft.ManagedIdentity/userAssignedIdentities/id"
+BASE = {"SUBSCRIPTION_ID": "sub", "RESOURCE_GROUP_NAME": "rg", "STORAGE_ACCOUNT_NAME": "store1",
+        "FILE_SHARE_NAME": "share1", "ACA_JOB_NAME": "ft-job", "COMMANDS": ["cd /mount", "echo hi"],
+        "KEY_VAULT_URL": "https://kv.vault.azure.net", "IDENTITY_ID": IDENTITY}
+ENV = {"id": "/subscriptions/sub/resourceGroups/rg/providers/Microsoft.App/managedEnvironments/env1",
+       "location": "westus3"}
+
+
+def cfg(**extra):
+    return parse_aca_config(dict(BASE, **extra), {"ACA_APP_NAME": "infer", "MAX_REPLICAS": 3}, {}, Path("/infra"))
 
 
 @pytest.fixture

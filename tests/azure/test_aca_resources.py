@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from jobs.backends.aca.config import SEED_IMAGE, parse_aca_config
+from jobs.backends.aca.config import SEED_IMAGE
 from jobs.backends.aca.logs import build_log_query, kql_string, portal_links
 from jobs.backends.aca.provision import differs
 from jobs.backends.aca.resources import (
@@ -32,17 +32,7 @@ from jobs.backends.aca.resources import (
 from jobs.backends.aca.standin import _tokens, run_kql
 from jobs.backends.protocol import ExecStatus
 from jobs.core.domain import Run
-
-IDENTITY = "/subscriptions/s/resourceGroups/rg/providers/Microsoft.ManagedIdentity/userAssignedIdentities/id"
-BASE = {"SUBSCRIPTION_ID": "sub", "RESOURCE_GROUP_NAME": "rg", "STORAGE_ACCOUNT_NAME": "store1",
-        "FILE_SHARE_NAME": "share1", "ACA_JOB_NAME": "ft-job", "COMMANDS": ["cd /mount", "echo hi"],
-        "KEY_VAULT_URL": "https://kv.vault.azure.net", "IDENTITY_ID": IDENTITY}
-ENV = {"id": "/subscriptions/sub/resourceGroups/rg/providers/Microsoft.App/managedEnvironments/env1",
-       "location": "westus3"}
-
-
-def cfg(**extra):
-    return parse_aca_config(dict(BASE, **extra), {"ACA_APP_NAME": "infer", "MAX_REPLICAS": 3}, {}, Path("/infra"))
+from tests.azure.conftest import ENV, IDENTITY, cfg
 
 
 @pytest.mark.parametrize("env,name", [("HF_TOKEN", "hf-token"), ("WANDB_API_KEY", "wandb-api-key"),

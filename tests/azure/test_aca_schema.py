@@ -7,13 +7,11 @@ import copy
 import json
 import re
 from importlib.resources import files
-from pathlib import Path
 from urllib.parse import urldefrag, urljoin
 
 import pytest
 
 from jobs.backends.aca import resources, schema
-from jobs.backends.aca.config import parse_aca_config
 from jobs.backends.aca.executor import AcaExecutor
 from jobs.backends.aca.logs import query_logs
 from jobs.backends.aca.provision import provision_finetune
@@ -22,7 +20,7 @@ from jobs.backends.aca.share import list_files, read_range, size_of, write_bytes
 from jobs.backends.protocol import ExecStatus
 from jobs.core.domain import Run
 from jobs.core.runconfig import build_train_config
-from tests.azure.conftest import wait_for
+from tests.azure.conftest import ENV, cfg, wait_for
 
 RESTSPEC = files("jobs.backends.aca") / "restspec"
 ARM = "/subscriptions/{subscriptionId}/resourceGroups/{resourceGroupName}/providers/Microsoft.App"
@@ -32,16 +30,6 @@ APP = "/subscriptions/sub/resourceGroups/rg/providers/Microsoft.App/containerApp
 FILE = "/store1/share1/runs/ft-0001/train.log"
 
 # As tests/azure/test_aca_resources.py builds them.
-IDENTITY = "/subscriptions/s/resourceGroups/rg/providers/Microsoft.ManagedIdentity/userAssignedIdentities/id"
-BASE = {"SUBSCRIPTION_ID": "sub", "RESOURCE_GROUP_NAME": "rg", "STORAGE_ACCOUNT_NAME": "store1",
-        "FILE_SHARE_NAME": "share1", "ACA_JOB_NAME": "ft-job", "COMMANDS": ["cd /mount", "echo hi"],
-        "KEY_VAULT_URL": "https://kv.vault.azure.net", "IDENTITY_ID": IDENTITY}
-ENV = {"id": "/subscriptions/sub/resourceGroups/rg/providers/Microsoft.App/managedEnvironments/env1",
-       "location": "westus3"}
-
-
-def cfg(**extra):
-    return parse_aca_config(dict(BASE, **extra), {"ACA_APP_NAME": "infer", "MAX_REPLICAS": 3}, {}, Path("/infra"))
 
 
 def example(name: str) -> dict:

@@ -128,23 +128,31 @@ def _storage_of(existing: Mapping | None) -> str:
     return (volume or {}).get("storageName") or ""
 
 
+def read_environment(clients: AzureClients, existing: Mapping | None = None, purpose: str = "Reading the environment"
+                     ) -> dict:
+    """The managed environment of `existing` (a job or app Azure has), else ACA_ENVIRONMENT_NAME's."""
+    cfg = clients.cfg
+    env_id = ((existing or {}).get("properties") or {}).get("environmentId") or ""
+    name = env_id.rstrip("/").rsplit("/", 1)[-1] if env_id else cfg.environment_name
+    if not name:
+        cfg.require(purpose, "environment_name")
+    with azure_call(f"read the Container Apps environment {name}"):
+        try:
+            return as_plain(clients.arm.managed_environments.get(cfg.resource_group, name))
+        except ResourceNotFoundError:
+            raise BackendError(f"The Container Apps environment {name} does not exist in {cfg.resource_group}: "
+                               f"deploy infra/provision/finetuning.bicep first (see infra/README.md), or fix "
+                               f"ACA_ENVIRONMENT_NAME in infra/finetuning.config.json.") from None
+
+
 def resolve_environment(clients: AzureClients, existing: Mapping | None, profile: str, notice: Notice,
                         profile_type: str = "") -> tuple[dict, str]:
     """The managed environment (the existing resource's, else ACA_ENVIRONMENT_NAME) and the name of its storage for
     the share, both checked: the workload profile must exist, be of the type the config's CPU and memory were
     sized for, and the storage must point at FILE_SHARE_NAME."""
     cfg = clients.cfg
-    env_id = ((existing or {}).get("properties") or {}).get("environmentId") or ""
-    env_name = env_id.rstrip("/").rsplit("/", 1)[-1] if env_id else cfg.environment_name
-    if not env_name:
-        cfg.require("Creating the ACA job", "environment_name")
-    with azure_call(f"read the Container Apps environment {env_name}"):
-        try:
-            environment = as_plain(clients.arm.managed_environments.get(cfg.resource_group, env_name))
-        except ResourceNotFoundError:
-            raise BackendError(f"The Container Apps environment {env_name} does not exist in {cfg.resource_group}: "
-                               f"deploy infra/provision/finetuning.bicep first (see infra/README.md), or fix "
-                               f"ACA_ENVIRONMENT_NAME in infra/finetuning.config.json.") from None
+    environment = read_environment(clients, existing, "Creating the ACA job")
+    env_name = str(environment.get("name") or cfg.environment_name)
     types = {p.get("name"): p.get("workloadProfileType") or ""
              for p in (environment.get("properties") or {}).get("workloadProfiles") or []}
     if types and profile not in types:

@@ -18,11 +18,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from azure.core.exceptions import ResourceNotFoundError
-
 from jobs.backends.aca import profiles
 from jobs.backends.aca.clients import AzureClients
 from jobs.backends.aca.errors import WHERE_TO_ASK, azure_call
+from jobs.backends.aca.provision import read_environment
 from jobs.backends.aca.resources import as_plain
 from jobs.core.errors import BackendError, Hint
 
@@ -201,28 +200,12 @@ def location_name(location: str) -> str:
 
 # ---- reading it from Azure ---------------------------------------------------------------------------------------
 
-def read_environment(clients: AzureClients, job: Mapping[str, Any] | None = None) -> dict:
-    """The job's managed environment: the job's own (when it exists), else ACA_ENVIRONMENT_NAME."""
-    cfg = clients.cfg
-    env_id = ((job or {}).get("properties") or {}).get("environmentId") or ""
-    name = env_id.rstrip("/").rsplit("/", 1)[-1] if env_id else cfg.environment_name
-    if not name:
-        cfg.require("Reading the GPU quota", "environment_name")
-    with azure_call(f"read the Container Apps environment {name}"):
-        try:
-            return as_plain(clients.arm.managed_environments.get(cfg.resource_group, name))
-        except ResourceNotFoundError:
-            raise BackendError(f"The Container Apps environment {name} does not exist in {cfg.resource_group}: deploy "
-                               f"infra/provision/finetuning.bicep first (see infra/README.md), or fix "
-                               f"ACA_ENVIRONMENT_NAME in infra/finetuning.config.json.") from None
-
-
 def read_gpu_quota(clients: AzureClients, environment: Mapping[str, Any] | None = None,
                    job: Mapping[str, Any] | None = None) -> GpuQuota:
     """The GPU quota for the job's workload profile (WORKLOAD_PROFILE_NAME), from both usage lists. One list that
     cannot be read (the subscription's needs a role at subscription scope) leaves a note; both failing raises."""
     cfg = clients.cfg
-    environment = environment if environment is not None else read_environment(clients, job)
+    environment = environment if environment is not None else read_environment(clients, job, "Reading the GPU quota")
     env_name = str(environment.get("name") or cfg.environment_name)
     # The environment says what type its profile WORKLOAD_PROFILE_NAME has; the config's WORKLOAD_PROFILE_TYPE (where
     # the config has the key; it is the type the Bicep template would give it) serves only when it does not say.

@@ -32,11 +32,12 @@ from jobs.backends.aca.logs import portal_links, query_logs
 from jobs.backends.aca.provision import (
     differs,
     get_job,
+    read_environment,
     resolve_environment,
     vault_refs_of,
     vault_secret_envs,
 )
-from jobs.backends.aca.quota import read_environment, read_gpu_quota
+from jobs.backends.aca.quota import read_gpu_quota
 from jobs.backends.aca.resources import (
     CODE_PATH,
     MOUNT,

@@ -1,13 +1,5 @@
-"""A local stand-in for the Azure services tuneops uses, served over TLS so the real azure-* SDK clients talk to it.
-
-It implements what the code calls, with the REST shapes the SDKs send and expect: ARM Container Apps (managed
-environments and their storages, jobs with start/executions/stop, container apps with revision restart, long-running
-operations), Key Vault secrets (with the 401 challenge handshake), Azure Files (share, directory, file create, put
-range, list, get with ranges, properties, delete) and the Log Analytics query API (a small KQL subset, failing loudly
-on anything else). Faults can be injected: an HTTP status with Retry-After, a slow answer, an execution that ends
-Failed or Degraded, a replica timeout. A started execution runs a "container program" against the share's folder,
-which stands in for the GPU container that mounts the share at /mount.
-"""
+"""The stand-in's server: four aiohttp apps on local TLS ports (one per service, each in a module of this package),
+the state they share, fault injection, and what tests configure and inspect (see the package's docstring)."""
 
 from __future__ import annotations
 
