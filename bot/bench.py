@@ -1,8 +1,12 @@
-"""Ack latency benchmark: `python -m bot.bench [--commands 1000] [--clients 20] [--text "status"]`.
+"""Ack latency benchmark: `python -m bot.bench [--round 400] [--rounds 3] [--clients 20] [--text "list"]`.
 
-Starts a private redis-server, the Slack stand-in and `tuneops bot --http` as its own process, then fires signed slash
-commands at POST /slack/events from concurrent clients and prints ack latency p50/p99 and commands per second.
-Goal on 2 CPU cores: p99 <= 50 ms and >= 200 commands/s (Slack gives up after 3,000 ms).
+Starts a private redis-server and the Slack stand-in, then, one after the other on the same machine, a bare Bolt
+AsyncApp that acks `/finetune` with a constant (`bot.bench_bare`: the floor) and `tuneops bot --http`, each as a fresh
+process. Each gets rounds of signed slash commands at POST /slack/events from concurrent clients: the first round
+right after the process says it is ready (cold), the others warm. It prints ack latency p50/p99 per round for both,
+commands per second, and the ratios of tuneops to the bare app.
+Goals on 2 CPU cores: warm p99 <= 1.3x the bare app's, cold p99 <= 1.5x; warm p99 <= 50 ms and >= 200 commands/s
+(Slack gives up after 3,000 ms).
 """
 
 from __future__ import annotations
@@ -112,17 +116,42 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[k]
 
 
+async def wait_listening(url: str, proc: subprocess.Popen, timeout: float = 60) -> None:
+    """Until the app answers HTTP at all (the bare app has no /healthz; any answer to a GET will do)."""
+    deadline = time.monotonic() + timeout
+    async with aiohttp.ClientSession() as s:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise DemoError(f"the app exited with {proc.returncode}")
+            try:
+                async with s.get(url + "/slack/events") as r:
+                    await r.read()
+                    return
+            except aiohttp.ClientError:
+                await asyncio.sleep(0.1)
+    raise DemoError("the app did not start listening")
+
+
+def round_stats(latencies: list[float], wall: float, failures: int) -> dict:
+    ms = [x * 1000 for x in latencies]
+    return {"p50_ms": round(percentile(ms, 0.50), 1), "p99_ms": round(percentile(ms, 0.99), 1),
+            "max_ms": round(max(ms), 1), "commands_per_s": round(len(ms) / wall, 1), "non_200": failures}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bot.bench", description=__doc__.splitlines()[0])
-    ap.add_argument("--commands", type=int, default=1000)
+    ap.add_argument("--round", type=int, default=400, help="commands per round")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds per app; the first is cold")
     ap.add_argument("--clients", type=int, default=20)
-    ap.add_argument("--text", default="status", help="the /finetune text to send (default: status)")
-    ap.add_argument("--warmup", type=int, default=50, help="commands sent first and not counted")
+    ap.add_argument("--text", default="list", help="the /finetune text to send (default: list)")
     ap.add_argument("--rate", type=float, help="offer this many commands/s in all instead of as many as acked")
+    ap.add_argument("--no-baseline", action="store_true", help="measure tuneops only, not the bare Bolt app")
     ap.add_argument("--profile", metavar="FILE", help="run the bot under cProfile and write its stats to FILE")
     args = ap.parse_args(argv)
 
     tmp = Path(tempfile.mkdtemp(prefix="tuneops-bench-"))
+    results: dict[str, list[dict]] = {}
+    answered = 0
     with ExitStack() as stack:
         stack.callback(shutil.rmtree, tmp, True)
         try:
@@ -140,18 +169,9 @@ def main(argv: list[str] | None = None) -> int:
             # enough (nothing loads it).
             (ws / "model-cache" / "tiny").mkdir(parents=True)
             secret = secrets.token_hex(16)
-            port = _free_port()
             env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "SLACK_BOT_TOKEN": token,
                    "SLACK_SIGNING_SECRET": secret, "SLACK_API_URL": slack.api_url, "SLACK_APP_TOKEN": "",
                    "REDIS_URL": redis_url, "TUNEOPS_WORKSPACE": str(ws), "TUNEOPS_PYTHON": sys.executable}
-            with open(tmp / "bot.log", "wb") as log:
-                profile = ["-m", "cProfile", "-o", str(Path(args.profile).resolve())] if args.profile else []
-                bot = subprocess.Popen([sys.executable, *profile, "-m", "bot.cli", "bot", "--http", "--host",
-                                        "127.0.0.1", "--port", str(port)], env=env, cwd=REPO_ROOT, stdout=log,
-                                       stderr=subprocess.STDOUT, start_new_session=True)
-            stack.callback(_stop, bot, "bot", True)
-            url = f"http://127.0.0.1:{port}"
-            asyncio.run(wait_healthy(url, bot))
 
             def make(n: int) -> list[tuple[bytes, dict[str, str]]]:
                 out = []
@@ -161,38 +181,70 @@ def main(argv: list[str] | None = None) -> int:
                     out.append((body.encode(), standin.signed_headers(secret, body)))
                 return out
 
-            asyncio.run(fire(url, make(args.warmup), args.clients))
-            # The warm-up's work after the ack must be over before the measured commands start.
-            slack.wait_for(lambda: sum(len(v) for v in slack.responses.values()) >= args.warmup, 60)
-            answered_before = sum(len(v) for v in slack.responses.values())
-            latencies, wall, failures = asyncio.run(fire(url, make(args.commands), args.clients, args.rate))
-            # The work after each ack (a Redis read, an answer on response_url) still has to finish.
-            expected = answered_before + args.commands
-            slack.wait_for(lambda: sum(len(v) for v in slack.responses.values()) >= expected, 60)
-            answered = sum(len(v) for v in slack.responses.values()) - answered_before
+            def answers() -> int:
+                return sum(len(v) for v in slack.responses.values())
+
+            for kind in (() if args.no_baseline else ("bare",)) + ("tuneops",):
+                port = _free_port()
+                if kind == "bare":
+                    cmd = [sys.executable, "-m", "bot.bench_bare", "--port", str(port)]
+                else:
+                    profile = ["-m", "cProfile", "-o", str(Path(args.profile).resolve())] if args.profile else []
+                    cmd = [sys.executable, *profile, "-m", "bot.cli", "bot", "--http", "--host", "127.0.0.1",
+                           "--port", str(port)]
+                with open(tmp / f"{kind}.log", "wb") as log:
+                    proc = subprocess.Popen(cmd, env=env, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                            start_new_session=True)
+                url = f"http://127.0.0.1:{port}"
+                try:
+                    # Ready as each says it: tuneops' /healthz, the bare app's listening socket.
+                    asyncio.run(wait_healthy(url, proc) if kind == "tuneops" else wait_listening(url, proc))
+                    rounds = []
+                    for _ in range(args.rounds):
+                        before = answers()
+                        rounds.append(round_stats(*asyncio.run(fire(url, make(args.round), args.clients, args.rate))))
+                        if kind == "tuneops":
+                            # The work after each ack (a Redis read, an answer on response_url) ends before the next
+                            # round, so that a round measures acks, not the backlog of the last one.
+                            slack.wait_for(lambda: answers() >= before + args.round, 60)
+                            answered += answers() - before
+                    results[kind] = rounds
+                finally:
+                    _stop(proc, kind, True)
         except DemoError as e:
             print(f"The benchmark cannot run: {e}", file=sys.stderr)
             return 1
 
-    ms = [x * 1000 for x in latencies]
-    result = {
-        "commands": args.commands, "clients": args.clients, "text": args.text, "cpus": os.cpu_count(),
-        "offered_rate": args.rate,
-        "ack_p50_ms": round(percentile(ms, 0.50), 1), "ack_p99_ms": round(percentile(ms, 0.99), 1),
-        "ack_max_ms": round(max(ms), 1), "commands_per_s": round(args.commands / wall, 1),
-        "non_200": failures, "answered_after_ack": answered,
-    }
+    def warm(kind: str, key: str) -> float:
+        rows = results[kind][1:] or results[kind]
+        return max(r[key] for r in rows) if key.endswith("ms") else min(r[key] for r in rows)
+
     paced = f", offered at {args.rate:g}/s" if args.rate else ", each as soon as the last was acked"
-    print(f"{args.commands} signed `/finetune {args.text}` from {args.clients} concurrent clients{paced} "
-          f"({os.cpu_count()} CPUs):")
-    print(f"  ack latency p50 {result['ack_p50_ms']} ms, p99 {result['ack_p99_ms']} ms, max {result['ack_max_ms']} ms")
-    print(f"  {result['commands_per_s']} commands/s; {failures} not 200; {answered} answered on response_url")
-    # Paced, the bot cannot go faster than it is offered: the rate goal is met when it kept up with the offer.
-    kept_up = result["commands_per_s"] >= 200 or (args.rate and args.rate >= 200 and result["commands_per_s"] >=
-                                                  0.98 * args.rate)
-    goal = result["ack_p99_ms"] <= 50 and kept_up
-    print(f"  goal (p99 <= 50 ms, >= 200 commands/s): {'met' if goal else 'NOT met'}")
-    print(json.dumps(result))
+    print(f"{args.rounds} rounds of {args.round} signed `/finetune {args.text}` from {args.clients} concurrent "
+          f"clients{paced} ({os.cpu_count()} CPUs); round 1 is cold (right after the process said it was ready):")
+    for kind, rounds in results.items():
+        name = "bare Bolt app" if kind == "bare" else "tuneops"
+        for i, r in enumerate(rounds, 1):
+            print(f"  {name:13} round {i}: ack p50 {r['p50_ms']} ms, p99 {r['p99_ms']} ms, max {r['max_ms']} ms; "
+                  f"{r['commands_per_s']} commands/s; {r['non_200']} not 200")
+    print(f"  tuneops answered {answered} commands on response_url after their acks")
+    summary = {"round": args.round, "rounds": args.rounds, "clients": args.clients, "text": args.text,
+               "cpus": os.cpu_count(), "offered_rate": args.rate, "results": results}
+    t_warm, t_rate = warm("tuneops", "p99_ms"), warm("tuneops", "commands_per_s")
+    kept_up = t_rate >= 200 or bool(args.rate and args.rate >= 200 and t_rate >= 0.98 * args.rate)
+    goals = {"warm p99 <= 50 ms, >= 200 commands/s": t_warm <= 50 and kept_up}
+    if "bare" in results:
+        warm_ratio = t_warm / max(warm("bare", "p99_ms"), 0.1)
+        cold_ratio = results["tuneops"][0]["p99_ms"] / max(results["bare"][0]["p99_ms"], 0.1)
+        summary.update(warm_p99_ratio=round(warm_ratio, 2), cold_p99_ratio=round(cold_ratio, 2))
+        print(f"  p99 ratio tuneops / bare app: warm {warm_ratio:.2f} (worst warm round of each), "
+              f"cold {cold_ratio:.2f} (round 1 of each)")
+        goals["warm p99 <= 1.3x the bare app"] = warm_ratio <= 1.3
+        goals["cold p99 <= 1.5x the bare app"] = cold_ratio <= 1.5
+    for goal, met in goals.items():
+        print(f"  goal ({goal}): {'met' if met else 'NOT met'}")
+    summary["goals"] = goals
+    print(json.dumps(summary))
     return 0
 
 
