@@ -20,8 +20,13 @@ from jobs.core.errors import BackendError, RunRejected
 log = logging.getLogger("bot.listeners")
 T = TypeVar("T")
 
-REDIS_DOWN = ("tuneops cannot reach its Redis right now, so nothing was changed. Try again in a minute; if it "
-              "persists, an admin can run `tuneops doctor`.")
+# Every fact (runs, the event stream, approvals) lives in Redis: without it the bot can change nothing and say
+# nothing true, so it says that, and what an operator looks at, instead of guessing.
+STORE_DOWN = ("tuneops cannot reach its store; try again in a minute. Nothing was changed. If it persists, "
+              "an operator checks that the Redis at REDIS_URL is running and reachable from the bot (and not out of "
+              "memory), then runs `tuneops doctor`.")
+# A store error means Redis is gone (refused, reset) or hangs (the client's socket timeout ran out).
+STORE_UNREACHABLE = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 OUR_FAULT = ("Something went wrong on tuneops' side ({what}); it is logged. `/finetune list` shows what state the "
              "runs are in; try again, or ask an admin to look at the bot's log.")
 
@@ -63,9 +68,9 @@ async def answering_errors(rt: BotRuntime, response_url: str, what: str) -> Asyn
         yield
     except (RunRejected, BackendError) as e:  # a BackendError's message says what to do (Azure config, quota, roles)
         await answer(rt, response_url, blocks.render_problem(words.refusal(e)))
-    except redis.exceptions.ConnectionError:
-        log.exception("%s: Redis is unreachable", what)
-        await answer(rt, response_url, blocks.render_problem(REDIS_DOWN))
+    except STORE_UNREACHABLE as e:
+        log.error("%s: Redis is unreachable (%s: %s)", what, type(e).__name__, e)
+        await answer(rt, response_url, blocks.render_problem(STORE_DOWN))
     except Exception:
         log.exception("%s failed", what)
         await answer(rt, response_url, blocks.render_problem(OUR_FAULT.format(what=what)))

@@ -29,6 +29,7 @@ QUEUED = f"{PREFIX}:queued"            # zset: run id -> time it joined the line
 ACTIVE = f"{PREFIX}:active"            # set: runs that hold a GPU slot (preparing or running)
 POSITIONS = f"{PREFIX}:positions"      # hash: run id -> the queue position last reported in a "queued" event
 REQUEST_KEY = PREFIX + ":request:{}"   # submit idempotency: request key -> run id
+DELIVERY_KEY = PREFIX + ":delivery:{}"  # hash: one Slack delivery's claim (bot.middleware)
 # The queue's bookkeeping (jobs.runs.tasks, jobs.reconcile)
 TICK_KEY = PREFIX + ":tick:{}"         # the job id of a run's current monitor tick
 RECONCILE_KEY = f"{PREFIX}:reconcile"  # the job id of the current reconcile pass
@@ -45,6 +46,8 @@ AZURE_LOCK = PREFIX + ":lock:azure:{}"  # one per Azure resource
 ACA_SYNC_LOCK = f"{PREFIX}:lock:aca-sync"
 LOCAL_SERVER_KEY = f"{PREFIX}:serve:local"
 LOCAL_SERVER_LOCK = f"{PREFIX}:lock:serve:local"
+# Counters the workers keep for GET /metrics (jobs.core.metrics): one hash per metric, field = its label values
+METRICS_KEY = PREFIX + ":metrics:{}"
 # The stream is a log of facts for the bot; it is capped so that it cannot grow without bound.
 STREAM_MAXLEN = 100_000
 

@@ -4,6 +4,7 @@ in a thread); slow work is enqueued for the workers. Every refusal is a RunRejec
 from __future__ import annotations
 
 import functools
+import logging
 import re
 import time
 from pathlib import Path, PurePosixPath
@@ -23,12 +24,15 @@ from jobs.runs.transitions import can_resume  # noqa: F401  (the bot offers Resu
 from payload.config import TrainConfig
 from payload.validate import validate_dataset
 
+log = logging.getLogger(__name__)
+
 MAX_REPORTED_ERRORS = 10
 MAX_NAME = 64
 MAX_PATH = 300
 HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 FLAGS = {"num_epochs": "--epochs", "learning_rate": "--lr", "max_steps": "--max-steps"}
 REQUEST_TTL_S = 3600
+REQUEST_WAIT_S = 5.0  # how long a repeated request waits for its first delivery to create the run
 
 
 # Checks (pure but for looking at the workspace) ----------------------------------------------------------------------
@@ -168,36 +172,52 @@ def submit_run(settings: JobSettings, *, requester: str, channel: str, model: st
     if not report.ok:
         raise RunRejected(format_dataset_errors(dataset_ref, dataset_path, list(report.errors)))
 
-    if request_key and not conn.set(request_key, "", nx=True, ex=REQUEST_TTL_S):
-        existing = _existing_request(conn, request_key, wait_s=5.0)
-        if existing is not None:
-            return existing
-        raise RunRejected("the same request is already being handled: look for its run in the list of runs",
-                          hint=Hint("list", "shows them"))
+    # The request key names the run's id before the run exists, so that whoever creates it (this call, or a repeat of
+    # the request after this process died half way) creates that one run and no other.
+    run_id = None
+    if request_key:
+        run_id, first = _claim_request(conn, request_key)
+        if not first:
+            existing = _existing_request(conn, request_key, wait_s=REQUEST_WAIT_S)
+            if existing is not None:
+                return existing
+            log.warning("request %s named run %s, which was never created: creating it now", request_id, run_id)
     try:
-        run = Run(id=store.new_run_id(conn), requester=requester, channel=channel, model=model_ref,
+        run = Run(id=run_id or store.new_run_id(conn), requester=requester, channel=channel, model=model_ref,
                   dataset=dataset_ref, params=params, name=run_name, backend=settings.backend)
+        if request_key and store.load_run(conn, run.id) is not None:
+            return store.load_run(conn, run.id)
         store.create_run(conn, run, lambda position: [RunEvent(run.id, "queued", {"position": position})])
     except BaseException:
         if request_key:
             conn.delete(request_key)
         raise
-    if request_key:
-        conn.set(request_key, run.id, ex=REQUEST_TTL_S)
     # If this enqueue is lost, the workers' reconcile pass admits the run.
     transitions.enqueue_admit(settings)
     return run
 
 
+def _claim_request(conn, key: str) -> tuple[str, bool]:
+    """The run id this request creates, and whether this is the request's first delivery (a new id) or a repeat (the
+    id its first delivery chose)."""
+    while True:
+        candidate = store.new_run_id(conn) if not conn.exists(key) else None
+        if candidate and conn.set(key, candidate, nx=True, ex=REQUEST_TTL_S):
+            return candidate, True
+        run_id = conn.get(key)
+        if run_id:
+            return run_id, False
+
+
 def _existing_request(conn, key: str, wait_s: float = 0.0) -> Run | None:
+    """The request's run, once it exists; waits up to `wait_s` for a first delivery that is creating it right now."""
     deadline = time.monotonic() + wait_s
     while True:
         run_id = conn.get(key)
-        if run_id:
-            return store.load_run(conn, run_id)
-        if run_id is None or time.monotonic() >= deadline:
-            return None
-        time.sleep(0.05)  # "" : the first delivery is creating the run right now
+        run = store.load_run(conn, run_id) if run_id else None
+        if run is not None or not run_id or time.monotonic() >= deadline:
+            return run
+        time.sleep(0.05)
 
 
 # Looking -------------------------------------------------------------------------------------------------------------

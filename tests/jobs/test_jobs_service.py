@@ -120,6 +120,18 @@ def test_concurrent_deliveries_of_one_request_make_one_run(settings):
     assert len(service.list_runs(settings)) == 1
 
 
+def test_a_repeat_after_the_first_delivery_died_mid_submit_makes_the_run_it_named(settings, monkeypatch):
+    # The first delivery claimed the request (and its run id), then its process died before the run was created.
+    conn = store.connect(settings)
+    conn.set(store.REQUEST_KEY.format("trigger-dead"), store.new_run_id(conn), ex=service.REQUEST_TTL_S)
+    monkeypatch.setattr(service, "REQUEST_WAIT_S", 0.2)
+    run = submit(settings, request_id="trigger-dead")
+    assert run.id == "ft-0001"
+    assert submit(settings, request_id="trigger-dead").id == "ft-0001"
+    assert [r.id for r in service.list_runs(settings)] == ["ft-0001"]
+    assert [e.kind for e in store.run_events(conn, "ft-0001")] == ["queued"]
+
+
 def test_list_is_newest_first_and_limited(settings):
     ids = [submit(settings).id for _ in range(3)]
     assert [r.id for r in service.list_runs(settings)] == ids[::-1]

@@ -11,11 +11,29 @@ from bot.listeners.support import answer, answering_errors, call, log_refusal
 from bot.runtime import BotRuntime
 from jobs.core.errors import RunRejected
 from jobs.deploys import approval
+from jobs.runs import service
+
+
+async def gone(rt: BotRuntime, approval_id: str) -> str | None:
+    """Why a click on a deploy request's card cannot be decided because the request or its run no longer exists (what
+    to do included); None when both are there. `approval.decide` checks again, atomically."""
+    req = await call(approval.get_approval, rt.settings.jobs, approval_id)
+    if req is None:
+        return (f"There is no deploy request {approval_id} any more. `/finetune deploy RUN` asks for a new one; "
+                "`/finetune list` shows the runs there are.")
+    if await call(service.get_run, rt.settings.jobs, req.run_id) is None:
+        return (f"The run {req.run_id} of {approval_id} no longer exists, so there is nothing to deploy. "
+                "`/finetune list` shows the runs there are.")
+    return None
 
 
 async def decide(rt: BotRuntime, click: Click) -> None:
     approve = click.action_id == APPROVE_ACTION
     async with answering_errors(rt, click.response_url, f"deciding on {click.value}"):
+        why = await gone(rt, click.value)
+        if why is not None:
+            await answer(rt, click.response_url, blocks.render_problem(why))
+            return
         try:
             decided = await call(approval.decide, rt.settings.jobs, click.value, click.user, approve,
                                  rt.settings.policy.approvers)
