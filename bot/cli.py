@@ -12,6 +12,7 @@ import sys
 
 from bot.redact import redactor
 from bot.settings import BotSettings
+from jobs.core.logs import setup_logging
 from jobs.core.settings import JobSettings, SettingsError
 
 
@@ -106,8 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(logging.DEBUG if args.verbose else logging.INFO)
     _redact_logs()
     try:
         return args.func(args)

@@ -1,5 +1,6 @@
 """`tuneops doctor`: checks the configuration, Redis, Slack (auth.test), the workers and the backend, and says plainly
-what is missing and what to do. Exit code 0 only when everything needed is there.
+what is missing and what to do. Exit code 0 only when everything needed is there; a warning (WARN) says what to change
+but does not fail it.
 
 `tuneops doctor --smoke` runs the backend's smoke check instead: one short, cheap execution on Azure that proves the
 share, the Key Vault references, the payload import and the logs before the first GPU minute, printing each step as it
@@ -32,6 +33,16 @@ class Check:
     name: str
     ok: bool
     detail: str
+    warn: bool = False  # ok, but not as it should be: printed as WARN, and the exit code stays 0
+
+
+# What Redis must be for tuneops: every fact (runs, the event stream, approvals) lives only there, so it must survive
+# a restart (AOF, fsync'd every second) and must never be evicted to make room (eviction drops them silently).
+DURABLE = {"appendonly": "yes", "appendfsync": "everysec", "maxmemory-policy": "noeviction"}
+AZURE_DOCS = {
+    "persistence": "https://learn.microsoft.com/azure/azure-cache-for-redis/cache-how-to-premium-persistence",
+    "settings": "https://learn.microsoft.com/azure/azure-cache-for-redis/cache-configure",
+}
 
 
 def check_config(env: Mapping[str, str]):
@@ -62,6 +73,56 @@ def check_redis(jobs) -> Check:
         return Check("Redis", False, f"nothing answers at REDIS_URL ({_safe_url(url)}): {e}. Start redis-server "
                                      "(apt-get install redis-server) or point REDIS_URL at a running one.")
     return Check("Redis", True, f"Redis {version} answers at {_safe_url(url)}")
+
+
+def check_durability(jobs) -> Check:
+    """Warns when Redis could lose tuneops' facts: no AOF, a lazier fsync, or an eviction policy."""
+    url = jobs.redis_url if jobs else os.environ.get("REDIS_URL", "redis://localhost:6379/0")
+    try:
+        client = redis.Redis.from_url(url, socket_connect_timeout=3, socket_timeout=3, decode_responses=True)
+        try:
+            found = {name: client.config_get(name).get(name, "") for name in DURABLE}
+            persistence = client.info("persistence")
+        finally:
+            client.close()
+    except redis.ResponseError as e:  # managed Redis (Azure Cache for Redis, ElastiCache) disables CONFIG
+        return Check("Redis durability", True, durability_unreadable(str(e)), warn=True)
+    except redis.RedisError as e:
+        return Check("Redis durability", True, f"cannot read the settings ({type(e).__name__}: {e}).", warn=True)
+    return durability_verdict(found, persistence)
+
+
+def durability_unreadable(error: str) -> str:
+    return (f"cannot read the settings (CONFIG answered: {error}); a managed Redis disables CONFIG, so check them in "
+            "the portal: on Azure Cache for Redis, Data persistence set to AOF (Premium tier and above; "
+            f"{AZURE_DOCS['persistence']}) and Advanced settings > maxmemory-policy set to noeviction "
+            f"({AZURE_DOCS['settings']}).")
+
+
+def durability_verdict(found: Mapping[str, str], persistence: Mapping[str, object]) -> Check:
+    """Pure: the settings CONFIG GET found and INFO persistence, as a Check that says what to set."""
+    wrong = {name: found.get(name, "") for name, want in DURABLE.items() if found.get(name, "") != want}
+    if str(persistence.get("aof_enabled", "1" if found.get("appendonly") == "yes" else "0")) != "1":
+        wrong.setdefault("appendonly", found.get("appendonly", "") or "no")
+    write_status = str(persistence.get("aof_last_write_status", "ok"))
+    disk = (f"AOF's last write failed ({write_status}): Redis cannot persist; check its disk (space, permissions)."
+            if write_status not in ("ok", "") else "")
+    if not wrong:
+        if disk:
+            return Check("Redis durability", True, disk, warn=True)
+        return Check("Redis durability", True, "AOF on (appendfsync everysec), maxmemory-policy noeviction")
+    is_now = ", ".join(f"{name} is {value or '(unset)'}" for name, value in wrong.items())
+    lines = [(f"{is_now}: every fact (runs, the event stream, approvals) lives only in Redis, so a restart or an "
+              "eviction would silently drop some. Set in redis.conf:")]
+    lines += [f"  {name} {DURABLE[name]}" for name in wrong]
+    lines.append("or at runtime: " + "; ".join(f"redis-cli CONFIG SET {name} {DURABLE[name]}" for name in wrong)
+                 + "; redis-cli CONFIG REWRITE (to keep it in redis.conf).")
+    lines.append("On Azure Cache for Redis: Data persistence > AOF (Premium tier and above; "
+                 f"{AZURE_DOCS['persistence']}); Advanced settings > maxmemory-policy > noeviction "
+                 f"({AZURE_DOCS['settings']}).")
+    if disk:
+        lines.append(disk)
+    return Check("Redis durability", True, "\n".join(lines), warn=True)
 
 
 def check_slack(env: Mapping[str, str], settings) -> Check:
@@ -108,6 +169,8 @@ def run_checks(env: Mapping[str, str] = os.environ) -> list[Check]:
     checks = [config]
     redis_check = check_redis(jobs)
     checks.append(redis_check)
+    if redis_check.ok:
+        checks.append(check_durability(jobs))
     checks.append(check_slack(env, settings))
     if jobs is not None:
         if redis_check.ok:
@@ -157,16 +220,17 @@ def main(env: Mapping[str, str] = os.environ, smoke_check: bool = False, log_wai
         return smoke(env, log_wait_s)
     checks = run_checks(env)
     for c in checks:
-        mark = "ok " if c.ok else "MISSING"
+        mark = "MISSING" if not c.ok else "WARN" if c.warn else "ok "
         lines = c.detail.splitlines() or [""]
         print(f"[{mark:7}] {c.name}: {lines[0]}")
         for line in lines[1:]:
             print(f"{'':10}{c.name}: {line}")
     failed = [c.name for c in checks if not c.ok]
+    warned = [c.name for c in checks if c.ok and c.warn]
     if failed:
         print(f"\n{len(failed)} thing(s) to fix: {', '.join(failed)}.")
         return 1
-    print("\nEverything tuneops needs is there.")
+    print("\nEverything tuneops needs is there" + (f"; worth changing: {', '.join(warned)}." if warned else "."))
     return 0
 
 

@@ -7,6 +7,8 @@ import asyncio
 import gc
 import logging
 import signal
+import time
+import uuid
 
 import aiohttp
 from aiohttp import web
@@ -14,10 +16,12 @@ from slack_bolt.adapter.aiohttp import to_aiohttp_response, to_bolt_request
 from slack_bolt.async_app import AsyncApp
 from slack_sdk.errors import SlackApiError, SlackClientError
 
+from bot import metrics
 from bot.app import build_app
 from bot.notifier import Notifier
 from bot.runtime import BotRuntime
 from bot.settings import BotSettings
+from jobs.core.logs import request_id_var
 
 log = logging.getLogger(__name__)
 
@@ -25,11 +29,22 @@ EVENTS_PATH = "/slack/events"
 
 
 def build_web_app(app: AsyncApp, runtime: BotRuntime, *, notifier: Notifier | None = None) -> web.Application:
-    """The aiohttp application: Slack's endpoint and a health check; starts and stops the notifier with itself."""
+    """The aiohttp application: Slack's endpoint, a health check and the Prometheus metrics; starts and stops the
+    notifier with itself."""
+    store_metrics = metrics.store_registry(runtime.settings.jobs)
 
     async def slack_events(request: web.Request) -> web.Response:
-        bolt_response = await app.async_dispatch(await to_bolt_request(request))
+        received = time.perf_counter()
+        # Each log line of this request (and of the tasks it starts) carries this id (TUNEOPS_LOG_FORMAT=json).
+        request_id_var.set(request.headers.get("X-Slack-Request-Timestamp", "") + "-" + uuid.uuid4().hex[:8])
+        bolt_request = await to_bolt_request(request)
+        bolt_response = await app.async_dispatch(bolt_request)
+        metrics.observe_ack(bolt_request.raw_body, received)
         return await to_aiohttp_response(bolt_response)
+
+    async def prometheus(request: web.Request) -> web.Response:
+        body = await asyncio.to_thread(metrics.render, store_metrics)
+        return web.Response(body=body, headers={"Content-Type": metrics.CONTENT_TYPE})
 
     async def healthz(request: web.Request) -> web.Response:
         try:
@@ -41,6 +56,7 @@ def build_web_app(app: AsyncApp, runtime: BotRuntime, *, notifier: Notifier | No
     web_app = web.Application()
     web_app.router.add_post(EVENTS_PATH, slack_events)
     web_app.router.add_get("/healthz", healthz)
+    web_app.router.add_get("/metrics", prometheus)
 
     async def lifecycle(_: web.Application):
         if notifier is not None:

@@ -15,6 +15,7 @@ from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_client import AsyncWebClient
 from slack_sdk.webhook.async_client import AsyncWebhookClient
 
+from bot import metrics
 from bot.ratelimit import ChannelBudget
 from bot.redact import Redactor
 from bot.redact import redactor as default_redactor
@@ -48,9 +49,12 @@ class SlackGateway:
         for attempt in range(self.max_retries + 1):
             if budgeted and channel and self.budget is not None:
                 await self.budget.acquire(channel)
+            metrics.SLACK_CALLS.labels(method).inc()
             try:
                 return await api(**kwargs)
             except SlackApiError as e:
+                if e.response.status_code == 429:
+                    metrics.SLACK_RATE_LIMITED.labels(method).inc()
                 if e.response.status_code != 429 or attempt == self.max_retries:
                     raise
                 retry_after = _retry_after(e.response.headers)

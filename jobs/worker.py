@@ -15,7 +15,7 @@ from rq import Worker
 from rq.scheduler import RQScheduler
 
 from jobs import reconcile
-from jobs.core import queue
+from jobs.core import logs, queue
 from jobs.core.settings import JobSettings, SettingsError, configure, redact_url
 
 log = logging.getLogger(__name__)
@@ -71,11 +71,20 @@ class TuneopsWorker(Worker):
             log.exception("could not check the scheduler lock")
         super().run_maintenance_tasks()
 
+    def perform_job(self, job, *args, **kwargs):
+        # Every log line of a task about a run carries its id (TUNEOPS_LOG_FORMAT=json).
+        first = job.args[0] if job.args else ""
+        token = logs.run_id_var.set(first if isinstance(first, str) and logs.RUN_ID.fullmatch(first) else "")
+        try:
+            return super().perform_job(job, *args, **kwargs)
+        finally:
+            logs.run_id_var.reset(token)
+
 
 def run_worker(settings: JobSettings, burst: bool = False) -> None:
     """Run an RQ worker with the scheduler on the tuneops queue until stopped (or, with burst, until it is empty)."""
     if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+        logs.setup_logging(logging.INFO)
     configure(settings)
     conn = queue.rq_connection(settings)
     break_stale_scheduler_lock(conn)

@@ -12,7 +12,7 @@ from typing import Any
 
 import redis
 
-from bot import ops
+from bot import metrics, ops
 from bot.logbatch import LogBatcher
 from bot.slack import SlackGateway
 from bot.stream import EventStream
@@ -213,6 +213,7 @@ class Lanes:
             batch = await asyncio.to_thread(self.stream.read, room, set(self._inflight), self.block_ms)
         except redis.exceptions.ConnectionError as e:
             raise Transient(f"Redis unreachable ({e})") from None
+        metrics.observe_notifier_lag(batch)
         for entry_id, event in batch:
             self._inflight.add(entry_id)
             self._lane(event.run_id).items.append(_Item("event", entry_id, event))

@@ -14,7 +14,7 @@ import redis
 
 from jobs.backends import get_backend
 from jobs.backends.protocol import ExecStatus, ExecutionInfo
-from jobs.core import queue, store
+from jobs.core import metrics, queue, store
 from jobs.core.domain import Run, RunEvent, RunState
 from jobs.core.errors import BackendError
 from jobs.core.masking import environment_secrets, mask, mask_lines
@@ -86,7 +86,7 @@ def _fail(conn: redis.Redis, run_id: str, attempt: int, error: str, hint: dict[s
         return [move(run, RunState.FAILED),
                 RunEvent(run.id, "failed", {"error": error, "hint": dict(hint or {}), "log_tail": []})]
 
-    store.update_run(conn, run_id, step)
+    metrics.count_run_changes(conn, store.update_run(conn, run_id, step))
 
 
 def start_run(run_id: str) -> str:
@@ -184,6 +184,7 @@ def advance(settings: JobSettings, run_id: str) -> tuple[Run | None, ExecutionIn
         changed = store.update_run(conn, run_id, step)
     except store.RunGone:
         return None, None
+    metrics.count_run_changes(conn, changed)
     run = changed[0] if changed else store.load_run(conn, run_id)
     return run, seen.get("info")
 
@@ -260,7 +261,7 @@ def stop_run(run_id: str) -> str:
                     r.cancelled_by = r.cancelled_by or "unknown"
                     return [move(r, RunState.CANCELLED), RunEvent(r.id, "cancelled", {"by": r.cancelled_by})]
 
-                store.update_run(conn, run_id, step)
+                metrics.count_run_changes(conn, store.update_run(conn, run_id, step))
         finally:
             try:
                 lock.release()

@@ -11,7 +11,7 @@ import uuid
 import redis
 
 from jobs.backends import start_timeout_s
-from jobs.core import queue, store
+from jobs.core import metrics, queue, store
 from jobs.core.domain import Run, RunEvent, RunState
 from jobs.core.errors import RunRejected
 from jobs.core.settings import JobSettings
@@ -60,6 +60,7 @@ def cancel_queued(conn: redis.Redis, run_id: str, by: str) -> Run | None:
         return [move(run, RunState.CANCELLED), RunEvent(run.id, "cancelled", {"by": run.cancelled_by})]
 
     changed = store.update_run(conn, run_id, step)
+    metrics.count_run_changes(conn, changed)
     return changed[0] if changed else None
 
 

@@ -21,6 +21,7 @@ from azure.core.exceptions import (
     ServiceResponseError,
 )
 
+from jobs.core import metrics
 from jobs.core.errors import BackendError, Hint
 
 log = logging.getLogger(__name__)
@@ -185,4 +186,5 @@ def azure_call(action: str) -> Iterator[None]:
         raise
     except AzureError as e:
         log.warning("azure call failed: %s: %s", action, e.__class__.__name__, exc_info=log.isEnabledFor(logging.DEBUG))
+        metrics.count_azure_error(error_code(e) if isinstance(e, HttpResponseError) else type(e).__name__)
         raise explain(e, action) from e
