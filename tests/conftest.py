@@ -14,9 +14,23 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def free_port() -> int:
+    """A TCP port that was free a moment ago. Only for servers that cannot bind port 0 themselves (redis-server);
+    their start must retry on a taken port. For an address where nothing may listen, use `dead_port()`."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+_held: list[socket.socket] = []
+
+
+def dead_port() -> int:
+    """A TCP port on 127.0.0.1 where nothing listens, and nothing will: it stays bound (never listening) by this
+    process until it exits, so a connection to it is refused however busy the machine is."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    _held.append(s)
+    return s.getsockname()[1]
 
 
 def wait_for(predicate, timeout: float, what: str, interval: float = 0.1):
@@ -39,30 +53,43 @@ def make_workspace(ws: Path, tiny_model: Path, example_dataset: Path) -> Path:
     return ws
 
 
+def start_redis_server(exe: str, d: Path, attempts: int = 5) -> tuple[subprocess.Popen, int]:
+    """A redis-server on a free TCP port, ready for commands. redis-server cannot bind port 0, so the port from
+    `free_port()` may be taken by someone else before redis binds it: then redis exits, and we try a fresh port
+    (a bounded number of times). Ready means it answers PING *and* reports our process's pid, so a PING answered by
+    some other redis that took the port is never mistaken for ours."""
+    import redis
+
+    for _ in range(attempts):
+        port = free_port()
+        proc = subprocess.Popen(
+            [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(d)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+        )
+        client = redis.Redis(port=port, socket_timeout=5)
+        deadline = time.monotonic() + 30
+        try:
+            while proc.poll() is None and time.monotonic() < deadline:
+                try:
+                    if int(client.info("server")["process_id"]) == proc.pid:
+                        return proc, port
+                except redis.ConnectionError:
+                    pass
+                time.sleep(0.05)
+        finally:
+            client.close()
+        proc.kill()  # exited (the port was taken) or never became ready: try again on another port
+        proc.wait(10)
+    pytest.fail(f"redis-server did not start in {attempts} attempts")
+
+
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory):
     """A real redis-server for the whole session; yields its URL."""
     exe = shutil.which("redis-server")
     if exe is None:
         pytest.fail("redis-server is not installed: run `make test`, which installs Debian's redis-server")
-    port = free_port()
-    d = tmp_path_factory.mktemp("redis")
-    proc = subprocess.Popen(
-        [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(d)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
-    )
-    import redis
-
-    client = redis.Redis(port=port)
-    for _ in range(100):
-        try:
-            client.ping()
-            break
-        except redis.ConnectionError:
-            time.sleep(0.05)
-    else:
-        proc.kill()
-        pytest.fail("redis-server did not start")
+    proc, port = start_redis_server(exe, tmp_path_factory.mktemp("redis"))
     yield f"redis://127.0.0.1:{port}/0"
     proc.terminate()
     proc.wait(10)

@@ -41,6 +41,11 @@ def cfg(**extra):
 
 @pytest.fixture
 def standin(tmp_path):
+    # The Key Vault SDK caches each vault's auth challenge process-wide, by host:port; a stand-in on port 0 may get a
+    # port an earlier test's vault had, and the SDK would then skip the challenge handshake. Each test starts clean.
+    from azure.keyvault.secrets._shared import http_challenge_cache
+
+    http_challenge_cache.clear()
     s = AzureStandIn(tmp_path / "azure").start()
     s.add_env_storage("tuneops-env", ENV_STORAGE, SHARE)
     yield s

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -64,7 +65,9 @@ def test_a_whole_run_sync_start_progress_from_the_share_and_the_adapter(aca, exe
     assert "pip install" not in container["command"][2]  # the configured image is ours
 
     seen, cursor, log_cursor, lines, states = [], 0, 0, [], set()
+    deadline = time.monotonic() + 120
     while True:
+        assert time.monotonic() < deadline, "the execution did not finish in 120 s"
         info = executor.status(run)
         states.add(info.status)
         batch = executor.read(run, cursor, log_cursor)
@@ -76,6 +79,7 @@ def test_a_whole_run_sync_start_progress_from_the_share_and_the_adapter(aca, exe
             seen += batch.events
             lines += batch.log_lines
             break
+        time.sleep(0.05)  # a poll, not a spin: the stand-in's execution needs the CPU on a busy machine
     assert info.status is ExecStatus.SUCCEEDED
     assert ExecStatus.RUNNING in states or ExecStatus.PENDING in states
     types = [e["type"] for e in seen]

@@ -1,5 +1,5 @@
 """Fixtures for the bot's tests over real HTTP: a workspace, the Slack stand-in, the Bolt app served by aiohttp on
-a free port (with its notifier), a signed-request client, and a real RQ worker subprocess."""
+port 0 (with its notifier), a signed-request client, and a real RQ worker subprocess."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from bot.standin.slack import (
     signed_headers,
     slash_command_body,
 )
-from tests.conftest import ROOT, free_port
+from tests.conftest import ROOT
 
 SIGNING_SECRET = "test-signing-secret-0123456789"
 BOT_TOKEN = "xoxb-test-0000-bot-token"
@@ -62,6 +62,13 @@ def bot_env(redis_url, workspace, slack) -> dict[str, str]:
     }
 
 
+def site_url(runner: web.AppRunner) -> str:
+    """The URL of the one site `runner` serves, bound to port 0: the port the kernel gave, never one that another
+    process could take between our choosing it and binding it."""
+    host, port = runner.addresses[0][:2]
+    return f"http://{host}:{port}"
+
+
 class BotClient:
     """Sends requests to the bot exactly as Slack would: form bodies, signed with the signing secret."""
 
@@ -93,7 +100,7 @@ class BotClient:
 
 @pytest.fixture
 async def bot(bot_env, slack, monkeypatch):
-    """The bot in HTTP mode on a free port, in this test's event loop, with its notifier running."""
+    """The bot in HTTP mode on a port the kernel chose, in this test's event loop, with its notifier running."""
     from bot.server import build_web_app, make_bot
     from bot.settings import BotSettings
 
@@ -102,9 +109,8 @@ async def bot(bot_env, slack, monkeypatch):
     notifier.throttle.interval_s = 1.0  # the same throttling, on a test's time scale
     runner = web.AppRunner(build_web_app(app, runtime, notifier=notifier), access_log=None)
     await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    client = BotClient(f"http://127.0.0.1:{port}", slack)
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    client = BotClient(site_url(runner), slack)
     client.settings = settings
     client.notifier = notifier
     yield client

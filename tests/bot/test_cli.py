@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import pytest
 from bot.doctor import run_checks
 from tests.azure.conftest import aca, standin  # noqa: F401  (fixtures: the Azure stand-in, the real SDK clients)
 from tests.bot.conftest import BOT_TOKEN
-from tests.conftest import ROOT, free_port
+from tests.conftest import ROOT, dead_port, free_port
 
 
 def tuneops(*args: str, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
@@ -26,8 +27,8 @@ def by_name(checks) -> dict:
 
 
 def test_doctor_says_what_is_missing_and_fails(tmp_path):
-    env = {"REDIS_URL": f"redis://127.0.0.1:{free_port()}/0", "TUNEOPS_WORKSPACE": str(tmp_path / "nowhere"),
-           "SLACK_API_URL": f"http://127.0.0.1:{free_port()}/api/", "TUNEOPS_PYTHON": sys.executable}
+    env = {"REDIS_URL": f"redis://127.0.0.1:{dead_port()}/0", "TUNEOPS_WORKSPACE": str(tmp_path / "nowhere"),
+           "SLACK_API_URL": f"http://127.0.0.1:{dead_port()}/api/", "TUNEOPS_PYTHON": sys.executable}
     result = tuneops("doctor", env=env)
     assert result.returncode == 1
     out = result.stdout
@@ -81,24 +82,33 @@ def test_bot_serves_http_and_stops_on_sigterm(bot_env, slack):
     import time
     import urllib.request
 
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "bot.cli", "bot", "--http", "--port", str(port), "--host",
-                             "127.0.0.1"], cwd=ROOT, env={**os.environ, **bot_env, "PYTHONPATH": str(ROOT)},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as r:
-                    assert r.status == 200
-                    break
-            except OSError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    pytest.fail(f"the bot did not serve: {proc.stdout.read() if proc.poll() is not None else ''}")
-                time.sleep(0.2)
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=20)
+    # The command takes a --port it cannot report back when given 0, so the free port may be taken before the bot
+    # binds it: the bot then exits at once, and we try a fresh port (a bounded number of times).
+    for _ in range(5):
+        port = free_port()
+        proc = subprocess.Popen([sys.executable, "-m", "bot.cli", "bot", "--http", "--port", str(port), "--host",
+                                 "127.0.0.1"], cwd=ROOT, env={**os.environ, **bot_env, "PYTHONPATH": str(ROOT)},
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        served = False
+        try:
+            deadline = time.monotonic() + 60
+            while proc.poll() is None and time.monotonic() < deadline:
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as r:
+                        served = r.status == 200 and "redis" in json.loads(r.read())
+                        break
+                except (OSError, ValueError):
+                    time.sleep(0.2)
+            served = served and proc.poll() is None  # answered by our bot, not by whoever took the port
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            out, _ = proc.communicate(timeout=20)
+        if served:
+            break
+        if "address already in use" not in out.lower():
+            pytest.fail(f"the bot did not serve: {out}")
+    else:
+        pytest.fail(f"the bot found no free port in 5 attempts: {out}")
     assert proc.returncode == 0, out
     assert BOT_TOKEN not in out
 
@@ -152,7 +162,7 @@ def test_doctor_smoke_prints_each_step_and_passes_only_when_the_check_does(aca_e
 
 
 def test_doctor_smoke_on_the_local_backend_says_there_is_no_azure_to_check(tmp_path):
-    env = {"REDIS_URL": f"redis://127.0.0.1:{free_port()}/0", "TUNEOPS_BACKEND": "local",
+    env = {"REDIS_URL": f"redis://127.0.0.1:{dead_port()}/0", "TUNEOPS_BACKEND": "local",
            "TUNEOPS_WORKSPACE": str(tmp_path), "TUNEOPS_PYTHON": sys.executable}
     result = tuneops("doctor", "--smoke", env=env)
     assert result.returncode == 1

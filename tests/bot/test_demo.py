@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT, free_port
+from tests.conftest import ROOT, dead_port
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -26,7 +26,7 @@ def alive(pid: int) -> bool:
 def test_the_demo_runs_a_real_training_and_cleans_up():
     # Nothing answers at this REDIS_URL, so the demo starts (and must stop) a private redis-server.
     env = {**{k: v for k, v in os.environ.items() if not k.startswith(("SLACK_", "TUNEOPS_"))},
-           "REDIS_URL": f"redis://127.0.0.1:{free_port()}/0", "PYTHONPATH": str(ROOT)}
+           "REDIS_URL": f"redis://127.0.0.1:{dead_port()}/0", "PYTHONPATH": str(ROOT)}
     result = subprocess.run([sys.executable, "-m", "bot.cli", "demo", "--max-steps", "20"], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=240)
     out = result.stdout

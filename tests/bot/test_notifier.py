@@ -17,7 +17,7 @@ from jobs.core import store
 from jobs.core.domain import Run, RunEvent, RunState
 from jobs.core.settings import JobSettings
 from jobs.runs import service
-from tests.conftest import free_port, shown
+from tests.conftest import dead_port, shown
 
 TOKEN = "xoxb-notifier-test"
 
@@ -112,7 +112,7 @@ async def test_card_then_throttled_progress_then_thread_messages(setup, slack):
 async def test_an_event_stays_pending_until_slack_accepts_it(setup, slack):
     settings, notifier, clock, client = setup
     real = client.base_url
-    client.base_url = f"http://127.0.0.1:{free_port()}/api/"  # nothing listens there
+    client.base_url = f"http://127.0.0.1:{dead_port()}/api/"  # nothing listens there
     run = new_run(settings)
     with pytest.raises(Transient):
         await notifier.step()

@@ -58,11 +58,12 @@ CHILD = textwrap.dedent("""
     import redis.asyncio as aioredis
     from bot.ratelimit import ChannelBudget
 
-    async def main(url, start_at, n, rate):
+    async def main(url, n, rate):
         r = aioredis.Redis.from_url(url)
         budget = ChannelBudget(r, rate_per_s=rate)
         await r.ping()
-        await asyncio.sleep(max(0.0, start_at - time.time()))
+        print("ready", flush=True)
+        sys.stdin.readline()  # "go": both children are ready, however long their start took
         stamps = []
         for _ in range(n):
             await budget.acquire("C-shared")
@@ -70,17 +71,23 @@ CHILD = textwrap.dedent("""
         await r.aclose()
         print(json.dumps(stamps))
 
-    asyncio.run(main(sys.argv[1], float(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])))
+    asyncio.run(main(sys.argv[1], int(sys.argv[2]), float(sys.argv[3])))
 """)
 
 
 async def test_two_processes_are_spaced_by_the_shared_budget(redis_url):
     rate, n = 5.0, 5
-    start_at = time.time() + 3.0  # both children start posting at the same moment
-    procs = [await asyncio.create_subprocess_exec(sys.executable, "-c", CHILD, redis_url, str(start_at), str(n),
-                                                  str(rate), cwd=ROOT, stdout=asyncio.subprocess.PIPE,
+    procs = [await asyncio.create_subprocess_exec(sys.executable, "-c", CHILD, redis_url, str(n), str(rate), cwd=ROOT,
+                                                  stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
                                                   stderr=asyncio.subprocess.PIPE)
              for _ in range(2)]
+    # Both children start posting at the same moment: when both have said they are ready, not at a set time.
+    for p in procs:
+        line = await asyncio.wait_for(p.stdout.readline(), 60)
+        assert line == b"ready\n", (line, await p.stderr.read())
+    for p in procs:
+        p.stdin.write(b"go\n")
+    await asyncio.gather(*(p.stdin.drain() for p in procs))
     outs = [await p.communicate() for p in procs]
     for p, (_, err) in zip(procs, outs):
         assert p.returncode == 0, err.decode()
@@ -107,8 +114,9 @@ async def test_channels_do_not_block_each_other(clients):
     elapsed = time.monotonic() - t0
     for channel in "AB":
         assert min(gaps(stamps[channel])) >= 1 / rate - SLACK_S
-    # One channel's n messages take (n-1) intervals; were the channels one budget, 2n-1.
-    assert elapsed < (n - 1) / rate + 0.5 < (2 * n - 1) / rate
+    # One channel's n messages take (n-1) intervals; were the channels one budget, at least 2n-1 (less the slack of
+    # late wake-ups). Only that bound tells the two apart; a tighter one would measure the machine's load.
+    assert elapsed < (2 * n - 1) / rate - SLACK_S
 
 
 async def test_a_penalty_delays_the_channel_and_its_waiters(clients):
@@ -120,15 +128,14 @@ async def test_a_penalty_delays_the_channel_and_its_waiters(clients):
     await asyncio.sleep(0.01)
     t0 = time.monotonic()
     await other.penalize("C1", 1.0)
+    # Another channel is not paused: its slot comes without the pause (asked during it; the margin is for load).
+    await budget.acquire("C2")
+    assert time.monotonic() - t0 < 1.0 - 0.02
     await waiter
     assert time.monotonic() - t0 >= 1.0 - 0.02
     t1 = time.monotonic()
     await budget.acquire("C1")
     assert time.monotonic() - t1 >= 0.1 - SLACK_S  # and the queue goes on at the usual spacing
-    # Another channel is not paused.
-    t2 = time.monotonic()
-    await budget.acquire("C2")
-    assert time.monotonic() - t2 < 0.05
 
 
 async def test_penalty_bounds_and_bad_values(clients):

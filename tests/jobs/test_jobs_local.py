@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -71,7 +72,9 @@ def test_read_in_pieces_adds_up_to_the_whole(settings, monkeypatch):
     run = prepared_run(max_steps=8)
     start(ex, run, settings)
     events, lines, ec, lc = [], [], 0, 0
+    deadline = time.monotonic() + 120
     while True:
+        assert time.monotonic() < deadline, "the run did not finish in 120 s"
         finished = ex.status(run).status.finished
         batch = ex.read(run, ec, lc)
         events += batch.events
@@ -79,6 +82,7 @@ def test_read_in_pieces_adds_up_to_the_whole(settings, monkeypatch):
         ec, lc = batch.event_cursor, batch.log_cursor
         if finished:
             break
+        time.sleep(0.05)  # a poll, not a spin: the trainer needs the CPU on a busy machine
     whole = ex.read(run, 0, 0)
     assert events == whole.events and lines == whole.log_lines
     assert [e["step"] for e in events if e["type"] == "step"] == list(range(1, 9))

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -29,16 +29,11 @@ from payload.serving.engine import (
 )
 from payload.serving.openai_schema import APIError
 from payload.serving.ui import history_messages
+from tests.conftest import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 QUESTION = [{"role": "user", "content": "Is the gateway healthy?"}]
 API_KEY = "sk-test-7f3a9c1e55"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def make_adapter(base: Path, out: Path, seed: int = 1) -> Path:
@@ -429,22 +424,25 @@ def test_adapter_for_another_base_is_refused(tiny_model, adapter_dir, tmp_path):
 
 @pytest.fixture(scope="module")
 def server(tiny_model, adapter_dir, tmp_path_factory):
-    """`python -m payload.serve` as the container runs it, with an API key, on a free port."""
+    """`python -m payload.serve` as the container runs it, with an API key, on port 0: uvicorn logs the port the
+    kernel gave it, so no other process can take it between our choosing and its binding."""
     logs = tmp_path_factory.mktemp("serve-logs")
-    port = free_port()
     env = {**os.environ, "TUNEOPS_SERVE_API_KEY": API_KEY, "PYTHONUNBUFFERED": "1"}
     with open(logs / "stdout", "w") as out, open(logs / "stderr", "w") as err:
         proc = subprocess.Popen([sys.executable, "-m", "payload.serve", "--base", str(tiny_model), "--adapter",
-                                 str(adapter_dir), "--host", "127.0.0.1", "--port", str(port)],
+                                 str(adapter_dir), "--host", "127.0.0.1", "--port", "0"],
                                 cwd=ROOT, env=env, stdout=out, stderr=err)
-    url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
+        url = None
         while True:
             if proc.poll() is not None:
                 pytest.fail(f"server exited with {proc.returncode}: {(logs / 'stderr').read_text()}")
+            if url is None:
+                bound = re.search(r"Uvicorn running on (http://127\.0\.0\.1:\d+)", (logs / "stdout").read_text())
+                url = bound and bound.group(1)
             try:
-                if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                if url and httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
                     break
             except httpx.TransportError:
                 pass
@@ -530,9 +528,11 @@ def test_cli_hung_up_stream_frees_the_model(server, reference):
 
 
 def test_cli_logs_hold_no_api_key(server):
+    stdout = server["logs"] / "stdout"
+    before = stdout.read_text().count("GET /v1/models")
     httpx.get(f"{server['url']}/v1/models", headers={"Authorization": f"Bearer {API_KEY}x"})
     httpx.get(f"{server['url']}/v1/models", headers=server["auth"])
-    time.sleep(0.3)
-    out = (server["logs"] / "stdout").read_text()
-    assert "GET /v1/models" in out
+    # Both requests' access-log lines are written: everything they could have logged is in the files.
+    wait_for(lambda: stdout.read_text().count("GET /v1/models") >= before + 2, 30, "the two requests' log lines")
+    out = stdout.read_text()
     assert API_KEY not in out and API_KEY not in (server["logs"] / "stderr").read_text()
