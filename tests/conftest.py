@@ -53,17 +53,19 @@ def make_workspace(ws: Path, tiny_model: Path, example_dataset: Path) -> Path:
     return ws
 
 
-def start_redis_server(exe: str, d: Path, attempts: int = 5) -> tuple[subprocess.Popen, int]:
+def start_redis_server(exe: str, d: Path, *args: str, attempts: int = 5) -> tuple[subprocess.Popen, int]:
     """A redis-server on a free TCP port, ready for commands. redis-server cannot bind port 0, so the port from
     `free_port()` may be taken by someone else before redis binds it: then redis exits, and we try a fresh port
     (a bounded number of times). Ready means it answers PING *and* reports our process's pid, so a PING answered by
-    some other redis that took the port is never mistaken for ours."""
+    some other redis that took the port is never mistaken for ours. `args` go on its command line after ours
+    (the last of a repeated setting wins)."""
     import redis
 
     for _ in range(attempts):
         port = free_port()
         proc = subprocess.Popen(
-            [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(d)],
+            [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(d),
+             *args],
             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
         )
         client = redis.Redis(port=port, socket_timeout=5)

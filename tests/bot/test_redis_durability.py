@@ -5,15 +5,13 @@ disables CONFIG (a managed one) gets "check them in the portal", not a failure."
 from __future__ import annotations
 
 import shutil
-import subprocess
 import time
 
 import pytest
-import redis
 
 from bot.doctor import check_durability, durability_verdict, main
 from jobs.core.settings import JobSettings
-from tests.conftest import free_port
+from tests.conftest import start_redis_server
 
 GOOD = {"appendonly": "yes", "appendfsync": "everysec", "maxmemory-policy": "noeviction"}
 
@@ -45,20 +43,10 @@ def start_redis(tmp_path):
     procs = []
 
     def start(*args: str) -> str:
-        port = free_port()
-        d = tmp_path / f"redis-{port}"
+        d = tmp_path / f"redis-{len(procs)}"
         d.mkdir()
-        procs.append(subprocess.Popen([shutil.which("redis-server"), "--port", str(port), "--bind", "127.0.0.1",
-                                       "--save", "", "--dir", str(d), *args],
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT))
-        client = redis.Redis(port=port)
-        for _ in range(100):
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                time.sleep(0.05)
-        client.close()
+        proc, port = start_redis_server(shutil.which("redis-server"), d, *args)
+        procs.append(proc)
         return f"redis://127.0.0.1:{port}/0"
 
     yield start

@@ -9,15 +9,13 @@ import json
 import shutil
 import signal
 import socket
-import subprocess
 import threading
 import time
 
 import pytest
-import redis
 
 from bot.listeners.support import STORE_DOWN
-from tests.conftest import free_port
+from tests.conftest import start_redis_server
 
 SLACK_DEADLINE_S = 3.0
 
@@ -31,18 +29,7 @@ ACK_ONLY = ["help", "secret list", "provision"]
 @pytest.fixture
 def own_redis(tmp_path):
     """A redis-server of this test's own, so it can be killed without touching the session's."""
-    port = free_port()
-    proc = subprocess.Popen([shutil.which("redis-server"), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no", "--dir", str(tmp_path)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    client = redis.Redis(port=port)
-    for _ in range(100):
-        try:
-            client.ping()
-            break
-        except redis.ConnectionError:
-            time.sleep(0.05)
-    client.close()
+    proc, port = start_redis_server(shutil.which("redis-server"), tmp_path)
     yield proc, f"redis://127.0.0.1:{port}/0"
     if proc.poll() is None:
         proc.kill()
