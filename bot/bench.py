@@ -50,21 +50,23 @@ def start_private_redis(stack: ExitStack, tmp: Path) -> str:
     raise DemoError("redis-server did not start")
 
 
-async def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 60) -> None:
-
+async def wait_ready(url: str, proc: subprocess.Popen, path: str, *, any_answer: bool = False,
+                     timeout: float = 60) -> None:
+    """Until GET `path` answers 200 (or, with `any_answer`, answers at all: the bare app has no /healthz)."""
     deadline = time.monotonic() + timeout
     async with aiohttp.ClientSession() as s:
         while time.monotonic() < deadline:
             if proc.poll() is not None:
-                raise DemoError(f"the bot exited with {proc.returncode}")
+                raise DemoError(f"the app exited with {proc.returncode}")
             try:
-                async with s.get(url + "/healthz") as r:
-                    if r.status == 200:
+                async with s.get(url + path) as r:
+                    await r.read()
+                    if any_answer or r.status == 200:
                         return
             except aiohttp.ClientError:
                 pass
-            await asyncio.sleep(0.2)
-    raise DemoError("the bot did not become healthy")
+            await asyncio.sleep(0.1)
+    raise DemoError("the app did not become ready")
 
 
 async def fire(url: str, requests: list[tuple[bytes, dict[str, str]]], clients: int,
@@ -114,22 +116,6 @@ def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     k = max(0, min(len(ordered) - 1, int(round(q * (len(ordered) - 1)))))
     return ordered[k]
-
-
-async def wait_listening(url: str, proc: subprocess.Popen, timeout: float = 60) -> None:
-    """Until the app answers HTTP at all (the bare app has no /healthz; any answer to a GET will do)."""
-    deadline = time.monotonic() + timeout
-    async with aiohttp.ClientSession() as s:
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise DemoError(f"the app exited with {proc.returncode}")
-            try:
-                async with s.get(url + "/slack/events") as r:
-                    await r.read()
-                    return
-            except aiohttp.ClientError:
-                await asyncio.sleep(0.1)
-    raise DemoError("the app did not start listening")
 
 
 def round_stats(latencies: list[float], wall: float, failures: int) -> dict:
@@ -198,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
                 url = f"http://127.0.0.1:{port}"
                 try:
                     # Ready as each says it: tuneops' /healthz, the bare app's listening socket.
-                    asyncio.run(wait_healthy(url, proc) if kind == "tuneops" else wait_listening(url, proc))
+                    asyncio.run(wait_ready(url, proc, "/healthz") if kind == "tuneops" else
+                                wait_ready(url, proc, "/slack/events", any_answer=True))
                     rounds = []
                     for _ in range(args.rounds):
                         before = answers()
