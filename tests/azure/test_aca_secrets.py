@@ -48,6 +48,16 @@ def everything_in_redis(url: str) -> bytes:
     return b"\n".join(out)
 
 
+def run_to_the_end(aca, settings) -> tuple[AcaExecutor, Run]:
+    """One run through the executor, waited for: what its container saw and printed is then in the stand-in."""
+    ex = AcaExecutor(settings, clients=aca.clients)
+    run = Run(id="ft-0001", requester="U1", channel="C1", model="model-cache/tiny", dataset="datasets/train.jsonl",
+              attempts=1)
+    run.execution_id = ex.start(run, build_train_config(run.id, run.model, run.dataset, {}).model_dump())
+    wait_for(lambda: ex.status(run).status.finished, 20, "the run to end")
+    return ex, run
+
+
 def test_a_secret_set_reaches_key_vault_and_the_jobs_references_and_nothing_else(aca, settings, caplog):
     caplog.set_level(logging.DEBUG)
     provision_finetune(aca.clients)
@@ -71,11 +81,7 @@ def test_a_secret_set_reaches_key_vault_and_the_jobs_references_and_nothing_else
     assert {"name": "HF_TOKEN", "secretRef": "hf-token"} in job["properties"]["template"]["containers"][0]["env"]
 
     # A run's container gets the value through the reference.
-    ex = AcaExecutor(settings, clients=aca.clients)
-    run = Run(id="ft-0001", requester="U1", channel="C1", model="model-cache/tiny", dataset="datasets/train.jsonl",
-              attempts=1)
-    run.execution_id = ex.start(run, build_train_config(run.id, run.model, run.dataset, {}).model_dump())
-    wait_for(lambda: ex.status(run).status.finished, 20, "the run to end")
+    ex, run = run_to_the_end(aca, settings)
     assert aca.standin.execution_env[run.execution_id]["HF_TOKEN"] == VALUE
     assert "HF_TOKEN set: yes" in ex.tail_logs(run, 20)
 
@@ -146,11 +152,7 @@ def test_a_secret_the_container_prints_is_masked_before_it_leaves_the_executor(a
     set_secret(aca.clients, "HF_TOKEN", VALUE)
     provision_finetune(aca.clients)
     aca.standin.plan_execution(ExecutionPlan(program=simulated_trainer(fail_at_step=3, leak_env="HF_TOKEN")))
-    ex = AcaExecutor(settings, clients=aca.clients)
-    run = Run(id="ft-0001", requester="U1", channel="C1", model="model-cache/tiny", dataset="datasets/train.jsonl",
-              attempts=1)
-    run.execution_id = ex.start(run, build_train_config(run.id, run.model, run.dataset, {}).model_dump())
-    wait_for(lambda: ex.status(run).status.finished, 20, "the run to end")
+    ex, run = run_to_the_end(aca, settings)
     assert VALUE in (aca.standin.share_dir("tuneopsshare") / "runs" / "ft-0001" / "train.log").read_text()
     batch = ex.read(run, 0, 0)
     assert "debug: HF_TOKEN=***" in batch.log_lines
@@ -188,11 +190,7 @@ def test_setting_a_deleted_secrets_name_recovers_it_then_writes_the_new_value(ac
     # The job's reference resolves the new value.
     ops.enqueue_secret_reference(settings, "HF_TOKEN", "U_ADMIN", "C1")
     run_worker_burst(settings)
-    ex = AcaExecutor(settings, clients=aca.clients)
-    run = Run(id="ft-0001", requester="U1", channel="C1", model="model-cache/tiny", dataset="datasets/train.jsonl",
-              attempts=1)
-    run.execution_id = ex.start(run, build_train_config(run.id, run.model, run.dataset, {}).model_dump())
-    wait_for(lambda: ex.status(run).status.finished, 20, "the run to end")
+    ex, run = run_to_the_end(aca, settings)
     assert aca.standin.execution_env[run.execution_id]["HF_TOKEN"] == VALUE
     assert VALUE not in caplog.text and OLD_VALUE not in caplog.text
 
