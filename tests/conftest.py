@@ -85,6 +85,34 @@ def start_redis_server(exe: str, d: Path, *args: str, attempts: int = 5) -> tupl
     pytest.fail(f"redis-server did not start in {attempts} attempts")
 
 
+def restart_redis_server(exe: str, d: Path, port: int, *args: str, timeout: float = 30) -> subprocess.Popen:
+    """A redis-server again on `port` (after the one there was killed), with the same folder `d` (so it loads its
+    AOF or RDB) and `args`; ready when it answers with its own pid, as in `start_redis_server`."""
+    import redis
+
+    proc = subprocess.Popen(
+        [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(d), *args],
+        stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+    )
+    client = redis.Redis(port=port, socket_timeout=5)
+    deadline = time.monotonic() + timeout
+    try:
+        while proc.poll() is None and time.monotonic() < deadline:
+            try:
+                if int(client.info("server")["process_id"]) == proc.pid:
+                    return proc
+            except redis.ConnectionError:
+                pass
+            except redis.ResponseError:  # LOADING: still reading its AOF
+                pass
+            time.sleep(0.05)
+    finally:
+        client.close()
+    proc.kill()
+    proc.wait(10)
+    pytest.fail(f"redis-server did not start again on port {port}")
+
+
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory):
     """A real redis-server for the whole session; yields its URL."""

@@ -2,19 +2,30 @@
 
 Every change to a run goes through `update_run`, an optimistic transaction (WATCH/MULTI) that writes the record, its
 indexes and the events that report the change at once: a worker killed at any point leaves no half-written state, and
-two workers acting on the same run cannot both apply a step.
+two workers acting on the same run cannot both apply a step. Each write also leaves a snapshot of the record in the
+run's folder (`jobs.core.snapshots`), from which `jobs.reconcile` finds the runs again if Redis comes back empty.
+
+The clients wait through a Redis outage (a restart, a failover) with exponential backoff, for as long as the process's
+patience (`set_patience`): a moment (a reconnect) in the bot, which must answer Slack within 3 s and says itself that
+the store is down, minutes in the workers, which must not lose the step they are in and log the outage once as it
+starts and once as it ends.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterable
+from pathlib import Path
 
 import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
+from jobs.core import snapshots
 from jobs.core.domain import Op, Run, RunEvent, RunState
 from jobs.core.settings import JobSettings
 
@@ -48,11 +59,104 @@ LOCAL_SERVER_KEY = f"{PREFIX}:serve:local"
 LOCAL_SERVER_LOCK = f"{PREFIX}:lock:serve:local"
 # Counters the workers keep for GET /metrics (jobs.core.metrics): one hash per metric, field = its label values
 METRICS_KEY = PREFIX + ":metrics:{}"
+# Written once by the first worker to meet this Redis: when it is missing, Redis lost what it held (jobs.reconcile).
+STORE_MARKER = f"{PREFIX}:store"
+# bot.threads' record of where a run's card (the root of its thread) was posted. jobs/ never reads it; the store
+# carries it in the run's snapshot so that a run found again after Redis lost everything is told in the same thread.
+THREAD_KEY = PREFIX + ":slack:run:{}"
 # The stream is a log of facts for the bot; it is capped so that it cannot grow without bound.
 STREAM_MAXLEN = 100_000
 
+# Longer than the longest blocking read made through these clients (bot.stream's XREAD BLOCK of 1 s; RQ's worker
+# raises it above its own blocking dequeue for its client), short enough that a bot command facing a Redis that
+# accepts connections and never answers is still answered within Slack's 3 s.
+SOCKET_TIMEOUT_S = 1.5
+CONNECT_TIMEOUT_S = 1.5
+BACKOFF_BASE_S = 0.05
+BACKOFF_CAP_S = 2.0
+# By default a call rides out a connection reset (a pooled connection gone stale, a quick restart) and no more: the
+# bot must answer Slack quickly and says itself that the store is down (bot.outage). The workers set a longer one.
+DEFAULT_PATIENCE_S = 0.5
+
 _clients: dict[tuple[str, bool], redis.Redis] = {}
 _clients_lock = threading.Lock()
+_workspaces: dict[int, Path] = {}  # id of a shared client -> the workspace whose run folders hold the snapshots
+_patience_s = DEFAULT_PATIENCE_S
+
+
+def set_patience(seconds: float) -> None:
+    """How long a Redis command of this process may wait through an outage before it fails. A process that waits
+    (a worker) also has the store log each outage, once as it starts and once as it ends; one that does not leaves
+    that to its callers, which see the errors."""
+    global _patience_s
+    _patience_s = max(0.0, seconds)
+    _outage.level = logging.WARNING if _patience_s > DEFAULT_PATIENCE_S else logging.DEBUG
+
+
+class _Outage:
+    """One log line when Redis stops answering and one when it answers again, however many calls meet the outage."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.since: float | None = None
+        self.level = logging.DEBUG
+
+    def begin(self, error: Exception) -> None:
+        if self.since is not None:
+            return
+        with self.lock:
+            if self.since is None:
+                self.since = time.monotonic()
+                log.log(self.level, "Redis is not answering (%s): waiting for it, retrying with backoff", error)
+
+    def end(self) -> None:
+        if self.since is None:
+            return
+        with self.lock:
+            if self.since is not None:
+                log.log(self.level, "Redis answers again, after %.1f s", time.monotonic() - self.since)
+                self.since = None
+
+    def forked(self) -> None:
+        self.lock = threading.Lock()  # another thread may have held it at the fork (RQ forks a process per job)
+
+
+_outage = _Outage()
+os.register_at_fork(after_in_child=_outage.forked)
+
+
+class PatientRetry(Retry):
+    """redis-py's retry on ConnectionError and TimeoutError with exponential backoff, bounded by the process's
+    patience (seconds from the call's start) rather than by a count, and reporting outages. A transaction that was
+    WATCHing gets a WatchError instead (redis-py's own rule), which `update_run` and the others answer by starting
+    over on the fresh record."""
+
+    def __init__(self) -> None:
+        super().__init__(ExponentialBackoff(cap=BACKOFF_CAP_S, base=BACKOFF_BASE_S), retries=1_000_000)
+
+    def call_with_retry(self, do, fail, is_retryable=None, with_failure_count=False):
+        failures = 0
+        deadline = time.monotonic() + _patience_s
+        while True:
+            try:
+                result = do()
+            except self._supported_errors as error:
+                if is_retryable and not is_retryable(error):
+                    raise
+                failures += 1
+                if with_failure_count:
+                    fail(error, failures)
+                else:
+                    fail(error)
+                if failures > 1:  # a connection that merely went stale fails once, then reconnects: no outage
+                    _outage.begin(error)
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise
+                time.sleep(min(self._backoff.compute(failures), left))
+                continue
+            _outage.end()
+            return result
 
 
 def _shared(url: str, text: bool) -> redis.Redis:
@@ -60,15 +164,20 @@ def _shared(url: str, text: bool) -> redis.Redis:
     with _clients_lock:
         client = _clients.get((url, text))
         if client is None:
-            client = (redis.Redis.from_url(url, decode_responses=True, health_check_interval=30) if text
-                      else redis.Redis.from_url(url))
+            options = {"socket_timeout": SOCKET_TIMEOUT_S, "socket_connect_timeout": CONNECT_TIMEOUT_S,
+                       "retry": PatientRetry()}
+            client = (redis.Redis.from_url(url, decode_responses=True, health_check_interval=30, **options) if text
+                      else redis.Redis.from_url(url, **options))
             _clients[(url, text)] = client
         return client
 
 
 def connect(settings: JobSettings) -> redis.Redis:
-    """The shared client that returns str: records, indexes, events."""
-    return _shared(settings.redis_url, True)
+    """The shared client that returns str: records, indexes, events. Run records written through it leave their
+    snapshots in the settings' workspace."""
+    client = _shared(settings.redis_url, True)
+    _workspaces[id(client)] = Path(settings.workspace)
+    return client
 
 
 def connect_bytes(settings: JobSettings) -> redis.Redis:
@@ -86,11 +195,49 @@ def run_key(run_id: str) -> str:
 
 
 def new_run_id(conn: redis.Redis) -> str:
-    return f"ft-{conn.incr(RUN_SEQ):04d}"
+    """A fresh run id. Never one whose run folder exists already (a Redis that lost its counter would otherwise hand
+    out the ids of runs it forgot, and a new run would write into an old run's folder)."""
+    workspace = _workspaces.get(id(conn))
+    while True:
+        run_id = f"ft-{conn.incr(RUN_SEQ):04d}"
+        if workspace is None or not (workspace / snapshots.run_dir(run_id)).exists():
+            return run_id
+        highest = snapshots.highest_seq(workspace)
+        log.warning("run id %s is taken by a run folder: the run counter was behind; moving it to %d", run_id,
+                    highest)
+        raise_run_seq(conn, highest)
+
+
+def raise_run_seq(conn: redis.Redis, at_least: int) -> None:
+    """Move the run counter up to `at_least` (never down)."""
+    while True:
+        with conn.pipeline() as pipe:
+            try:
+                pipe.watch(RUN_SEQ)
+                if int(pipe.get(RUN_SEQ) or 0) >= at_least:
+                    pipe.unwatch()
+                    return
+                pipe.multi()
+                pipe.set(RUN_SEQ, at_least)
+                pipe.execute()
+                return
+            except redis.WatchError:
+                continue
 
 
 def _seq(run_id: str) -> int:
     return int(run_id.rsplit("-", 1)[1])
+
+
+def snapshot_run(conn: redis.Redis, run: Run, thread: str | None = None) -> None:
+    """Leave the record's snapshot in its run folder (see the module doc); `write_run`'s callers call it once their
+    transaction is done. `thread`: the bot's thread reference, when the caller read it already."""
+    workspace = _workspaces.get(id(conn))
+    if workspace is None:
+        return
+    if thread is None:
+        thread = conn.get(THREAD_KEY.format(run.id))
+    snapshots.write(workspace, snapshots.Snapshot(run, thread or ""))
 
 
 # Events ------------------------------------------------------------------------------------------------------------
@@ -168,7 +315,8 @@ def load_runs(conn: redis.Redis, run_ids: Iterable[str]) -> list[Run]:
 
 
 def write_run(pipe: redis.client.Pipeline, run: Run, *, queued_at: float | None = None) -> None:
-    """Queue the record and the index updates that follow from its state on a MULTI pipeline."""
+    """Queue the record and the index updates that follow from its state on a MULTI pipeline (then, once the
+    transaction is done, `snapshot_run` leaves its durable copy)."""
     pipe.set(run_key(run.id), json.dumps(run.to_dict(), default=str))
     pipe.zadd(ALL_RUNS, {run.id: _seq(run.id)})
     if run.state is RunState.QUEUED:
@@ -203,6 +351,7 @@ def create_run(conn: redis.Redis, run: Run, events_for: Callable[[int], list[Run
                 for event in events_for(position):
                     append_event(pipe, event)
                 pipe.execute()
+                snapshot_run(conn, run, "")
                 return position
             except redis.WatchError:
                 continue
@@ -235,11 +384,44 @@ def update_run(conn: redis.Redis, run_id: str,
                 write_run(pipe, run)
                 for event in events:
                     append_event(pipe, event)
-                pipe.execute()
+                pipe.get(THREAD_KEY.format(run_id))
+                thread = pipe.execute()[-1]
+                snapshot_run(conn, run, thread)
                 return run, events
             except redis.WatchError:
                 continue
     raise RuntimeError(f"{run_id}: the record kept changing; gave up after {retries} attempts")
+
+
+def mark_store(conn: redis.Redis) -> bool:
+    """Leave this Redis tuneops's mark; True when it was missing: Redis is new to tuneops, or lost what it held."""
+    return bool(conn.set(STORE_MARKER, repr(time.time()), nx=True))
+
+
+def restore_run(conn: redis.Redis, run: Run, thread: str, events: list[RunEvent]) -> bool:
+    """Put back a run that Redis lost (found again from its snapshot): the record, its indexes, the bot's thread
+    reference and the events that tell of it, in one transaction. False, and nothing written, when Redis has it."""
+    key = run_key(run.id)
+    while True:
+        with conn.pipeline() as pipe:
+            try:
+                pipe.watch(key)
+                if pipe.exists(key):
+                    pipe.unwatch()
+                    return False
+                pipe.multi()
+                write_run(pipe, run, queued_at=run.created_at)  # a run back in line keeps its place
+                if thread:
+                    pipe.set(THREAD_KEY.format(run.id), thread, nx=True)
+                for event in events:
+                    append_event(pipe, event)
+                pipe.execute()
+                break
+            except redis.WatchError:
+                continue
+    snapshot_run(conn, run, thread)
+    raise_run_seq(conn, _seq(run.id))
+    return True
 
 
 def queued_ids(conn: redis.Redis) -> list[str]:

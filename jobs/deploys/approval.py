@@ -201,6 +201,7 @@ def update_approval(conn: redis.Redis, approval_id: str, step: Step,
                 for event in events:
                     store.append_event(pipe, event)
                 pipe.execute()
+                store.snapshot_run(conn, run)
                 return approval, run, events
             except redis.WatchError:
                 continue
