@@ -172,7 +172,20 @@ class EventStream:
 
     def read(self, count: int, inflight: set[str], block_ms: int = 1000) -> list[tuple[str, RunEvent]]:
         """Entries for this process that it does not hold yet, oldest first: new ones it owns, and ones handed to it
-        by other processes or taken over from dead ones. Waits up to `block_ms` when there are none."""
+        by other processes or taken over from dead ones. Waits up to `block_ms` when there are none.
+
+        A Redis that came back empty has no group any more (NOGROUP): the group is made again from the stream's
+        start, so that what the workers append after finding their runs again (jobs/core/snapshots) is read."""
+        try:
+            return self._read(count, inflight, block_ms)
+        except redis.ResponseError as e:
+            if "NOGROUP" not in str(e):
+                raise
+            log.warning("the event stream's consumer group is gone (Redis lost its data?); making it again")
+            self._ready = False
+            return self._read(count, inflight, block_ms)
+
+    def _read(self, count: int, inflight: set[str], block_ms: int) -> list[tuple[str, RunEvent]]:
         self._ensure_group()
         self.heartbeat()
         if time.monotonic() - self._last_reap >= REAP_EVERY_S:

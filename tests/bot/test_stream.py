@@ -61,3 +61,13 @@ def test_an_idle_run_is_let_go_only_when_none_of_its_entries_is_held(redis_url):
     a.ack([entry_id for entry_id, e in batch if e.run_id == "ft-0001"])
     assert a.release(["ft-0001", "ft-0002"]) == 1
     assert conn.hgetall(OWNERS) == {"ft-0002": "bot-a"}
+
+
+def test_a_stream_that_lost_its_group_is_read_again_from_its_start(redis_url):
+    conn = redis.Redis.from_url(redis_url, decode_responses=True)
+    a = EventStream(conn, "bot-a")
+    emit(conn, "ft-0001", 1)
+    assert said(a.read(10, set(), block_ms=0)) == [("ft-0001", "1")]
+    conn.flushall()  # Redis came back empty: no stream, no group
+    emit(conn, "ft-0001", 2)  # what a worker appends after finding the run again
+    assert said(a.read(10, set(), block_ms=0)) == [("ft-0001", "2")]
