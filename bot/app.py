@@ -8,7 +8,7 @@ from slack_bolt.async_app import AsyncApp
 from slack_sdk.web.async_client import AsyncWebClient
 
 from bot.listeners import register_listeners
-from bot.middleware import drop_retries, provide_runtime
+from bot.middleware import DeliveryMiddleware
 from bot.runtime import BotRuntime
 from bot.settings import BotSettings
 
@@ -22,7 +22,6 @@ def build_app(settings: BotSettings, runtime: BotRuntime | None = None) -> tuple
         client=client,
         logger=logging.getLogger("bot.app"),
     )
-    app.use(provide_runtime(runtime))
-    app.use(drop_retries(runtime))
+    app.use(DeliveryMiddleware(runtime))
     register_listeners(app)
     return app, runtime

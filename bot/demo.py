@@ -49,9 +49,39 @@ def say(text: str = "") -> None:
 # ---- the pieces ---------------------------------------------------------------------------------------------------
 
 def _free_port() -> int:
+    """A port that was free a moment ago: only for redis-server, which cannot bind port 0 itself, so its start
+    (`start_private_redis`) checks that the server answering there is its own and retries on another port."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def start_private_redis(stack: ExitStack, tmp: Path, attempts: int = 5) -> str:
+    """A private redis-server (no persistence) on a free port, stopped with `stack`; its URL. The port may be taken
+    by someone else between `_free_port()` and redis binding it: then redis exits (or another server answers, with
+    another pid), and a fresh port is tried."""
+    exe = shutil.which("redis-server")
+    if exe is None:
+        raise DemoError("redis-server is not installed: apt-get install redis-server")
+    for _ in range(attempts):
+        port = _free_port()
+        proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                                 "--dir", str(tmp)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        client = redis.Redis(port=port, socket_connect_timeout=1, socket_timeout=2)
+        deadline = time.monotonic() + 10
+        try:
+            while proc.poll() is None and time.monotonic() < deadline:
+                try:
+                    if int(client.info("server")["process_id"]) == proc.pid:
+                        stack.callback(_stop, proc, "redis-server")
+                        return f"redis://127.0.0.1:{port}/0"
+                except (redis.ConnectionError, redis.TimeoutError):
+                    pass
+                time.sleep(0.05)
+        finally:
+            client.close()
+        _stop(proc, "redis-server")
+    raise DemoError(f"redis-server did not start in {attempts} attempts")
 
 
 def _redis_answers(url: str) -> bool | None:
@@ -76,21 +106,12 @@ def start_redis(stack: ExitStack, tmp: Path) -> str:
         return url
     if state is False:
         say(f"· Redis at {url} holds tuneops data already; the demo keeps to a private one")
-    exe = shutil.which("redis-server")
-    if exe is None:
+    if shutil.which("redis-server") is None:
         raise DemoError("nothing usable answers at REDIS_URL and redis-server is not installed: install it "
                         "(apt-get install redis-server) or point REDIS_URL at an empty Redis.")
-    port = _free_port()
-    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                             "--dir", str(tmp)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    stack.callback(_stop, proc, "redis-server")
-    url = f"redis://127.0.0.1:{port}/0"
-    for _ in range(100):
-        if _redis_answers(url) is not None:
-            say(f"· Redis: started a private redis-server on port {port}")
-            return url
-        time.sleep(0.05)
-    raise DemoError("the private redis-server did not start")
+    url = start_private_redis(stack, tmp)
+    say(f"· Redis: started a private redis-server on port {url.rsplit(':', 1)[1].split('/')[0]}")
+    return url
 
 
 def _stop(proc: subprocess.Popen, name: str, group: bool = False) -> None:
@@ -219,8 +240,9 @@ async def drive(env: dict[str, str], slack, standin, max_steps: int, started: fl
     app, runtime, notifier = make_bot(settings)
     runner = web.AppRunner(build_web_app(app, runtime, notifier=notifier), access_log=None)
     await runner.setup()
-    port = _free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
+    # Port 0: the kernel picks a free one, which the site then holds; read back from the runner.
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    port = runner.addresses[0][1]
     say(f"· bot: HTTP mode on http://127.0.0.1:{port}/slack/events, Web API calls to the stand-in")
     try:
         text = f"run --dataset datasets/chat.jsonl --max-steps {max_steps} --lr 1e-3 --name demo"

@@ -8,10 +8,16 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterable
-from urllib.parse import parse_qs
+from collections.abc import Iterable, Mapping
+from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 from rq import Queue
@@ -42,19 +48,22 @@ NOTIFIER_LAG = Gauge("tuneops_notifier_lag_seconds", "Age of the oldest run even
                      "(0 when it found nothing new)", registry=REGISTRY)
 
 
-def subcommand_of(body: str) -> str:
-    """The label for a request body: the /finetune subcommand, 'interaction' for buttons and modals, else 'other'."""
-    if body.startswith("payload=") or "&payload=" in body:
-        return "interaction"
-    form = parse_qs(body[:4096], keep_blank_values=True)
-    if "command" not in form:
-        return "other"
-    words = (form.get("text") or [""])[0].split(maxsplit=1)
+# The `type`s of an interaction's payload (Bolt parses `payload=` into the body); events and anything else are 'other'.
+INTERACTIONS = frozenset({"block_actions", "view_submission", "view_closed", "shortcut", "message_action",
+                          "block_suggestion", "interactive_message", "dialog_submission"})
+
+
+def subcommand_of(body: Mapping[str, Any]) -> str:
+    """The label for a request's parsed body (Bolt's `request.body`): the /finetune subcommand, 'interaction' for
+    buttons and modals, else 'other'."""
+    if "command" not in body:
+        return "interaction" if body.get("type") in INTERACTIONS else "other"
+    words = str(body.get("text") or "").split(maxsplit=1)
     sub = words[0].lower() if words else "help"
     return sub if sub in SUBCOMMANDS else "other"
 
 
-def observe_ack(body: str, started: float) -> None:
+def observe_ack(body: Mapping[str, Any], started: float) -> None:
     ACK_SECONDS.labels(subcommand_of(body)).observe(time.perf_counter() - started)
 
 

@@ -1,11 +1,13 @@
 """Bolt middleware: hands listeners the runtime, and drops Slack's retried deliveries once the first one was handled.
 
-Runs after Bolt's own signature check, so an unsigned request can never claim a delivery.
+Runs after Bolt's own signature check, so an unsigned request can never claim a delivery. It is a plain
+AsyncMiddleware (not a function middleware), so that no per-request argument injection runs for it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 import socket
@@ -13,8 +15,12 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import redis
+from slack_bolt.context.ack.async_ack import AsyncAck
+from slack_bolt.middleware.async_middleware import AsyncMiddleware
+from slack_bolt.request.async_request import AsyncBoltRequest
 from slack_bolt.response import BoltResponse
 
+from bot.outage import REDIS, UNREACHABLE
 from bot.runtime import CONTEXT_KEY, BotRuntime
 from bot.stream import consumer_name
 from jobs.core import store
@@ -24,7 +30,6 @@ log = logging.getLogger(__name__)
 DONE_TTL_S = 3600     # Slack gives up retrying long before this
 LEASE_MS = 5000       # how long a claim outlives its holder's last renewal; Slack's first retry comes after ~3 s
 RENEW_EVERY_S = 1.5
-ACK_POLL_S = 0.02
 HANDLER_TIMEOUT_S = 60.0  # a listener that has not acked by then never will
 CLAIM_DEADLINE_S = 0.5   # of Slack's 3 s for the ack: a Redis that does not answer by then is down
 
@@ -75,6 +80,12 @@ return 0
 """
 
 
+async def load_scripts(r) -> None:
+    """Load the claim scripts into Redis now, so that the first claims need no NOSCRIPT round trip."""
+    for script in (_CLAIM, _RENEW, _FINISH):
+        await r.script_load(script)
+
+
 def delivery_key(body: dict[str, Any]) -> str | None:
     """What identifies one delivery across Slack's retries: a command's trigger_id, an event's event_id."""
     if body.get("command") and body.get("trigger_id"):
@@ -100,12 +111,45 @@ def process_gone(owner: str) -> bool:
     return False
 
 
-def provide_runtime(runtime: BotRuntime) -> Callable[..., Awaitable[BoltResponse | None]]:
-    async def provide(context, next):
-        context[CONTEXT_KEY] = runtime
-        return await next()
+class ScriptBatch:
+    """Calls of one Lua script made in the same turn of the event loop, sent to Redis together in one pipeline, each
+    caller getting its own result (or error). A burst of requests costs one round trip instead of one each, and a
+    single request waits one turn of the loop more, nothing else.
 
-    return provide
+    EVALSHA itself, not redis-py's Script in a pipeline, which would ask SCRIPT EXISTS before every batch: the scripts
+    are loaded at the start (bot.server.warm_up), and again here when Redis lost them (a restart)."""
+
+    def __init__(self, r, script: str):
+        self.redis = r
+        self.script = script
+        self.sha = hashlib.sha1(script.encode()).hexdigest()
+        self._calls: list[tuple[list, list]] | None = None  # the calls of the batch being gathered
+        self._results: asyncio.Future | None = None  # its pipeline's results
+
+    async def __call__(self, *, keys: list, args: list) -> Any:
+        if self._calls is None or self._results.done():  # done: its task ended before it took the calls (cancelled)
+            self._calls = []
+            self._results = asyncio.ensure_future(self._send())
+        mine = len(self._calls)
+        self._calls.append((keys, args))
+        result = (await asyncio.shield(self._results))[mine]  # a cancelled caller must not cancel the others'
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    async def _send(self) -> list:
+        await asyncio.sleep(0)  # one turn of the loop: the other calls made in this one join the batch
+        calls, self._calls = self._calls or [], None
+        for attempt in (1, 2):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for keys, args in calls:
+                    pipe.evalsha(self.sha, len(keys), *keys, *args)
+                results = await pipe.execute(raise_on_error=False)
+            if attempt == 1 and any(isinstance(r, redis.exceptions.NoScriptError) for r in results):
+                await self.redis.script_load(self.script)
+                continue
+            return results
+        raise AssertionError("unreachable")
 
 
 class DeliveryClaims:
@@ -121,12 +165,15 @@ class DeliveryClaims:
         self._claim = self.redis.register_script(_CLAIM)
         self._renew = self.redis.register_script(_RENEW)
         self._finish = self.redis.register_script(_FINISH)
+        # A burst of commands claims (and finishes) its deliveries in one pipeline each, not a round trip each.
+        self._claim_batch = ScriptBatch(self.redis, _CLAIM)
+        self._finish_batch = ScriptBatch(self.redis, _FINISH)
 
     async def claim(self, key: str) -> tuple[str, str]:
         """("claimed" | "taken", previous owner) when this process is to handle the delivery, else ("done" |
         "busy", owner)."""
         rkey = store.DELIVERY_KEY.format(key)
-        verdict, owner = await self._claim(keys=[rkey], args=[self.me, LEASE_MS, DONE_TTL_S, ""])
+        verdict, owner = await self._claim_batch(keys=[rkey], args=[self.me, LEASE_MS, DONE_TTL_S, ""])
         if verdict == "busy" and process_gone(owner):
             # Only the owner judged dead is displaced: if a third delivery took it over meanwhile, it stays busy.
             verdict, owner = await self._claim(keys=[rkey], args=[self.me, LEASE_MS, DONE_TTL_S, owner])
@@ -136,69 +183,107 @@ class DeliveryClaims:
         return bool(await self._renew(keys=[store.DELIVERY_KEY.format(key)], args=[self.me, LEASE_MS]))
 
     async def finish(self, key: str, handled: bool) -> None:
-        await self._finish(keys=[store.DELIVERY_KEY.format(key)],
-                           args=[self.me, "done" if handled else "release", DONE_TTL_S])
+        await self._finish_batch(keys=[store.DELIVERY_KEY.format(key)],
+                                 args=[self.me, "done" if handled else "release", DONE_TTL_S])
 
-    async def see_through(self, key: str, context) -> None:
+    async def see_through(self, key: str, ack: WatchedAck) -> None:
         """Hold the claim while the delivery's listener runs, then mark it done once the listener acked, or let it go
         when the listener failed before its ack (or never acked), so that Slack's retry is processed.
 
-        Bolt runs the listener after every middleware returned, and the ack is the only sign of it a middleware can
-        see: Bolt itself waits for `context.ack.response` the same way."""
+        Bolt runs the listener after every middleware returned; its ack (or Bolt's 500 when it raised) is set on
+        `ack`, which wakes this watcher: nothing polls."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + HANDLER_TIMEOUT_S
-        renew_at = loop.time() + RENEW_EVERY_S
         handled = False
         try:
-            while loop.time() < deadline:
-                response = getattr(context.get("ack"), "response", None)
-                if response is not None:
-                    handled = response.status < 500
+            while ack.response is None:
+                left = deadline - loop.time()
+                if left <= 0:
+                    log.info("a delivery (%s) was not acked within %.0f s: letting a retry have it",
+                             key.split(":", 1)[0], HANDLER_TIMEOUT_S)
                     break
-                if loop.time() >= renew_at:
-                    renew_at = loop.time() + RENEW_EVERY_S
-                    if not await self.renew(key):
+                try:
+                    async with asyncio.timeout(min(RENEW_EVERY_S, left)):
+                        await ack.answered.wait()
+                except TimeoutError:
+                    if loop.time() < deadline and not await self.renew(key):
                         log.warning("lost the claim of a delivery (%s) before its ack", key.split(":", 1)[0])
                         return
-                await asyncio.sleep(ACK_POLL_S)
             else:
-                log.info("a delivery (%s) was not acked within %.0f s: letting a retry have it",
-                         key.split(":", 1)[0], HANDLER_TIMEOUT_S)
+                handled = ack.response.status < 500
             await self.finish(key, handled)
+        except UNREACHABLE as e:
+            REDIS.failed(e, "keeping the claim of a delivery")
         except Exception:
             log.warning("could not keep the claim of a delivery (%s)", key.split(":", 1)[0], exc_info=True)
 
 
-def drop_retries(runtime: BotRuntime,
-                 claims: DeliveryClaims | None = None) -> Callable[..., Awaitable[BoltResponse | None]]:
-    claims = claims or DeliveryClaims(runtime)
+class WatchedAck(AsyncAck):
+    """Bolt's ack, which also says when it was given: the listener's `await ack(...)` and Bolt's own error response
+    both set `response`, and that sets `answered`."""
 
-    async def drop(body, request, context, next):
-        key = delivery_key(body)
+    def __init__(self):
+        self.answered = asyncio.Event()
+        super().__init__()
+
+    @property
+    def response(self) -> BoltResponse | None:
+        return self._response
+
+    @response.setter
+    def response(self, value: BoltResponse | None) -> None:
+        self._response = value
+        if value is not None:
+            self.answered.set()
+
+
+class DeliveryMiddleware(AsyncMiddleware):
+    """Puts the runtime into the context, and claims each delivery before its listener runs (see DeliveryClaims)."""
+
+    def __init__(self, runtime: BotRuntime, claims: DeliveryClaims | None = None):
+        self.runtime = runtime
+        self.claims = claims or DeliveryClaims(runtime)
+
+    async def async_process(self, *, req: AsyncBoltRequest, resp: BoltResponse,
+                            next: Callable[[], Awaitable[BoltResponse]]) -> BoltResponse | None:
+        context = req.context
+        context[CONTEXT_KEY] = self.runtime
+        key = delivery_key(req.body)
         if key is None:
-            return await next()
+            await next()
+            return resp
         try:
-            verdict, owner = await asyncio.wait_for(claims.claim(key), CLAIM_DEADLINE_S)
-        except (redis.RedisError, asyncio.TimeoutError) as e:
+            async with asyncio.timeout(CLAIM_DEADLINE_S):
+                verdict, owner = await self.claims.claim(key)
+        except (*UNREACHABLE, TimeoutError) as e:
             # Without Redis nothing can start, so the command cannot run twice: let it through unclaimed, and its
             # listener answers that the store is unreachable, within Slack's 3 s.
-            log.warning("cannot claim a delivery (%s): Redis is unreachable (%s); handling it unclaimed",
-                        key.split(":", 1)[0], type(e).__name__)
-            return await next()
-        retry = (request.headers.get("x-slack-retry-num") or [""])[0]
+            REDIS.failed(e, "claiming a delivery (handled unclaimed)")
+            await next()
+            return resp
+        except redis.RedisError as e:
+            log.warning("cannot claim a delivery (%s): Redis answered %s; handling it unclaimed",
+                        key.split(":", 1)[0], e)
+            await next()
+            return resp
+        REDIS.ok()
         if verdict in ("done", "busy"):
+            retry = (req.headers.get("x-slack-retry-num") or [""])[0]
             log.info("dropped a repeated delivery (%s, retry %s, %s by %s)", key.split(":", 1)[0], retry or "-",
                      verdict, owner)
             return BoltResponse(status=200, body="")
         if verdict == "taken":
+            retry = (req.headers.get("x-slack-retry-num") or [""])[0]
             log.warning("took over a delivery (%s, retry %s) whose handler %s is gone", key.split(":", 1)[0],
                         retry or "-", owner)
-        watcher = asyncio.ensure_future(claims.see_through(key, context))
+        ack = context.get("ack")
+        if not isinstance(ack, WatchedAck):
+            ack = context["ack"] = WatchedAck()
+        watcher = asyncio.ensure_future(self.claims.see_through(key, ack))
         _watchers.add(watcher)
         watcher.add_done_callback(_watchers.discard)
-        return await next()
-
-    return drop
+        await next()
+        return resp
 
 
 _watchers: set[asyncio.Future] = set()  # held, so that a running watcher is never collected

@@ -1,6 +1,6 @@
 """What every listener and the notifier share in one bot process: settings, the async Redis client, the gateway.
 
-Listeners find it in Bolt's `context` (put there by `bot.middleware.provide_runtime`) via `runtime_of(context)`.
+Listeners find it in Bolt's `context` (put there by `bot.middleware.DeliveryMiddleware`) via `runtime_of(context)`.
 """
 
 from __future__ import annotations
@@ -9,6 +9,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError
 from slack_sdk.web.async_client import AsyncWebClient
 
 from bot.ratelimit import ChannelBudget
@@ -16,6 +19,23 @@ from bot.settings import BotSettings
 from bot.slack import SlackGateway
 
 CONTEXT_KEY = "tuneops"
+
+# A Redis that accepts connections and never answers (stopped, a stuck fsync, a black hole) must not hold a command
+# past Slack's 3 s: every call of this client ends within about a second. It makes no blocking reads (the notifier's
+# XREAD BLOCK goes through jobs.core.store's client), so no call of its legitimately waits longer than that.
+SOCKET_TIMEOUT_S = 1.0
+CONNECT_TIMEOUT_S = 1.0
+# A connection reset (Redis restarted, a pooled connection gone stale) is retried on a fresh connection, briefly: two
+# retries after 20 and 40 ms. A timeout is not retried: a Redis that did not answer in a second will not in the next.
+RETRIES = 2
+
+
+def redis_client(url: str) -> aioredis.Redis:
+    return aioredis.from_url(
+        url, decode_responses=True, socket_timeout=SOCKET_TIMEOUT_S, socket_connect_timeout=CONNECT_TIMEOUT_S,
+        retry=Retry(ExponentialBackoff(cap=0.1, base=0.02), RETRIES, supported_errors=(ConnectionError,)),
+        retry_on_error=[ConnectionError],
+    )
 
 
 @dataclass
@@ -26,7 +46,7 @@ class BotRuntime:
 
     @classmethod
     def create(cls, settings: BotSettings, client: AsyncWebClient) -> BotRuntime:
-        r = aioredis.from_url(settings.jobs.redis_url, decode_responses=True)
+        r = redis_client(settings.jobs.redis_url)
         return cls(settings=settings, redis=r, gateway=SlackGateway(client, ChannelBudget(r)))
 
     async def close(self) -> None:

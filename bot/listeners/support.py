@@ -9,9 +9,8 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
-import redis
-
 from bot import blocks, grammar, words
+from bot.outage import REDIS, UNREACHABLE
 from bot.runtime import BotRuntime
 from jobs import backends
 from jobs.backends.protocol import PROVISION, SECRETS
@@ -25,8 +24,6 @@ T = TypeVar("T")
 STORE_DOWN = ("tuneops cannot reach its store; try again in a minute. Nothing was changed. If it persists, "
               "an operator checks that the Redis at REDIS_URL is running and reachable from the bot (and not out of "
               "memory), then runs `tuneops doctor`.")
-# A store error means Redis is gone (refused, reset) or hangs (the client's socket timeout ran out).
-STORE_UNREACHABLE = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 OUR_FAULT = ("Something went wrong on tuneops' side ({what}); it is logged. `/finetune list` shows what state the "
              "runs are in; try again, or ask an admin to look at the bot's log.")
 
@@ -63,14 +60,17 @@ async def answer(rt: BotRuntime, response_url: str, message: dict[str, Any]) -> 
 
 @contextlib.asynccontextmanager
 async def answering_errors(rt: BotRuntime, response_url: str, what: str) -> AsyncIterator[None]:
-    """Whatever goes wrong inside becomes a private answer: a rejection says what to do, our errors are logged."""
+    """Whatever goes wrong inside becomes a private answer: a rejection says what to do, our errors are logged. An
+    unreachable Redis is logged once per outage (bot.outage), not once per command."""
     try:
         yield
     except (RunRejected, BackendError) as e:  # a BackendError's message says what to do (Azure config, quota, roles)
         await answer(rt, response_url, blocks.render_problem(words.refusal(e)))
-    except STORE_UNREACHABLE as e:
-        log.error("%s: Redis is unreachable (%s: %s)", what, type(e).__name__, e)
+    except UNREACHABLE as e:  # Redis is gone (refused, reset) or hangs (the client's socket timeout ran out)
+        REDIS.failed(e, what)
         await answer(rt, response_url, blocks.render_problem(STORE_DOWN))
     except Exception:
         log.exception("%s failed", what)
         await answer(rt, response_url, blocks.render_problem(OUR_FAULT.format(what=what)))
+    else:
+        REDIS.ok()

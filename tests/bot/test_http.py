@@ -39,6 +39,21 @@ async def test_healthz(bot):
             assert r.status == 200 and (await r.json())["redis"] == "ok"
 
 
+async def test_the_bot_is_warm_before_it_listens(bot, caplog):
+    """By the time the port is open (and /healthz answers), the claim scripts are in Redis and one signed `help` went
+    through the whole Bolt app (accepted: no warning), without claiming a delivery or counting as an ack."""
+    from bot import middleware
+
+    said = [r.getMessage() for r in caplog.get_records("setup") if r.name == "bot.server"]
+    assert not any("warm-up" in m for m in said), said  # the warm-up's `help` was answered 200
+    conn = store.connect(bot.settings.jobs)
+    shas = [middleware.ScriptBatch(None, src).sha for src in (middleware._CLAIM, middleware._RENEW, middleware._FINISH)]
+    assert conn.script_exists(*shas) == [True, True, True]
+    assert not conn.keys(store.DELIVERY_KEY.format("*"))
+    status, ack, _ = await bot.command("help")
+    assert status == 200 and "tuneops help" in ack
+
+
 @pytest.mark.parametrize("case", ["missing", "wrong", "stale"])
 async def test_bad_signatures_get_401_and_start_nothing(bot, slack, case):
     body = slash_command_body("run --dataset datasets/chat.jsonl", response_url=slack.response_url("sig"))
@@ -252,3 +267,25 @@ async def test_a_mention_gets_a_pointer_in_its_thread_once(bot, slack):
     assert status == 200
     assert await slack.until(lambda: slack.thread("C0TRAIN", later), 10)
     assert len(slack.thread("C0TRAIN", root)) == 1
+
+
+@pytest.mark.parametrize("status", [429, 503])
+async def test_a_slack_incident_at_start_is_not_called_a_bad_token(bot_env, slack, status, caplog):
+    """Slack answering 429 or 5xx to auth.test says nothing of the token: the bot starts. A refused token does not."""
+    from bot.server import StartupError, make_bot, preflight
+    from bot.settings import BotSettings
+
+    settings = BotSettings.from_env(bot_env)
+    app, runtime, _ = make_bot(settings, notify=False)
+    try:
+        slack.fail_for(30, status, methods={"auth.test"})
+        with caplog.at_level(logging.WARNING, logger="bot.server"):
+            await preflight(settings, app)
+        assert f"Slack answered {status} to the token check" in caplog.text
+        slack.clear_faults()
+        await preflight(settings, app)  # the good token passes
+        app.client.token = "xoxb-not-the-right-one"
+        with pytest.raises(StartupError, match="Slack refused SLACK_BOT_TOKEN"):
+            await preflight(settings, app)
+    finally:
+        await runtime.close()

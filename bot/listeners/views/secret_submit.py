@@ -18,6 +18,7 @@ from slack_sdk.errors import SlackApiError
 from bot import grammar, secretform, words
 from bot.auth import Refusal, authorize
 from bot.listeners.support import call, log_refusal
+from bot.outage import REDIS, UNREACHABLE
 from bot.runtime import BotRuntime, runtime_of
 from jobs import backends
 from jobs.backends import get_backend
@@ -64,7 +65,10 @@ async def save(rt: BotRuntime, form: secretform.SecretForm, user: str, view_id: 
     try:
         op_id = await call(backend.enqueue_secret_reference, info.env_name, user, form.channel)
     except Exception as e:  # only the name went in, so the trace is safe to log
-        log.exception("%s is in Key Vault, but queueing the job's reference to it failed", info.env_name)
+        if isinstance(e, UNREACHABLE):
+            REDIS.failed(e, f"queueing the job's reference to {info.env_name} (it is in Key Vault)")
+        else:
+            log.exception("%s is in Key Vault, but queueing the job's reference to it failed", info.env_name)
         reason = words.refusal(e) if isinstance(e, BackendError) else "Redis or the queue failed (it is logged)"
         await show(rt, view_id, form.channel, user,
                    secretform.saved_without_reference(info.env_name, info.vault_name, reason))
