@@ -1,4 +1,5 @@
-"""Bolt middleware: hands listeners the runtime, and drops Slack's retried deliveries once the first one was handled.
+"""Bolt middleware: hands listeners the runtime, and drops Slack's retried deliveries once the first one was handled
+(of what may not run twice: read-only commands are answered each time).
 
 Runs after Bolt's own signature check, so an unsigned request can never claim a delivery. It is a plain
 AsyncMiddleware (not a function middleware), so that no per-request argument injection runs for it.
@@ -20,6 +21,7 @@ from slack_bolt.middleware.async_middleware import AsyncMiddleware
 from slack_bolt.request.async_request import AsyncBoltRequest
 from slack_bolt.response import BoltResponse
 
+from bot.metrics import subcommand_of
 from bot.outage import REDIS, UNREACHABLE
 from bot.runtime import CONTEXT_KEY, BotRuntime
 from bot.stream import consumer_name
@@ -86,9 +88,18 @@ async def load_scripts(r) -> None:
         await r.script_load(script)
 
 
+# Subcommands that change nothing and answer in their ack: their deliveries are not claimed. Slack retries a command
+# only when the ack did not reach it in time, and the ack held the answer, so a retry is answered again rather than
+# dropped; running one twice is harmless; and each spares two Redis round trips (the claim, its end).
+UNCLAIMED_SUBCOMMANDS = frozenset({"help", "list", "status"})
+
+
 def delivery_key(body: dict[str, Any]) -> str | None:
-    """What identifies one delivery across Slack's retries: a command's trigger_id, an event's event_id."""
+    """What identifies one delivery across Slack's retries: a command's trigger_id, an event's event_id; None for a
+    delivery that is not claimed."""
     if body.get("command") and body.get("trigger_id"):
+        if subcommand_of(body) in UNCLAIMED_SUBCOMMANDS:
+            return None
         return "cmd:" + str(body["trigger_id"])
     if body.get("type") == "event_callback" and body.get("event_id"):
         return "event:" + str(body["event_id"])

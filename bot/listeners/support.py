@@ -1,23 +1,29 @@
-"""What the listeners share: calling jobs.runs.service off the event loop, private answers, and turning failures into
-messages a person can act on (never a stack trace)."""
+"""What the listeners share: calling jobs.runs.service off the event loop, private answers (in the ack when they are
+ready in time), and turning failures into messages a person can act on (never a stack trace)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 from bot import blocks, grammar, words
 from bot.outage import REDIS, UNREACHABLE
-from bot.runtime import BotRuntime
+from bot.runtime import SOCKET_TIMEOUT_S, BotRuntime
 from jobs import backends
 from jobs.backends.protocol import PROVISION, SECRETS
 from jobs.core.errors import BackendError, RunRejected
 
 log = logging.getLogger("bot.listeners")
 T = TypeVar("T")
+
+# A read-only command's answer (`list`, `status`) that is ready within this much after the command reached its
+# listener goes in the ack itself: no second HTTP request to response_url, for the bot or for Slack. Longer than the
+# bot's Redis socket timeout, so that a Redis that hangs is answered in the ack too (STORE_DOWN); a read slower still
+# (two calls that each nearly time out) is acked empty then and answered on response_url once ready.
+ACK_BUDGET_S = SOCKET_TIMEOUT_S + 0.5
 
 # Every fact (runs, the event stream, approvals) lives in Redis: without it the bot can change nothing and say
 # nothing true, so it says that, and what an operator looks at, instead of guessing.
@@ -58,19 +64,47 @@ async def answer(rt: BotRuntime, response_url: str, message: dict[str, Any]) -> 
     await rt.gateway.respond(response_url, message)
 
 
+def problem_answer(error: Exception, what: str) -> dict[str, Any]:
+    """The private answer to a failure while doing `what`: a rejection says what to do, our errors are logged. An
+    unreachable Redis is logged once per outage (bot.outage), not once per command."""
+    if isinstance(error, (RunRejected, BackendError)):  # a BackendError's message says what to do (Azure config, ...)
+        return blocks.render_problem(words.refusal(error))
+    if isinstance(error, UNREACHABLE):  # Redis is gone (refused, reset) or hangs (the client's socket timeout ran out)
+        REDIS.failed(error, what)
+        return blocks.render_problem(STORE_DOWN)
+    log.error("%s failed", what, exc_info=error)
+    return blocks.render_problem(OUR_FAULT.format(what=what))
+
+
 @contextlib.asynccontextmanager
 async def answering_errors(rt: BotRuntime, response_url: str, what: str) -> AsyncIterator[None]:
-    """Whatever goes wrong inside becomes a private answer: a rejection says what to do, our errors are logged. An
-    unreachable Redis is logged once per outage (bot.outage), not once per command."""
+    """Whatever goes wrong inside becomes a private answer on response_url (see `problem_answer`)."""
     try:
         yield
-    except (RunRejected, BackendError) as e:  # a BackendError's message says what to do (Azure config, quota, roles)
-        await answer(rt, response_url, blocks.render_problem(words.refusal(e)))
-    except UNREACHABLE as e:  # Redis is gone (refused, reset) or hangs (the client's socket timeout ran out)
-        REDIS.failed(e, what)
-        await answer(rt, response_url, blocks.render_problem(STORE_DOWN))
-    except Exception:
-        log.exception("%s failed", what)
-        await answer(rt, response_url, blocks.render_problem(OUR_FAULT.format(what=what)))
+    except Exception as e:
+        await answer(rt, response_url, problem_answer(e, what))
     else:
         REDIS.ok()
+
+
+async def answer_quickly(ack, rt: BotRuntime, response_url: str, what: str,
+                         compose: Callable[[], Awaitable[dict[str, Any]]]) -> None:
+    """Answer a read-only command privately with what `compose` makes (it reads the store with the runtime's async
+    client and renders), or with `problem_answer` when it raises: in the ack when that is ready within ACK_BUDGET_S,
+    else on response_url after an empty ack. `compose` runs once either way, to its end; it only reads."""
+    work = asyncio.ensure_future(compose())
+    done, _ = await asyncio.wait((work,), timeout=ACK_BUDGET_S)  # waits, never cancels: a late answer is still used
+    if done:
+        await ack(response_type="ephemeral", **rt.gateway.clean(await _outcome(work, what)))
+        return
+    await ack()
+    await answer(rt, response_url, await _outcome(work, what))
+
+
+async def _outcome(work: asyncio.Future, what: str) -> dict[str, Any]:
+    try:
+        message = await work
+    except Exception as e:
+        return problem_answer(e, what)
+    REDIS.ok()
+    return message

@@ -5,8 +5,11 @@ No worker runs here: a queued run stays queued, which is all these tests need.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import shutil
+import signal
 import time
 
 import aiohttp
@@ -16,7 +19,7 @@ from bot.standin.slack import Message, signed_headers, slash_command_body
 from jobs.core import store
 from jobs.runs import service
 from tests.bot.conftest import SIGNING_SECRET
-from tests.conftest import shown
+from tests.conftest import shown, start_redis_server
 
 
 def runs(bot) -> list:
@@ -31,6 +34,13 @@ async def answers(slack, key: str, n: int = 1, timeout: float = 30.0) -> list[di
 
 def text_of(payload: dict | str) -> str:
     return json.dumps(payload, ensure_ascii=False) if not isinstance(payload, str) else payload
+
+
+def in_ack(ack: str) -> str:
+    """The private answer a read-only command (`list`, `status`) got in its ack."""
+    payload = json.loads(ack)
+    assert payload["response_type"] == "ephemeral" and payload["blocks"], payload
+    return text_of(payload)
 
 
 async def test_healthz(bot):
@@ -112,7 +122,7 @@ async def test_a_refused_user_and_a_refused_channel(redis_url, bot_env, slack, c
         assert any("C0RANDOM" in m and "list" in m for m in refusals)
         # the allowed person in the allowed channel gets through
         status, ack, key = await bot.command("list")
-        assert "No runs yet" in text_of((await answers(slack, key))[0])
+        assert "No runs yet" in in_ack(ack)
 
 
 async def _serve(env, slack):
@@ -177,7 +187,9 @@ async def test_rejections_from_the_service_are_answered_privately(bot, slack):
     assert "datasets/nope.jsonl not found" in text_of((await answers(slack, key))[0])
     _, _, key = await bot.command("run --dataset datasets/chat.jsonl --model model-cache/huge")
     assert "not found" in text_of((await answers(slack, key))[0])
-    for text in ("status ft-0099", "logs ft-0099", "cancel ft-0099", "resume ft-0099"):
+    _, ack, _ = await bot.command("status ft-0099")
+    assert "There is no run ft-0099" in in_ack(ack)
+    for text in ("logs ft-0099", "cancel ft-0099", "resume ft-0099"):
         _, _, key = await bot.command(text)
         assert "There is no run ft-0099" in text_of((await answers(slack, key))[0]), text
     assert runs(bot) == []
@@ -188,14 +200,15 @@ async def test_status_list_and_cancel_of_a_queued_run(bot, slack):
     await answers(slack, key)
     _, _, key = await bot.command("run --dataset datasets/chat.jsonl --max-steps 3", user="U0BOB")
     await answers(slack, key)
-    _, _, key = await bot.command("list")
-    listing = text_of((await answers(slack, key))[0])
+    _, ack, _ = await bot.command("list")
+    listing = in_ack(ack)
     assert "ft-0002" in listing and "ft-0001 (first)" in listing and "#2 in line" in listing
-    _, _, key = await bot.command("status ft-0002")
-    status = text_of((await answers(slack, key))[0])
+    _, ack, _ = await bot.command("status ft-0002")
+    status = in_ack(ack)
     assert "number 2 in line" in status and "max steps 3" in status and "run_cancel" not in status
-    _, _, key = await bot.command("status")
-    assert "Queued and running" in text_of((await answers(slack, key))[0])
+    _, ack, _ = await bot.command("status")
+    status = in_ack(ack)
+    assert "Queued and running" in status and status.index("ft-0001") < status.index("ft-0002")  # oldest first
     # Bob may not cancel Alice's run; Alice may
     _, _, key = await bot.command("cancel ft-0001", user="U0BOB")
     assert "only they or an admin" in text_of((await answers(slack, key))[0])
@@ -289,3 +302,108 @@ async def test_a_slack_incident_at_start_is_not_called_a_bad_token(bot_env, slac
             await preflight(settings, app)
     finally:
         await runtime.close()
+
+
+async def test_list_and_status_are_answered_in_the_ack_redacted(bot, slack):
+    _, _, key = await bot.command("run --dataset datasets/chat.jsonl --name first")
+    await answers(slack, key)
+    token = "hf_" + "A1b2C3d4E5" * 4  # a name that holds a secret (an edited record; the grammar would refuse it)
+    conn = store.connect(bot.settings.jobs)
+    record = json.loads(conn.get(store.run_key("ft-0001")))
+    conn.set(store.run_key("ft-0001"), json.dumps({**record, "name": token}))
+    keys = []
+    for text in ("list", "status", "status ft-0001"):
+        status, ack, key = await bot.command(text)
+        keys.append(key)
+        said = in_ack(ack)
+        assert status == 200 and "ft-0001" in said, (text, said)
+        assert token not in ack and "***" in said, (text, said)
+    # A later command's answer on response_url: by then any answer of the earlier ones would have come too.
+    _, _, later = await bot.command("cancel ft-0001")
+    await answers(slack, later)
+    assert not any(slack.responses[k] for k in keys)
+
+
+async def test_a_read_slower_than_the_ack_budget_is_answered_on_response_url(bot, slack, monkeypatch):
+    from bot.listeners import support
+
+    monkeypatch.setattr(support, "ACK_BUDGET_S", 0.0)  # every read is late: acked empty, answered after
+    for text, expected in (("list", "No runs yet"), ("status ft-0099", "There is no run ft-0099"),
+                           ("status", "Nothing is queued or running")):
+        status, ack, key = await bot.command(text)
+        assert status == 200 and ack == "", (text, ack)
+        [said] = await answers(slack, key)
+        assert expected in text_of(said) and said["response_type"] == "ephemeral", (text, said)
+
+
+@pytest.fixture
+def own_redis(tmp_path):
+    """A redis-server of this test's own, so that it can be stopped (SIGSTOP) without touching the session's."""
+    proc, port = start_redis_server(shutil.which("redis-server"), tmp_path)
+    yield proc, f"redis://127.0.0.1:{port}/0"
+    proc.send_signal(signal.SIGCONT)
+    proc.kill()
+    proc.wait(10)
+
+
+async def quick_answer(bot, slack, text: str) -> tuple[float, str, str]:
+    """(seconds from sending the command to its answer, where the answer came: "ack" or "response_url", its text)."""
+    start = time.monotonic()
+    status, ack, key = await asyncio.wait_for(bot.command(text), 10)  # Slack itself gives up after 3 s
+    assert status == 200, (text, status, ack)
+    if ack:
+        return time.monotonic() - start, "ack", in_ack(ack)
+    [said] = await answers(slack, key, timeout=10)
+    return time.monotonic() - start, "response_url", text_of(said)
+
+
+async def test_a_stopped_redis_still_gets_list_and_status_answered_within_3_s(own_redis, bot_env, slack, monkeypatch):
+    from bot.listeners import support
+
+    proc, url = own_redis
+    async for bot in _serve({**bot_env, "REDIS_URL": url}, slack):
+        _, where, said = await quick_answer(bot, slack, "list")
+        assert where == "ack" and "No runs yet" in said, (where, said)
+        proc.send_signal(signal.SIGSTOP)  # accepts connections (the kernel does), answers nothing
+        try:
+            for text in ("list", "status", "status ft-0001"):
+                elapsed, where, said = await quick_answer(bot, slack, text)
+                assert "cannot reach its store" in said and "REDIS_URL" in said, (text, where, said)
+                assert elapsed < 2.5, f"`/finetune {text}` answered after {elapsed:.1f} s ({where})"
+                # The bot's Redis socket timeout ends the read before the ack's budget does: the answer is the ack.
+                assert where == "ack", (text, elapsed)
+        finally:
+            proc.send_signal(signal.SIGCONT)
+        # A read that outlasts the budget and then succeeds: acked at once, its answer follows on response_url.
+        monkeypatch.setattr(support, "ACK_BUDGET_S", 0.2)
+        proc.send_signal(signal.SIGSTOP)
+        asyncio.get_running_loop().call_later(0.6, proc.send_signal, signal.SIGCONT)
+        elapsed, where, said = await quick_answer(bot, slack, "list")
+        assert where == "response_url" and "No runs yet" in said and elapsed < 2.5, (where, elapsed, said)
+        monkeypatch.undo()
+        elapsed, where, said = await quick_answer(bot, slack, "list")
+        assert where == "ack" and "No runs yet" in said, (where, said)
+
+
+async def test_a_failing_read_is_answered_in_the_ack_and_logged(bot, slack, monkeypatch, caplog):
+    from bot.listeners.commands import list_runs
+
+    async def broken(r, limit):
+        raise RuntimeError("a bug of ours")
+
+    monkeypatch.setattr(list_runs, "recent_runs", broken)
+    with caplog.at_level(logging.ERROR, logger="bot.listeners"):
+        status, ack, key = await bot.command("list")
+    said = in_ack(ack)
+    assert status == 200 and "went wrong on tuneops' side (listing the runs)" in said and "a bug" not in said
+    assert any("listing the runs failed" in r.getMessage() and r.exc_info for r in caplog.records)
+
+
+async def test_a_retried_read_only_command_is_answered_again(bot, slack):
+    """Slack retries only when it missed the ack, which held the answer: a retried `list` gets it again, and is not
+    claimed (reading twice changes nothing)."""
+    body = slash_command_body("list", response_url=slack.response_url("again"), trigger_id="7777.8888.cafe")
+    for retry in (None, 1, 2):
+        status, ack = await bot.post(body, signed_headers(SIGNING_SECRET, body, retry_num=retry))
+        assert status == 200 and "No runs yet" in in_ack(ack), (retry, ack)
+    assert not store.connect(bot.settings.jobs).keys(store.DELIVERY_KEY.format("*"))

@@ -1,6 +1,8 @@
 """`/finetune`: parse, authorize, then hand over to the subcommand's handler, which acks first and works after.
 
 Parse errors, refusals and help are answered in the ack itself (pure and instant); nothing else happens for them.
+`list` and `status` only read: they answer in the ack too when the store answers in time
+(bot.listeners.support.answer_quickly), else on response_url after an empty ack.
 """
 
 from __future__ import annotations
