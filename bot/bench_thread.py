@@ -6,7 +6,13 @@ LogBatcher, redaction, the Slack gateway with the channel budget in a private re
 by this script, which appends what monitor ticks append (log, progress, the start and the end of each run) to the
 event stream, every `--tick` seconds. Prints the Slack calls made, the highest rate per channel (over 1, 10 and 60
 seconds), the 429s, and whether every error line reached the thread (and how late).
-Goal: <= 1 call a second per channel sustained, no 429, every error line delivered.
+Goal: <= 1 call a second per channel sustained, no 429, every error line delivered, and error lines in the thread
+within 15 s (p95) of being written.
+
+The floor under that last figure: the channel takes 0.95 posts a second, shared by `--runs` threads. When every run
+has an error line waiting (20 runs writing ~3 error incidents a second between them), each thread gets a post every
+runs / 0.95 s (21 s for 20 runs) at best, and an error line waits for its thread's next post: about uniform over
+0 .. 21 s, p95 ~20 s, even under a perfectly fair scheduler. Ten runs halve that.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from jobs.core.settings import JobSettings
 TOKEN = "xoxb-bench"  # a stand-in token, not a real one
 CHANNEL = "C0BENCH"
 LINE_ID = re.compile(r"\[r(\d+):(\d+)\]")
+ERROR_P95_GOAL_S = 15.0
 
 
 def run_lines(rng: random.Random, run: int, count: int) -> tuple[list[str], set[int]]:
@@ -163,6 +170,10 @@ async def bench(args) -> dict:
     errors = [(i, n) for i, (_, errs) in enumerate(streams) for n in errs]
     missing = [e for e in errors if e not in delivered]
     late = sorted(delivered[e] - written[e] for e in errors if e in delivered)
+    # The runs' first minute holds their start (20 cards, their edits and "started" messages: ~60 slots) ahead of any
+    # error; the waits of the lines written after it show the storm itself.
+    first = min(written.values(), default=0.0)
+    late_after = sorted(delivered[e] - written[e] for e in errors if e in delivered and written[e] - first >= 60)
     ordinary = sum(args.lines for _ in streams) - len(errors)
     shown = sum(1 for k in delivered if k not in set(errors))
     leaked = sum(1 for c in calls if "hf_xxxx" in json.dumps(c.params))
@@ -173,16 +184,21 @@ async def bench(args) -> dict:
         "post_rate_1s": highest(posts, 1), "post_rate_60s": highest(posts, 60),
         "span_s": (in_channel[-1] - in_channel[0]) if in_channel else 0.0,
         "r429": sum(1 for c in calls if c.status == 429),
-        "errors": len(errors), "missing": len(missing), "late": late, "ordinary": ordinary, "shown": shown,
+        "errors": len(errors), "missing": len(missing), "late": late, "late_after_60s": late_after, "ordinary": ordinary, "shown": shown,
         "leaked": leaked, "cpu_s": cpu,
     }
+
+
+def percentile(late: list[float], p: float) -> float:
+    """The p-quantile of sorted waits (nearest rank below); NaN when there are none."""
+    return late[min(len(late) - 1, int(len(late) * p))] if late else float("nan")
 
 
 def report(s: dict) -> str:
     late = s["late"]
 
     def pct(p: float) -> float:
-        return late[min(len(late) - 1, int(len(late) * p))] if late else float("nan")
+        return percentile(late, p)
 
     methods = ", ".join(f"{m} {n}" for m, n in sorted(s["methods"].items()))
     return "\n".join([
@@ -195,6 +211,8 @@ def report(s: dict) -> str:
         f"429 answers: {s['r429']}",
         f"error lines: {s['errors']}, delivered {s['errors'] - s['missing']}, missing {s['missing']}; in the thread "
         f"after median {pct(0.5):.1f} s, p95 {pct(0.95):.1f} s, max {pct(1.0) if late else float('nan'):.1f} s",
+        f"error lines written after the first 60 s: {len(s['late_after_60s'])}, in the thread after median "
+        f"{percentile(s['late_after_60s'], 0.5):.1f} s, p95 {percentile(s['late_after_60s'], 0.95):.1f} s",
         f"ordinary lines shown: {s['shown']:,} of {s['ordinary']:,} (the rest counted in '... N lines omitted')",
         f"secrets in calls: {s['leaked']}; all done {s['total_s']:.0f} s after the first line; CPU of this process "
         f"(notifier, stand-in, producer): {s['cpu_s']:.1f} s",
@@ -213,13 +231,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rate", type=float, default=SLACK_RATE_PER_S,
                     help=f"the bot's channel budget, calls a second (default {SLACK_RATE_PER_S}, the bot's own)")
     ap.add_argument("--drain", type=float, default=600.0, help="how long to wait for the threads to catch up")
+    ap.add_argument("--p95-goal", type=float, default=ERROR_P95_GOAL_S,
+                    help="seconds within which 95%% of error lines must reach the thread")
     args = ap.parse_args(argv)
     try:
         stats = asyncio.run(bench(args))
     except KeyboardInterrupt:
         return 130
     print(report(stats))
-    ok = stats["r429"] == 0 and stats["missing"] == 0 and stats["rate_60s"] <= 1.0 + 1e-9
+    p95 = percentile(stats["late"], 0.95)
+    floor = args.runs / args.rate  # one post per thread per this many seconds at best, see the docstring
+    print(f"error lines p95 {p95:.1f} s against the goal of {args.p95_goal:.0f} s (each thread's share of the "
+          f"channel: a post every {floor:.1f} s at best)")
+    ok = (stats["r429"] == 0 and stats["missing"] == 0 and stats["rate_60s"] <= 1.0 + 1e-9
+          and p95 <= args.p95_goal)
     print("goal met" if ok else "goal NOT met")
     return 0 if ok else 1
 

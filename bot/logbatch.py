@@ -111,6 +111,26 @@ class LogBatcher:
         """Lines waiting (dropped ones included)."""
         return sum(e.n if isinstance(e, _Gap) else 1 for e in self._pending)
 
+    @property
+    def has_errors(self) -> bool:
+        """Whether error lines are waiting (a traceback still arriving, say): the next message is an urgent one."""
+        return any(isinstance(e, _Line) and e.error for e in self._pending)
+
+    def due(self, now: float, lines: bool = False, errors: bool = False) -> bool:
+        """Whether a flush at `now`, after feeding more lines (`lines`; with errors among them, `errors`), would send
+        a message: so that a caller waits for a posting turn only when it will have something to post. (A traceback
+        still arriving is held back by `flush`; this counts it as due all the same.)"""
+        if errors or self.has_errors:
+            return True
+        if not (lines or any(isinstance(e, _Line) for e in self._pending)):
+            return False
+        return self._last_sent is None or now - self._last_sent >= self.interval_s
+
+    def any_error(self, lines: Iterable[str]) -> bool:
+        """Whether these lines, once fed, would make an error message: so a caller can tell urgent lines early."""
+        return any(TRACEBACK_RE.search(part) or self._is_error(part)
+                   for raw in lines for part in raw.rstrip("\r\n").split("\n"))
+
     def feed(self, lines: Iterable[str], now: float) -> list[str]:
         """Add new log lines; returns the messages to send now (often none)."""
         for raw in lines:

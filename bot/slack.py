@@ -1,7 +1,8 @@
 """The Slack gateway: the one wrapper every message to Slack goes through.
 
 It redacts secrets from all text and blocks (bot.redact), waits on the per-channel posting budget (bot.ratelimit)
-before channel messages, and honours a 429's Retry-After. Handlers and the notifier never call the Web API directly.
+before channel messages (urgent ones ahead of routine ones), and honours a 429's Retry-After. Handlers and the
+notifier never call the Web API directly.
 """
 
 from __future__ import annotations
@@ -43,12 +44,14 @@ class SlackGateway:
         """The message with every string redacted: for what handlers return in an ack."""
         return self.redactor.redact_obj(message)
 
-    async def _call(self, method: str, channel: str | None, budgeted: bool, /, **kwargs: Any) -> Any:
-        """Call `method` with kwargs; `channel` is the one whose posting budget applies when `budgeted`."""
+    async def _call(self, method: str, channel: str | None, budgeted: bool, /, urgent: bool = True,
+                    **kwargs: Any) -> Any:
+        """Call `method` with kwargs; `channel` is the one whose posting budget applies when `budgeted`, in the
+        urgent or the routine class (bot.ratelimit)."""
         api = getattr(self.client, method)
         for attempt in range(self.max_retries + 1):
             if budgeted and channel and self.budget is not None:
-                await self.budget.acquire(channel)
+                await self.budget.acquire(channel, urgent=urgent)
             metrics.SLACK_CALLS.labels(method).inc()
             try:
                 return await api(**kwargs)
@@ -67,20 +70,24 @@ class SlackGateway:
         raise AssertionError("unreachable")
 
     async def post_message(self, channel: str, message: dict[str, Any], *, thread_ts: str | None = None,
-                           reply_broadcast: bool = False) -> str:
-        """Post into a channel (or a thread); returns the message's ts."""
+                           reply_broadcast: bool = False, urgent: bool = True) -> str:
+        """Post into a channel (or a thread); returns the message's ts. Routine posts (`urgent=False`: ordinary log
+        excerpts) let every urgent one in the channel go first."""
         body = self.clean(message)
         kwargs: dict[str, Any] = {"channel": channel, **body}
         if thread_ts:
             kwargs["thread_ts"] = thread_ts
             if reply_broadcast:
                 kwargs["reply_broadcast"] = True
-        resp = await self._call("chat_postMessage", channel, True, **kwargs)
+        resp = await self._call("chat_postMessage", channel, True, urgent=urgent, **kwargs)
         return resp["ts"]
 
-    async def update_message(self, channel: str, ts: str, message: dict[str, Any], *, budgeted: bool = False) -> None:
-        """Edit a message; `budgeted` edits (the notifier's card updates) wait on the channel's budget too."""
-        await self._call("chat_update", channel, budgeted, channel=channel, ts=ts, **self.clean(message))
+    async def update_message(self, channel: str, ts: str, message: dict[str, Any], *, budgeted: bool = False,
+                             urgent: bool = True) -> None:
+        """Edit a message; `budgeted` edits (the notifier's card updates) wait on the channel's budget too, progress
+        edits as routine ones (`urgent=False`)."""
+        await self._call("chat_update", channel, budgeted, urgent=urgent, channel=channel, ts=ts,
+                         **self.clean(message))
 
     async def post_ephemeral(self, channel: str, user: str, message: dict[str, Any]) -> None:
         await self._call("chat_postEphemeral", channel, False, channel=channel, user=user, **self.clean(message))

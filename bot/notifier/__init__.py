@@ -5,7 +5,8 @@ Events come from the one stream through `bot.stream` (one consumer per process; 
 process that owns the run, in order). Each run has a lane here: its events are handled one after another, while
 lanes of other runs go on meanwhile, so a channel waiting on its posting budget holds up nobody else. An event is
 acked once Slack accepted what it caused; log lines held by a run's LogBatcher keep their events pending until they
-are posted, so a bot that dies mid-way gets them again. Progress edits of a card are throttled per run.
+are posted, so a bot that dies mid-way gets them again. Progress edits of a card are throttled per run. Error lines
+and a run's results go ahead of ordinary excerpts and progress edits, in the channel and in the lane (see `lanes`).
 
 `Notifier` is put together from three parts: `lanes` (when: per-run lanes, acks, the card throttle, the stream
 consumer's lifecycle), `render` (what: an event as the Slack calls to make) and `post` (how: the calls themselves).

@@ -1,5 +1,10 @@
 """Lane scheduling: one lane per run, fed from the event stream this process consumes, each lane working through its
-items in order while the others go on; acks, retries, the run-card throttle, and taking over or leaving the stream."""
+items in order while the others go on; acks, retries, the run-card throttle, and taking over or leaving the stream.
+
+Urgent work (error lines, a run's result, anything but routine log lines, progress and card edits) goes first, in
+the channel (bot.ratelimit's two classes) and in its lane: a card edit steps aside for whatever is queued behind it,
+and a lane holding log lines waits for its channel's turn before it puts the excerpt together, so that the lines that
+came while it waited go out in the same message."""
 
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ import redis
 
 from bot import metrics, ops
 from bot.logbatch import LogBatcher
+from bot.ratelimit import ChannelBudget
 from bot.slack import SlackGateway
 from bot.stream import EventStream
 from jobs.core.domain import RunEvent
@@ -36,6 +42,12 @@ MAX_COALESCED = 1000
 # their cards together are edited at most about once per this many seconds, so that log excerpts and errors get most
 # of the budget.
 CARD_SHARE_S = 4.0
+
+# A lane that waits for its channel's turn wakes this long before its slot to put its message together (reading the
+# run, feeding the batcher: tens of ms, more on a busy event loop; a slot missed costs a turn).
+HOLD_LEAD_S = 0.5
+# Redis errors that mean "not reachable right now" (the clients have socket timeouts): tried again, like Slack's.
+REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 
 # One call to Slack, made by a lane; rendering produces a list of (what, call) pairs.
 Post = Callable[[], Awaitable[Any]]
@@ -69,6 +81,7 @@ class _Item:
     hold: bool = False                          # its log lines wait in the batcher: ack later
     failures: int = 0
     absorbed: list[_Item] = field(default_factory=list)  # quiet items rendered together with this one
+    has_error: bool | None = None               # log lines with an error among them (looked at once)
 
     @property
     def quiet(self) -> bool:
@@ -76,6 +89,18 @@ class _Item:
         if self.kind == "flush":
             return not self.force
         return self.kind == "event" and self.event is not None and self.event.kind in QUIET_KINDS
+
+    def urgent(self, batcher: LogBatcher) -> bool:
+        """Work that goes ahead of routine posts: any event but log lines and progress, a final flush, and log
+        lines with an error among them (as `batcher` tells errors)."""
+        if self.kind == "card":
+            return False
+        if not self.quiet:
+            return True
+        if self.has_error is None:
+            data = self.event.data if self.event is not None and self.event.kind == "log" else {}
+            self.has_error = batcher.any_error(str(line) for line in data.get("lines") or [])
+        return self.has_error
 
 
 @dataclass
@@ -92,10 +117,21 @@ class _Lane:
     flush_queued: bool = False
     card_queued: bool = False
     last_active: float = 0.0
+    channel: str = ""                           # the run's channel, once an item has rendered
+    outbox_urgent: bool = False                 # the outbox holds error lines (or comes before urgent work)
 
     @property
     def busy(self) -> bool:
         return self.task is not None and not self.task.done()
+
+    def urgent(self) -> bool:
+        """Whether anything the lane holds or has queued must go ahead of routine posts."""
+        return (self.outbox_urgent or self.batcher.has_errors
+                or any(it.urgent(self.batcher) for it in self.items))
+
+
+class _StepAside(Exception):
+    """A card edit waiting for a routine slot lets the lane's newer work go first."""
 
 
 class Lanes:
@@ -211,7 +247,7 @@ class Lanes:
         room = max(1, min(100, self.max_inflight - len(self._inflight)))
         try:
             batch = await asyncio.to_thread(self.stream.read, room, set(self._inflight), self.block_ms)
-        except redis.exceptions.ConnectionError as e:
+        except REDIS_DOWN as e:
             raise Transient(f"Redis unreachable ({e})") from None
         metrics.observe_notifier_lag(batch)
         for entry_id, event in batch:
@@ -271,8 +307,13 @@ class Lanes:
     async def _drive(self, lane: _Lane) -> None:
         while lane.items and not (self._stopping and lane.items[0].kind != "flush"):
             item = lane.items[0]
+            if item.kind == "card" and item.posts is None and len(lane.items) > 1:
+                lane.items.rotate(-1)  # a card edit shows the latest state whenever it goes: it goes last
+                continue
             try:
                 await self._process(lane, item)
+            except _StepAside:
+                continue
             except Transient as e:
                 lane.error = e
                 lane.retry_at = self.clock() + lane.backoff
@@ -294,19 +335,24 @@ class Lanes:
             lane.last_active = self.clock()
 
     async def _process(self, lane: _Lane, item: _Item) -> None:
-        if item.posts is None and item.quiet and not ops.is_op_id(lane.key):
-            while len(lane.items) > 1 and lane.items[1].quiet and len(item.absorbed) < MAX_COALESCED:
-                item.absorbed.append(lane.items[1])
-                del lane.items[1]
-        if item.posts is None:
-            try:
-                item.posts = await self._render(lane, item)
-            except redis.exceptions.ConnectionError as e:
-                raise Transient(f"Redis unreachable ({e})") from None
-        while item.sent < len(item.posts):
-            what, post = item.posts[item.sent]
-            await self._send(lane.key, what, post)
-            item.sent += 1
+        budget = self.gateway.budget
+        try:
+            if item.posts is None:
+                if budget is not None and self._will_post(lane, item):
+                    await self._wait_turn(lane, item, budget)
+                if item.quiet and not ops.is_op_id(lane.key):
+                    self._coalesce(lane, item)
+                try:
+                    item.posts = await self._render(lane, item)
+                except REDIS_DOWN as e:
+                    raise Transient(f"Redis unreachable ({e})") from None
+            while item.sent < len(item.posts):
+                what, post = item.posts[item.sent]
+                await self._send(lane.key, what, post)
+                item.sent += 1
+        finally:
+            if budget is not None:
+                budget.release()  # a turn not used (nothing to post after all) is not carried to other work
         for it in (item, *item.absorbed):
             if it.kind == "flush":
                 lane.flush_queued = False
@@ -319,6 +365,54 @@ class Lanes:
             done += lane.held
             lane.held = []
         await self._ack(done)
+
+    def _will_post(self, lane: _Lane, item: _Item) -> bool:
+        """Whether a card edit or quiet item is about to post (an excerpt is due): only then does it wait for a turn,
+        since a turn taken and left unused is a slot of the channel lost."""
+        if item.kind == "card":
+            return True
+        if not item.quiet:
+            return False
+        if lane.outbox:
+            return True
+        quiet = [it for it in lane.items if it.quiet]  # the item and what may join it
+        lines = any(it.event is not None and it.event.kind == "log" for it in quiet)
+        errors = any(it.urgent(lane.batcher) for it in quiet)
+        return lane.batcher.due(self.clock(), lines=lines, errors=errors)
+
+    async def _wait_turn(self, lane: _Lane, item: _Item, budget: ChannelBudget) -> None:
+        """Wait for the channel's turn before putting log lines or a card together, so that what arrives meanwhile
+        goes out in the same message: urgently while the lane holds anything urgent, else routinely. A card edit
+        steps aside (raises _StepAside, to the back of the lane) when other work comes in behind it."""
+        if not lane.channel or ops.is_op_id(lane.key):
+            return
+        card = item.kind == "card"
+        give_up = (lambda: len(lane.items) > 1) if card else (lambda: False)
+        urgent = (lambda: False) if card else lane.urgent
+        try:
+            turn = await budget.hold(lane.channel, urgent, give_up, lead_s=HOLD_LEAD_S)
+        except REDIS_DOWN as e:
+            raise Transient(f"Redis unreachable ({e})") from None
+        if not turn:
+            lane.items.rotate(-1)
+            raise _StepAside()
+
+    @staticmethod
+    def _coalesce(lane: _Lane, item: _Item) -> None:
+        """Take the quiet items queued behind `item` (the lane's head) into it, up to the first one that must keep
+        its place; a card edit is stepped over and stays queued (it shows the latest state whenever it goes)."""
+        behind = list(lane.items)[1:]
+        kept: list[_Item] = []
+        for i, it in enumerate(behind):
+            if it.kind == "card":
+                kept.append(it)
+            elif it.quiet and len(item.absorbed) < MAX_COALESCED:
+                item.absorbed.append(it)
+            else:
+                kept += behind[i:]
+                break
+        lane.items.clear()
+        lane.items.extend([item, *kept])
 
     async def _ack(self, entry_ids: list[str]) -> None:
         if not entry_ids:

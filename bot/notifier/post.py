@@ -10,12 +10,11 @@ from collections.abc import Callable
 from typing import Any
 
 import aiohttp
-import redis
 from slack_sdk.errors import SlackApiError, SlackClientError
 
 from bot import blocks, threads
 from bot.charts import render_loss_curve
-from bot.notifier.lanes import Post, Transient, _Lane, _Throttle
+from bot.notifier.lanes import REDIS_DOWN, Post, Transient, _Lane, _Throttle
 from bot.slack import SlackGateway
 from bot.threads import Threads
 from jobs.core.domain import Run, RunState
@@ -27,6 +26,10 @@ log = logging.getLogger("bot.notifier")  # one name for the whole notifier, whic
 
 # Cards remembered as last sent (to skip unchanged edits); the memory is cleared whole when it reaches this size.
 SHOWN_CACHE = 10_000
+# Log excerpts (one section each, bot.logbatch) posted together in one message: a busy channel gives a thread one post
+# a turn, and error lines that need several sections (a backlog, long tracebacks) then take one turn, not several.
+# Slack allows 50 blocks and 40,000 characters of text a message; three sections of 3,000 stay far below.
+EXCERPTS_PER_MESSAGE = 3
 
 
 class Poster:
@@ -52,7 +55,7 @@ class Poster:
             log.error("Slack refused the %s of %s: %s", what, key, e.response.get("error", e.response.status_code))
         except (SlackClientError, aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
             raise Transient(f"Slack unreachable ({type(e).__name__})") from None
-        except redis.exceptions.ConnectionError as e:
+        except REDIS_DOWN as e:
             raise Transient(f"Redis unreachable ({e})") from None
 
     async def _ts(self, run_id: str) -> str:
@@ -65,15 +68,25 @@ class Poster:
             await self.gateway.post_message(run.channel, message, thread_ts=thread_ts, reply_broadcast=broadcast)
 
     async def _post_outbox(self, lane: _Lane, run: Run) -> None:
-        """Post the log excerpts waiting for this run, oldest first; each leaves the outbox once Slack took it."""
+        """Post the log excerpts waiting for this run, oldest first; each leaves the outbox once Slack took it.
+
+        Excerpts with error lines, or ahead of the lane's urgent work, are urgent posts; ordinary ones are routine
+        (bot.ratelimit), so they never hold up another run's errors.
+        """
         thread_ts = await self._ts(run.id)
         while lane.outbox:
             if not thread_ts:
                 lane.outbox.clear()
-                return
-            await self.gateway.post_message(run.channel, blocks.render_log_excerpt(run, lane.outbox[0]),
-                                            thread_ts=thread_ts)
-            lane.outbox.popleft()
+                break
+            n = min(len(lane.outbox), EXCERPTS_PER_MESSAGE)
+            message = blocks.render_log_excerpt(run, lane.outbox[0])
+            for excerpt in list(lane.outbox)[1:n]:
+                message["blocks"] += blocks.render_log_excerpt(run, excerpt)["blocks"]
+            await self.gateway.post_message(run.channel, message, thread_ts=thread_ts,
+                                            urgent=lane.outbox_urgent or lane.urgent())
+            for _ in range(n):
+                lane.outbox.popleft()
+        lane.outbox_urgent = False
 
     async def _upload_chart(self, run: Run, metrics: dict[str, Any]) -> None:
         thread_ts = await self._ts(run.id)
@@ -85,20 +98,22 @@ class Poster:
         await self.gateway.upload_file(run.channel, png, f"{run.id}-loss.png", title=f"{run.id}: loss curve",
                                        thread_ts=thread_ts)
 
-    async def show_card(self, run: Run) -> Run:
-        """Post the run's card (first time, recording where) or edit it in place."""
+    async def show_card(self, run: Run, urgent: bool = True) -> Run:
+        """Post the run's card (first time, recording where) or edit it in place; progress edits are routine
+        (`urgent=False`), a change of state is not."""
         position = None
         if run.state is RunState.QUEUED:
             position = await asyncio.to_thread(service.queue_position, self.settings, run.id)
         card = blocks.render_run_card(run, position)
         await self._post_or_edit(run.id, run.channel, card, await self._ts(run.id),
-                                 lambda ts: self.threads.set(threads.RUN_CARD, run.id, ts))
+                                 lambda ts: self.threads.set(threads.RUN_CARD, run.id, ts), urgent=urgent)
         self.throttle.last[run.id] = self.clock()
         self.throttle.dirty.discard(run.id)
         return run
 
     async def _post_or_edit(self, key: str, channel: str, card: dict[str, Any], ts: str,
-                            record: Callable[[str], None], thread_ts: str | None = None) -> str | None:
+                            record: Callable[[str], None], thread_ts: str | None = None,
+                            urgent: bool = True) -> str | None:
         """Post a card the first time (recording its ts with `record`) or edit it in place; returns the new ts when
         it was posted. Several events often describe the same card (state, then started): an unchanged card is not
         sent again."""
@@ -106,7 +121,7 @@ class Poster:
         posted = None
         if ts:
             if self._shown.get(key) != shown:
-                await self.gateway.update_message(channel, ts, card, budgeted=True)
+                await self.gateway.update_message(channel, ts, card, budgeted=True, urgent=urgent)
         else:
             posted = await self.gateway.post_message(channel, card, thread_ts=thread_ts)
             await asyncio.to_thread(record, posted)

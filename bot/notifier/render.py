@@ -39,12 +39,34 @@ class Renderer:
     _post_thread: Callable[..., Awaitable[None]]
     _post_outbox: Callable[[_Lane, Run], Awaitable[None]]
     _upload_chart: Callable[[Run, dict[str, Any]], Awaitable[None]]
-    show_card: Callable[[Run], Awaitable[Run]]
+    show_card: Callable[..., Awaitable[Run]]
     show_approval: Callable[[Run, str], Awaitable[None]]
     _post_deploy_result: Callable[[Run, str, dict[str, Any]], Awaitable[None]]
 
     async def _get_run(self, run_id: str) -> Run | None:
         return await asyncio.to_thread(service.get_run, self.settings, run_id)
+
+    async def _lane_run(self, lane: _Lane) -> Run | None:
+        """The lane's run, remembering its channel: the lane waits on that channel's turn before its next excerpt."""
+        run = await self._get_run(lane.key)
+        if run is not None:
+            lane.channel = run.channel
+        return run
+
+    @staticmethod
+    def _to_outbox(lane: _Lane, messages: list[str], urgent: bool) -> None:
+        """Queue excerpts to post; with error lines among what went in, the outbox is posted as urgent."""
+        if messages:
+            lane.outbox.extend(messages)
+            lane.outbox_urgent = lane.outbox_urgent or urgent
+
+    def _card_later(self, lane: _Lane, run: Run, now: float) -> None:
+        """A progress edit of the card: queued as a routine item of its own once its throttle allows (else left for
+        the tick); it steps aside for the lane's other work (bot.notifier.lanes) and shows the latest numbers."""
+        self.throttle.dirty.add(run.id)
+        if self.throttle.due(run.id, now) and not lane.card_queued:
+            lane.card_queued = True
+            lane.items.append(_Item("card"))
 
     async def _render(self, lane: _Lane, item: _Item) -> list[tuple[str, Post]]:
         """What an item makes Slack do, as calls to make in order. Runs once per item; the calls are retried."""
@@ -52,13 +74,14 @@ class Renderer:
         if item.absorbed:
             return await self._render_quiet(lane, item, now)
         if item.kind == "flush":
-            lane.outbox.extend(lane.batcher.flush(now, force=item.force))
-            run = await self._get_run(lane.key) if lane.outbox else None
+            urgent = item.force or lane.batcher.has_errors
+            self._to_outbox(lane, lane.batcher.flush(now, force=item.force), urgent)
+            run = await self._lane_run(lane) if lane.outbox else None
             return [("log excerpt", lambda: self._post_outbox(lane, run))] if run else self._drop_outbox(lane)
         if item.kind == "card":
             self.throttle.dirty.discard(lane.key)
-            run = await self._get_run(lane.key)
-            return [("card", lambda: self.show_card(run))] if run and await self._ts(run.id) else []
+            run = await self._lane_run(lane)
+            return [("card", lambda: self.show_card(run, urgent=False))] if run and await self._ts(run.id) else []
         assert item.event is not None
         return await self._render_event(lane, item, item.event, now)
 
@@ -67,6 +90,7 @@ class Renderer:
         edited once."""
         lines: list[str] = []
         progress = False
+        urgent = lane.batcher.has_errors or any(it.urgent(lane.batcher) for it in (item, *item.absorbed))
         for it in (item, *item.absorbed):
             if it.kind == "event" and it.event.kind == "log":
                 data = it.event.data
@@ -75,20 +99,20 @@ class Renderer:
                 lines += [str(line) for line in data.get("lines") or []]
             elif it.kind == "event":
                 progress = True
-        run = await self._get_run(lane.key)
+        run = await self._lane_run(lane)
         if run is None:
             log.warning("events for unknown run %s dropped", lane.key)
             return []
-        lane.outbox.extend(lane.batcher.feed(lines, now) if lines else lane.batcher.flush(now))
+        self._to_outbox(lane, lane.batcher.feed(lines, now) if lines else lane.batcher.flush(now), urgent)
         item.hold = lane.batcher.pending > 0
         posts: list[tuple[str, Post]] = []
         if lane.outbox:
             posts.append(("log excerpt", lambda: self._post_outbox(lane, run)))
         if progress:
-            if not await self._ts(run.id) or self.throttle.due(run.id, now):
+            if not await self._ts(run.id):
                 posts.append(("card", lambda: self.show_card(run)))
             else:
-                self.throttle.dirty.add(run.id)
+                self._card_later(lane, run, now)
         return posts
 
     def _drop_outbox(self, lane: _Lane) -> list[tuple[str, Post]]:
@@ -99,7 +123,7 @@ class Renderer:
         if ops.is_op_id(event.run_id):  # an Azure operation (pv-0001): its own root message and thread
             return [(f"{event.kind} message", lambda: ops.show_op_event(self.settings, self.gateway, self.threads,
                                                                         event))]
-        run = await self._get_run(event.run_id)
+        run = await self._lane_run(lane)
         if run is None:
             log.warning("event %s for unknown run %s dropped", event.kind, event.run_id)
             return []
@@ -107,25 +131,26 @@ class Renderer:
         posts: list[tuple[str, Post]] = []
         shown = await self._ts(run.id)
         if kind == "progress":
-            if not shown or self.throttle.due(run.id, now):
+            if not shown:
                 posts.append(("card", lambda: self.show_card(run)))
             else:
-                self.throttle.dirty.add(run.id)
+                self._card_later(lane, run, now)
             return posts
         if kind == "log":
             lines = [str(line) for line in data.get("lines") or []]
             if data.get("skipped"):
                 lines.insert(0, omitted_marker(int(data["skipped"])))
-            lane.outbox.extend(lane.batcher.feed(lines, now))
+            urgent = lane.batcher.has_errors or item.urgent(lane.batcher)
+            self._to_outbox(lane, lane.batcher.feed(lines, now), urgent)
             item.hold = lane.batcher.pending > 0
             if lane.outbox:
                 posts.append(("log excerpt", lambda: self._post_outbox(lane, run)))
             return posts
-        if kind in CARD_KINDS or not shown:
+        if kind in CARD_KINDS or not shown:  # a change of state is shown at once and urgently, unlike progress
             posts.append(("card", lambda: self.show_card(run)))
         if kind in ENDED_KINDS:
-            # The last lines of the run go before the message that ends its story.
-            lane.outbox.extend(lane.batcher.flush(now, force=True))
+            # The last lines of the run go before the message that ends its story, as urgently.
+            self._to_outbox(lane, lane.batcher.flush(now, force=True), True)
             if lane.outbox:
                 posts.append(("log excerpt", lambda: self._post_outbox(lane, run)))
         message = None

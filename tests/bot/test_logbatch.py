@@ -177,6 +177,21 @@ def test_a_traceback_is_held_until_it_ends_then_sent_whole():
     assert shown(out) == ([1, 2, 3, 4], 0)
 
 
+def test_what_is_due_is_told_before_feeding_so_a_lane_waits_for_a_turn_only_when_it_will_post():
+    b = LogBatcher(interval_s=20)
+    assert not b.due(0) and b.due(0, lines=True)  # nothing yet; the first lines go at once
+    b.feed(["L0 start"], now=0)
+    assert not b.due(5, lines=True) and b.due(5, lines=True, errors=True) and b.due(20, lines=True)
+    assert not b.due(20)  # nothing pending, nothing coming: no message
+    assert b.any_error(["L1 step", "L2 RuntimeError: CUDA error"]) and not b.any_error(["L1 step\nL2 step"])
+    # A traceback still arriving is held back by flush, but counts as urgent and due: its lane waits urgently.
+    assert b.feed(["L1 Traceback (most recent call last):", '  L2 File "x"'], now=6) == []
+    assert b.has_errors and b.due(6)
+    # Error lines that came while waiting for the turn go out together, in one message.
+    out = b.feed(["L3 KeyError: 'a'", "L4 step", "L5 ERROR shard 2 failed"], now=7)
+    assert shown(out) == ([1, 2, 3, 4, 5], 0) and not b.has_errors
+
+
 def test_a_traceback_that_never_ends_goes_out_after_the_grace():
     b = LogBatcher(interval_s=20, error_grace_s=2)
     assert shown(b.feed(["L0 Traceback (most recent call last):", "  L1 File x"], now=0)) == ([], 0)
@@ -260,3 +275,4 @@ def test_bad_settings_are_refused_with_a_reason():
         LogBatcher(max_lines=1)
     with pytest.raises(ValueError, match="max_line_chars"):
         LogBatcher(max_line_chars=5000)
+

@@ -216,3 +216,35 @@ async def test_a_finished_run_posts_its_last_lines_before_the_completion_and_a_l
     [chart] = slack.files.values()
     assert chart["thread_ts"] == run.thread_ts and chart["content"].startswith(b"\x89PNG")
     assert pending(settings) == 0
+
+
+async def test_an_error_goes_ahead_of_a_card_edit_waiting_in_its_lane(setup, slack):
+    settings, notifier, clock, _ = setup
+    run = new_run(settings)
+    change(settings, run.id, lambda r: (r.transition(RunState.PREPARING), r.transition(RunState.RUNNING)),
+           ("state", {"state": "running"}), ("started", {"execution_id": "ft-0001/attempt-1", "links": {}}))
+    await notifier.step()
+    run = shown(settings, service.get_run(settings, run.id))
+    # The channel is busy for a while (another run's errors, say): a progress edit of the card waits routinely.
+    await notifier.gateway.budget.penalize("C0TRAIN", 1.5)
+    clock.now += 10
+    change(settings, run.id, lambda r: setattr(r, "step", 5) or setattr(r, "total_steps", 10),
+           ("progress", {"step": 5, "total_steps": 10}))
+    notifier.start()
+    try:
+        lane = await slack.until(lambda: (lane := notifier.lanes.get(run.id)) and lane.busy and lane.items
+                                 and lane.items[0].kind == "card" and lane)
+        assert lane, "the card edit should be waiting for the channel"
+        log_event(settings, run.id, "step 5 loss 1.2", "ERROR shard 3 failed to load")
+        log_event(settings, run.id, "Traceback (most recent call last):", '  File "train.py", line 9, in step',
+                  "RuntimeError: CUDA error")
+        edited = await slack.until(lambda: any(c.method == "chat.update" and "5/10" in json.dumps(c.params)
+                                               for c in slack.calls), 15)
+    finally:
+        await notifier.stop()
+    assert edited, "the card should be edited once the errors are out"
+    methods = [c.method for c in slack.calls if c.method in ("chat.postMessage", "chat.update")]
+    # The errors (both events, in one excerpt: they came while the lane waited) went first, then the card.
+    assert methods[-2:] == ["chat.postMessage", "chat.update"], methods
+    [excerpt] = [e for e in excerpts(slack, run) if "ERROR shard 3" in e]
+    assert excerpt.index("ERROR shard 3") < excerpt.index("RuntimeError: CUDA error")

@@ -157,3 +157,75 @@ async def test_keys_expire_and_hold_no_message_content(clients):
     keys = sorted(k.decode() for k in await clients[0].keys("*"))
     assert keys == ["t:rl:C7:next"]
     assert 0 < await clients[0].pttl("t:rl:C7:next") <= 61_000 + 1000
+
+
+async def test_an_urgent_post_goes_ahead_of_routine_waiters(clients):
+    budget = ChannelBudget(clients[0], rate_per_s=5.0)
+    other = ChannelBudget(clients[1], rate_per_s=5.0)  # another process's view of the same channel
+    order: list[str] = []
+
+    async def post(name: str, b: ChannelBudget, urgent: bool) -> None:
+        await b.acquire("C1", urgent=urgent)
+        order.append(name)
+
+    await budget.acquire("C1")  # the channel is busy for one interval
+    routine = [asyncio.create_task(post(f"routine-{i}", b, False)) for i, b in enumerate((budget, other, budget))]
+    await asyncio.sleep(0.05)
+    await post("urgent", other, True)
+    await asyncio.gather(*routine)
+    assert order[0] == "urgent", order
+    assert sorted(order[1:]) == ["routine-0", "routine-1", "routine-2"]  # and no routine post starved
+
+
+async def test_routine_posts_keep_the_spacing_and_all_go_out_without_urgent_ones(clients):
+    rate, n = 10.0, 5
+    budgets = [ChannelBudget(c, rate_per_s=rate) for c in clients]
+    stamps: list[float] = []
+
+    async def post(b: ChannelBudget) -> None:
+        await b.acquire("C1", urgent=False)
+        stamps.append(time.monotonic())
+
+    t0 = time.monotonic()
+    await asyncio.wait_for(asyncio.gather(*(post(budgets[i % 2]) for i in range(n))), 30)
+    assert len(stamps) == n
+    assert min(gaps(stamps)) >= 1 / rate - SLACK_S, gaps(stamps)
+    # Polling, with jitter, wastes some of each slot, but far less than a waiter's poll interval each.
+    assert max(stamps) - t0 < n * (1 / rate + 0.5 + 0.25 / rate) + 1.0
+
+
+async def test_a_held_turn_is_the_next_post_of_the_task_and_a_routine_wait_turns_urgent(clients):
+    budget = ChannelBudget(clients[0], rate_per_s=5.0)
+    other = ChannelBudget(clients[1], rate_per_s=5.0)
+    stamps: dict[str, float] = {}
+    urgent = asyncio.Event()
+
+    async def post(name: str, b: ChannelBudget) -> None:
+        await b.acquire("C1")
+        stamps[name] = time.monotonic()
+
+    async def lane() -> None:
+        # Waits routinely while the channel is booked, then (told it has an error now) queues as urgent, and its
+        # next acquire (a routine one, even) posts in the slot it holds.
+        assert await budget.hold("C1", urgent.is_set, lead_s=0.1)
+        stamps["held"] = time.monotonic()
+        await budget.acquire("C1", urgent=False)
+        stamps["lane"] = time.monotonic()
+
+    booked = [asyncio.create_task(post(f"booked-{i}", other)) for i in range(3)]
+    await asyncio.sleep(0.02)
+    task = asyncio.create_task(lane())
+    await asyncio.sleep(0.05)
+    urgent.set()
+    await asyncio.sleep(0.9)  # the lane has reserved by now (it looks again at least every 0.5 s)
+    await post("later", other)
+    await asyncio.gather(task, *booked)
+    assert stamps["lane"] < stamps["later"]
+    assert stamps["lane"] - stamps["held"] >= 0.1 - SLACK_S  # woken `lead_s` before its slot
+    assert min(gaps([v for k, v in stamps.items() if k != "held"])) >= 0.2 - SLACK_S
+    # A card edit that gives up holds nothing; with nobody else waiting a routine turn is taken at once.
+    assert not await budget.hold("C2", lambda: False, give_up=lambda: True)
+    t0 = time.monotonic()
+    assert await budget.hold("C2", lambda: False)
+    await budget.acquire("C2", urgent=False)
+    assert time.monotonic() - t0 < 0.5
