@@ -4,7 +4,8 @@ sends them to an app (client side). Used by the tests, the demo and the benchmar
 Server: `SlackStandIn(token).start()` runs an aiohttp server on 127.0.0.1 in its own thread and event loop (usable
 from sync tests, async tests and scripts alike), records every call, and answers like Slack, including its limits
 (50 blocks, 3,000 characters a section, `invalid_auth` without the right bearer token, optional per-channel
-chat.postMessage rate with 429 + Retry-After).
+chat.postMessage rate with 429 + Retry-After). `fail_for(...)` makes it answer 429 or 5xx for a while (fault injection
+for the soak and the fault tests).
 Client: `slash_command_body`, `block_actions_body` and `signed_headers` build what Slack POSTs to the app.
 """
 
@@ -28,6 +29,7 @@ from slack_sdk.signature import SignatureVerifier
 MAX_BLOCKS = 50
 MAX_SECTION = 3000
 MAX_TEXT = 40000
+SERVER_ERRORS = frozenset({500, 503})
 
 
 @dataclass
@@ -37,6 +39,7 @@ class Call:
     time: float
     status: int = 200
     response: dict[str, Any] = field(default_factory=dict)
+    injected: bool = False           # answered by a `fail_for` window rather than by the method itself
 
     @property
     def ok(self) -> bool:
@@ -52,6 +55,14 @@ class Message:
     thread_ts: str | None = None
     reply_broadcast: bool = False
     edits: list[dict[str, Any]] = field(default_factory=list)   # earlier versions, oldest first
+
+
+@dataclass(frozen=True)
+class _Fault:
+    until: float                     # time.time() at which the window closes
+    status: int                      # 429, 500 or 503
+    retry_after: int
+    methods: frozenset[str] | None   # None: every Web API method
 
 
 class SlackStandIn:
@@ -76,6 +87,7 @@ class SlackStandIn:
         self.socket_acks: dict[str, dict[str, Any]] = {}   # Socket Mode: envelope id -> the app's answer
         self._sockets: list[web.WebSocketResponse] = []
         self._sent: dict[str, deque[float]] = defaultdict(deque)
+        self._faults: list[_Fault] = []
         self._ts = itertools.count(1)
         self._cond = threading.Condition()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -152,6 +164,31 @@ class SlackStandIn:
     def response_url(self, key: str | None = None) -> str:
         return f"{self.base_url}/response/{key or uuid.uuid4().hex[:12]}"
 
+    # ---- fault injection ------------------------------------------------------------------------------------------
+
+    def fail_for(self, seconds: float, status: int = 429, *, retry_after: int = 1,
+                 methods: set[str] | frozenset[str] | None = None) -> None:
+        """From now on, for `seconds`, answer Web API calls (all, or only `methods`) with `status` instead of doing
+        them: 429 with `Retry-After: retry_after` (Slack's rate limit), or 500 / 503 (Slack's servers in trouble).
+        Calls from any thread; windows may overlap (the one set last wins)."""
+        if status != 429 and status not in SERVER_ERRORS:
+            raise ValueError(f"status {status}: the stand-in injects 429 or one of {sorted(SERVER_ERRORS)}")
+        with self._cond:
+            self._faults.append(_Fault(time.time() + seconds, status, max(1, int(retry_after)),
+                                       frozenset(methods) if methods else None))
+
+    def clear_faults(self) -> None:
+        with self._cond:
+            self._faults.clear()
+
+    def _fault(self, method: str, now: float) -> _Fault | None:
+        with self._cond:
+            self._faults = [f for f in self._faults if f.until > now]
+            for f in reversed(self._faults):
+                if f.methods is None or method in f.methods:
+                    return f
+        return None
+
     # ---- looking at what happened -------------------------------------------------------------------------------
 
     def calls_to(self, method: str) -> list[Call]:
@@ -227,6 +264,9 @@ class SlackStandIn:
             body = {"ok": False, "error": "unknown_method"}
             self._record(Call(method, params, now, 200, body))
             return web.json_response(body)
+        fault = self._fault(method, now)
+        if fault is not None:
+            return self._answer_fault(method, params, now, fault)
         retry_after = self._throttle(method, params, now)
         if retry_after:
             body = {"ok": False, "error": "ratelimited"}
@@ -236,6 +276,21 @@ class SlackStandIn:
             body = handler(params)
         self._record(Call(method, params, now, 200, body))
         return web.json_response(body)
+
+    def _answer_fault(self, method: str, params: dict[str, Any], now: float, fault: _Fault) -> web.Response:
+        if fault.status == 429:
+            # Slack's rate limits (https://api.slack.com/apis/rate-limits): "HTTP 429 Too Many Requests" with a
+            # Retry-After header giving the seconds to wait, and `"error": "ratelimited"` in the body.
+            body = {"ok": False, "error": "ratelimited"}
+            headers = {"Retry-After": str(fault.retry_after)}
+        else:
+            # Slack's servers failing: slack_sdk's ServerErrorRetryHandler (slack_sdk/http_retry/builtin_handlers.py)
+            # exists for exactly these, HTTP 500 and 503; the body is JSON so that the client reads the status and
+            # does not trip over an HTML error page.
+            body = {"ok": False, "error": "internal_error" if fault.status == 500 else "service_unavailable"}
+            headers = {}
+        self._record(Call(method, params, now, fault.status, body, injected=True))
+        return web.json_response(body, status=fault.status, headers=headers)
 
     def _throttle(self, method: str, params: dict[str, Any], now: float) -> int:
         """Seconds to wait (Slack's Retry-After), or 0 when this chat.postMessage may go through."""

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import aiohttp
 import pytest
 from slack_sdk.errors import SlackApiError
+from slack_sdk.http_retry.builtin_async_handlers import AsyncServerErrorRetryHandler
 from slack_sdk.signature import SignatureVerifier
 from slack_sdk.web.async_client import AsyncWebClient
 
@@ -105,3 +108,47 @@ def test_signed_headers_verify_with_slacks_own_verifier():
 
 def test_wait_for_returns_none_on_timeout(slack):
     assert slack.wait_for(lambda: slack.calls_to("chat.postMessage"), timeout=0.3) is None
+
+
+async def test_a_fault_window_answers_429_with_retry_after_then_ends():
+    with SlackStandIn(token="xoxb-good") as slack:
+        client = AsyncWebClient(token="xoxb-good", base_url=slack.api_url, retry_handlers=[])
+        slack.fail_for(0.5, 429, retry_after=3)
+        with pytest.raises(SlackApiError) as e:
+            await client.chat_postMessage(channel="C1", text="one")
+        assert e.value.response.status_code == 429
+        assert e.value.response.headers["Retry-After"] == "3"
+        assert e.value.response["error"] == "ratelimited"
+        assert slack.root_messages("C1") == []  # refused, not done
+        await asyncio.sleep(0.6)
+        await client.chat_postMessage(channel="C1", text="two")
+        assert [(c.status, c.injected) for c in slack.calls_to("chat.postMessage")] == [(429, True), (200, False)]
+
+
+@pytest.mark.parametrize("status", [500, 503])
+async def test_a_fault_window_answers_server_errors_for_the_methods_named(status):
+    with SlackStandIn(token="xoxb-good") as slack:
+        client = AsyncWebClient(token="xoxb-good", base_url=slack.api_url, retry_handlers=[])
+        slack.fail_for(30, status, methods={"chat.postMessage"})
+        assert (await client.auth_test())["ok"]  # other methods answer as usual
+        with pytest.raises(SlackApiError) as e:
+            await client.chat_postMessage(channel="C1", text="one")
+        assert e.value.response.status_code == status
+        slack.clear_faults()
+        await client.chat_postMessage(channel="C1", text="two")
+        assert [m.text for m in slack.root_messages("C1")] == ["two"]
+
+
+async def test_slack_sdks_server_error_retry_handler_rides_out_a_short_window():
+    with SlackStandIn(token="xoxb-good") as slack:
+        client = AsyncWebClient(token="xoxb-good", base_url=slack.api_url,
+                                retry_handlers=[AsyncServerErrorRetryHandler(max_retry_count=3)])
+        slack.fail_for(0.3, 503)
+        await client.chat_postMessage(channel="C1", text="one")
+        statuses = [c.status for c in slack.calls_to("chat.postMessage")]
+        assert statuses[0] == 503 and statuses[-1] == 200
+
+
+def test_a_fault_window_takes_only_429_and_server_errors(slack):
+    with pytest.raises(ValueError):
+        slack.fail_for(1, 404)
