@@ -22,6 +22,7 @@ from bot.logbatch import LogBatcher
 from bot.ratelimit import ChannelBudget
 from bot.slack import SlackGateway
 from bot.stream import EventStream
+from jobs.core import store
 from jobs.core.domain import RunEvent
 
 log = logging.getLogger("bot.notifier")  # one name for the whole notifier, whichever part logs
@@ -48,6 +49,12 @@ CARD_SHARE_S = 4.0
 HOLD_LEAD_S = 0.5
 # Redis errors that mean "not reachable right now" (the clients have socket timeouts): tried again, like Slack's.
 REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+# Posts that are safe to make again (edits of a card in place; log excerpts, which at-least-once delivery may repeat).
+# Every other post of an event (a result, a thread message, the loss curve) is recorded once made, under the event's
+# stream entry, so that a process taking over a dead one's unacked entries does not post it a second time.
+REPEATABLE = frozenset({"log excerpt", "card", "approval card"})
+POSTED = store.PREFIX + ":notifier:posted:{}"
+POSTED_TTL_S = 86_400
 
 # One call to Slack, made by a lane; rendering produces a list of (what, call) pairs.
 Post = Callable[[], Awaitable[Any]]
@@ -78,6 +85,7 @@ class _Item:
     force: bool = False                         # flush: everything pending, whatever the time (stopping)
     posts: list[tuple[str, Post]] | None = None  # rendered once; retried from `sent` after a transient failure
     sent: int = 0
+    done: set[str] = field(default_factory=set)  # posts of it already made, by this process or a dead one
     hold: bool = False                          # its log lines wait in the batcher: ack later
     failures: int = 0
     absorbed: list[_Item] = field(default_factory=list)  # quiet items rendered together with this one
@@ -346,9 +354,14 @@ class Lanes:
                     item.posts = await self._render(lane, item)
                 except REDIS_DOWN as e:
                     raise Transient(f"Redis unreachable ({e})") from None
+                if item.entry_id and any(what not in REPEATABLE for what, _ in item.posts):
+                    item.done = await self._posted(item.entry_id)
             while item.sent < len(item.posts):
                 what, post = item.posts[item.sent]
-                await self._send(lane.key, what, post)
+                if what not in item.done:
+                    await self._send(lane.key, what, post)
+                    if item.entry_id and what not in REPEATABLE:
+                        await self._mark_posted(item.entry_id, what)
                 item.sent += 1
         finally:
             if budget is not None:
@@ -365,6 +378,26 @@ class Lanes:
             done += lane.held
             lane.held = []
         await self._ack(done)
+
+    async def _posted(self, entry_id: str) -> set[str]:
+        """What of an event's story was posted already: by a process that died before it acked the event, whose
+        entries this one took over (bot.stream). Without this, a takeover would post the run's result twice."""
+        try:
+            return set(await asyncio.to_thread(self.stream.conn.smembers, POSTED.format(entry_id)))
+        except REDIS_DOWN as e:
+            raise Transient(f"Redis unreachable ({e})") from None
+
+    async def _mark_posted(self, entry_id: str, what: str) -> None:
+        key = POSTED.format(entry_id)
+
+        def mark() -> None:
+            with self.stream.conn.pipeline(transaction=True) as pipe:
+                pipe.sadd(key, what).expire(key, POSTED_TTL_S).execute()
+
+        try:
+            await asyncio.to_thread(mark)
+        except redis.exceptions.RedisError as e:  # posted all the same; only a takeover would repeat it
+            log.warning("could not record that the %s of %s was posted: %s", what, entry_id, e)
 
     def _will_post(self, lane: _Lane, item: _Item) -> bool:
         """Whether a card edit or quiet item is about to post (an excerpt is due): only then does it wait for a turn,

@@ -46,12 +46,17 @@ class Poster:
 
     async def _send(self, key: str, what: str, post: Post) -> None:
         """One call to Slack. Refusals are logged and skipped (trying again would be refused again and hold up the
-        thread); a rate limit that outlasted the gateway's retries, or no connection, is tried again."""
+        thread); a rate limit that outlasted the gateway's retries, Slack's servers failing (5xx: slack_sdk's own
+        ServerErrorRetryHandler retries those too) or no connection is tried again."""
         try:
             await post()
         except SlackApiError as e:
-            if e.response.status_code == 429:
+            status = e.response.status_code
+            if status == 429:
                 raise Transient(f"Slack kept rate-limiting {what}") from None
+            if status >= 500:
+                raise Transient(f"Slack answered {status} to {what} "
+                                f"({e.response.get('error', 'no error code')})") from None
             log.error("Slack refused the %s of %s: %s", what, key, e.response.get("error", e.response.status_code))
         except (SlackClientError, aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
             raise Transient(f"Slack unreachable ({type(e).__name__})") from None

@@ -126,9 +126,6 @@ def test_redis_killed_mid_run_and_restarted_on_its_aof_loses_nothing(cluster):
 
 
 
-@pytest.mark.xfail(strict=True, reason="bot/notifier/post.py `_send` takes Slack's 500/503 for a refusal: it logs "
-                   "'Slack refused the completion message' and drops it (no retry, and the client has no "
-                   "AsyncServerErrorRetryHandler); see /tmp/soak-findings.md")
 def test_slack_answering_503_for_a_while_does_not_lose_the_completion_message(cluster):
     struck = []
 

@@ -248,3 +248,41 @@ async def test_an_error_goes_ahead_of_a_card_edit_waiting_in_its_lane(setup, sla
     assert methods[-2:] == ["chat.postMessage", "chat.update"], methods
     [excerpt] = [e for e in excerpts(slack, run) if "ERROR shard 3" in e]
     assert excerpt.index("ERROR shard 3") < excerpt.index("RuntimeError: CUDA error")
+
+
+async def test_slack_failing_with_5xx_is_tried_again_not_taken_for_a_refusal(setup, slack):
+    settings, notifier, _, _ = setup
+    slack.fail_for(30, 503, methods={"chat.postMessage"})
+    new_run(settings)
+    with pytest.raises(Transient, match="503"):
+        await notifier.step()
+    assert pending(settings) == 1 and slack.root_messages("C0TRAIN") == []
+    slack.clear_faults()
+    await notifier.step()
+    assert pending(settings) == 0 and len(slack.root_messages("C0TRAIN")) == 1
+
+
+async def test_a_result_posted_by_a_process_that_died_before_acking_is_not_posted_again(setup, slack):
+    """The result's post is recorded under its stream entry; the process taking over the entry skips it."""
+    from bot.stream import ALIVE
+
+    settings, first, _, _ = setup
+    run = new_run(settings)
+    await first.step()
+    change(settings, run.id, lambda r: (r.transition(RunState.PREPARING), r.transition(RunState.RUNNING),
+                                        r.transition(RunState.FAILED), setattr(r, "error", "exit code 1")),
+           ("state", {"state": "failed"}), ("failed", {"error": "exit code 1", "log_tail": ["boom"]}))
+    acks = first.stream.ack
+    first.stream.ack = lambda entry_ids: None  # it dies after posting, before its acks reach Redis
+    await first.step()
+    first.stream.ack = acks
+    card = slack.root_messages("C0TRAIN")[0]
+    told = [m for m in slack.thread("C0TRAIN", card.ts) if "failed" in m.text]
+    assert len(told) == 1 and pending(settings) > 0
+    store.connect(settings).delete(ALIVE.format(first.consumer))  # its heartbeat lapsed
+
+    second = Notifier(settings, first.gateway, consumer="bot-b", block_ms=50, clock=first.clock)
+    second.stream._last_reap = -1e9
+    await second.step()
+    assert pending(settings) == 0  # taken over and done
+    assert [m for m in slack.thread("C0TRAIN", card.ts) if "failed" in m.text] == told
