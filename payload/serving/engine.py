@@ -103,18 +103,26 @@ class StopScanner:
     def feed(self, piece: str) -> tuple[str, bool]:
         """Return (text that is safe to send, whether a stop sequence was met)."""
         self.pending += piece
-        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
-        if hits:
-            out, self.pending = self.pending[:min(hits)], ""
-            return out, True
-        keep = max((k for s in self.stops for k in range(1, len(s)) if self.pending.endswith(s[:k])), default=0)
-        cut = len(self.pending) - keep
-        out, self.pending = self.pending[:cut], self.pending[cut:]
-        return out, False
+        return self._scan(final=False)
 
-    def flush(self) -> str:
-        out, self.pending = self.pending, ""
-        return out
+    def flush(self) -> tuple[str, bool]:
+        """At the end of the text: what is left to send, and whether it held a stop sequence after all."""
+        return self._scan(final=True)
+
+    def _scan(self, final: bool) -> tuple[str, bool]:
+        # The stop that starts first in the whole text wins. A stop found in what is pending may still lose to a
+        # longer one that starts earlier and is not complete yet (stops "|" and "<|<", pending "<|"): until the text
+        # says, everything from that earlier start is held back.
+        text = self.pending
+        hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        first = min(hits) if hits else len(text)
+        if not final:
+            for i in range(first):
+                if any(len(s) > len(text) - i and s.startswith(text[i:]) for s in self.stops):
+                    out, self.pending = text[:i], text[i:]
+                    return out, False
+        self.pending = ""
+        return text[:first], bool(hits)
 
 
 @dataclass(frozen=True)
@@ -205,8 +213,11 @@ class Generation:
                     self._hit_stop = True
                     self.cancel()
                     break
-            if not hit_stop and (tail := scanner.flush()):
-                yield tail
+            if not hit_stop:
+                tail, hit_stop = scanner.flush()
+                if tail:
+                    yield tail
+                self._hit_stop = self._hit_stop or hit_stop
         finally:
             self.cancel()  # if the reader went away (client disconnected), free the model for the next request
         self._thread.join()
