@@ -1,4 +1,4 @@
-"""Starting, killing and restarting tuneops' real processes on this machine, for the soak and the fault tests.
+"""Starting, killing and restarting tuneops' real processes on this machine, for the soak and the fault tests of the suite.
 
 `Cluster` runs a private redis-server with AOF (`appendfsync everysec`, as DESIGN.md asks of tuneops' Redis), N RQ
 workers (`python -m jobs.worker`), N bots in HTTP mode (`python -m bot.cli bot --http`) behind one address (a small

@@ -53,8 +53,10 @@ def bot_env(bot_env, own_redis):
 
 
 async def answer_to(bot, slack, text: str) -> str:
-    status, _, key = await bot.command(text)
+    status, ack, key = await bot.command(text)
     assert status == 200
+    if ack:  # read-only commands answer in the ack
+        return ack
     got = await slack.until(lambda: slack.responses[key], timeout=10)
     assert got, f"no answer to `/finetune {text}`"
     return json.dumps(got[0])
