@@ -33,7 +33,7 @@ from pathlib import Path
 
 import aiohttp
 
-from bot.demo import REPO_ROOT, DemoError, _stop, start_private_redis
+from bot.demo import REPO_ROOT, DemoError, start_private_redis, stop_process
 from bot.standin import slack as standin
 
 LISTENING = re.compile(r"listening on http://[^\s/]+:(\d+)/")
@@ -277,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
                             rounds.append(stats)
                         results.setdefault(kind, []).append(rounds)
                     finally:
-                        _stop(proc, kind, True)
+                        stop_process(proc, group=True)
         except DemoError as e:
             print(f"The benchmark cannot run: {e}", file=sys.stderr)
             return 1

@@ -73,14 +73,14 @@ def start_private_redis(stack: ExitStack, tmp: Path, attempts: int = 5) -> str:
             while proc.poll() is None and time.monotonic() < deadline:
                 try:
                     if int(client.info("server")["process_id"]) == proc.pid:
-                        stack.callback(_stop, proc, "redis-server")
+                        stack.callback(stop_process, proc)
                         return f"redis://127.0.0.1:{port}/0"
                 except (redis.ConnectionError, redis.TimeoutError):
                     pass
                 time.sleep(0.05)
         finally:
             client.close()
-        _stop(proc, "redis-server")
+        stop_process(proc)
     raise DemoError(f"redis-server did not start in {attempts} attempts")
 
 
@@ -114,7 +114,8 @@ def start_redis(stack: ExitStack, tmp: Path) -> str:
     return url
 
 
-def _stop(proc: subprocess.Popen, name: str, group: bool = False) -> None:
+def stop_process(proc: subprocess.Popen, group: bool = False) -> None:
+    """End a process this one started (its whole process group with `group`): SIGTERM, then SIGKILL after 15 s."""
     if proc.poll() is not None:
         return
     try:
@@ -148,7 +149,7 @@ def start_worker(stack: ExitStack, env: dict[str, str], log_path: Path) -> subpr
     with open(log_path, "wb") as log:
         proc = subprocess.Popen([sys.executable, "-m", "jobs.worker"], env=env, cwd=REPO_ROOT,
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    stack.callback(_stop, proc, "worker", True)
+    stack.callback(stop_process, proc, True)
     say(f"· worker: an RQ worker with the scheduler (pid {proc.pid})")
     return proc
 

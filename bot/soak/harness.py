@@ -31,6 +31,7 @@ import aiohttp
 import redis
 from aiohttp import web
 
+from bot.demo import stop_process
 from bot.standin.slack import SlackStandIn, signed_headers, slash_command_body
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -160,7 +161,7 @@ class Cluster:
             self._proxy.stop()
         for slot in self.slots:
             if slot.alive():
-                _end(slot.proc, group=True)
+                stop_process(slot.proc, group=True)
         for pid in self.trainer_pids():
             try:
                 os.killpg(pid, signal.SIGKILL)
@@ -365,18 +366,6 @@ class Cluster:
                 break
             await asyncio.sleep(1.0 * (attempt + 1))
         return status, answer
-
-
-def _end(proc: subprocess.Popen, group: bool) -> None:
-    try:
-        (os.killpg(proc.pid, signal.SIGTERM) if group else proc.terminate())
-        proc.wait(10)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        try:
-            (os.killpg(proc.pid, signal.SIGKILL) if group else proc.kill())
-        except ProcessLookupError:
-            pass
-        proc.wait(5)
 
 
 class _Proxy:

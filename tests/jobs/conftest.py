@@ -13,8 +13,9 @@ import pytest
 
 import jobs.core.settings as jobs_settings
 from jobs.core import store
-from jobs.core.domain import RunEvent
+from jobs.core.domain import Run, RunEvent, RunState
 from jobs.core.settings import JobSettings
+from jobs.runs.progress import move
 from tests.conftest import make_workspace, wait_for  # noqa: F401  (wait_for: for the tests here)
 
 HERE = Path(__file__).resolve().parent
@@ -159,3 +160,18 @@ def events_of(settings: JobSettings, run_id: str) -> list[RunEvent]:
 
 def kinds(events: list[RunEvent]) -> list[str]:
     return [e.kind if e.kind != "state" else f"state:{e.data['state']}" for e in events]
+
+
+def running(settings, run: Run, **changes) -> Run:
+    """The run moved to preparing with `changes` set, and on to running when they give it an execution."""
+    conn = store.connect(settings)
+
+    def step(r):
+        events = [move(r, RunState.PREPARING)]
+        for key, value in changes.items():
+            setattr(r, key, value)
+        if r.execution_id:
+            events.append(move(r, RunState.RUNNING))
+        return events
+
+    return store.update_run(conn, run.id, step)[0]

@@ -19,8 +19,8 @@ from jobs import reconcile
 from jobs.core import queue, store
 from jobs.core.domain import RunState
 from jobs.runs import service, tasks, transitions
-from jobs.runs.progress import move
 from jobs.worker import SCHEDULER_LOCK_TTL_S, break_stale_scheduler_lock
+from tests.jobs.conftest import running
 
 
 @pytest.fixture
@@ -80,17 +80,7 @@ def test_job_pending(settings, rq_conn):
 
 def running_run(settings, **changes):
     run = service.submit_run(settings, requester="U1", channel="C1", dataset="datasets/train.jsonl")
-    conn = store.connect(settings)
-
-    def step(r):
-        events = [move(r, RunState.PREPARING)]
-        for key, value in changes.items():
-            setattr(r, key, value)
-        if r.execution_id:
-            events.append(move(r, RunState.RUNNING))
-        return events
-
-    return store.update_run(conn, run.id, step)[0]
+    return running(settings, run, **changes)
 
 
 def jobs_of(settings, rq_conn) -> list[tuple[str, tuple]]:

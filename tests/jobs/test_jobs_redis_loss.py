@@ -13,11 +13,11 @@ import redis
 
 from jobs import reconcile
 from jobs.core import snapshots, store
-from jobs.core.domain import Run, RunState
+from jobs.core.domain import RunState
 from jobs.runs import service
 from jobs.runs.progress import move
 from tests.conftest import dead_port, restart_redis_server, start_redis_server
-from tests.jobs.conftest import events_of, kinds, wait_for
+from tests.jobs.conftest import events_of, kinds, running, wait_for
 
 ENDED = ("succeeded", "failed", "cancelled", "timed_out")
 CARD_TS = "1700000000.000100"
@@ -127,20 +127,6 @@ def test_a_running_run_is_found_again_when_redis_comes_back_empty(settings, work
     assert worker.poll() is None, workers.logs()
     # A run submitted afterwards does not take the id (and the folder) of the one Redis forgot.
     assert submit(settings, max_steps=2).id == "ft-0002"
-
-
-def running(settings, run: Run, **changes) -> Run:
-    conn = store.connect(settings)
-
-    def step(r):
-        events = [move(r, RunState.PREPARING)]
-        for key, value in changes.items():
-            setattr(r, key, value)
-        if r.execution_id:
-            events.append(move(r, RunState.RUNNING))
-        return events
-
-    return store.update_run(conn, run.id, step)[0]
 
 
 def test_reconcile_finds_every_run_again_and_says_so_where_it_should(settings):
