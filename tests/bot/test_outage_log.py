@@ -6,13 +6,12 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import subprocess
 
 import pytest
 import redis
 
 from bot.outage import REDIS, Outage
-from tests.conftest import start_redis_server, wait_for
+from tests.conftest import restart_redis_server, start_redis_server
 
 
 def test_one_warning_when_it_goes_and_one_line_when_it_is_back(caplog):
@@ -73,20 +72,10 @@ async def test_an_outage_is_one_warning_and_one_line_when_it_ends(own_redis, bot
     assert [r.levelname for r in said] == ["WARNING"], [r.getMessage() for r in said]
 
     # the same port again (redis-server cannot take port 0; a port taken meanwhile would fail this test loudly)
-    procs.append(subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
-                                   "no", "--dir", str(tmp)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT))
-    client = redis.Redis(port=port, socket_timeout=2)
-    wait_for(lambda: _answers(client), 10, "the restarted redis-server")
-    client.close()
+    procs.append(restart_redis_server(exe, tmp, port))
     for _ in range(2):
         assert "No runs yet" in await answer_to(bot, slack, "list")
     said = [r for r in caplog.records if r.name == "bot.outage"]
     assert [r.levelname for r in said] == ["WARNING", "INFO"], [r.getMessage() for r in said]
     assert "reachable again" in said[1].getMessage()
 
-
-def _answers(client: redis.Redis) -> bool:
-    try:
-        return bool(client.ping())
-    except redis.RedisError:
-        return False
