@@ -53,41 +53,10 @@ def make_workspace(ws: Path, tiny_model: Path, example_dataset: Path) -> Path:
     return ws
 
 
-def start_redis_server(exe: str, d: Path, *args: str, attempts: int = 5) -> tuple[subprocess.Popen, int]:
-    """A redis-server on a free TCP port, ready for commands. redis-server cannot bind port 0, so the port from
-    `free_port()` may be taken by someone else before redis binds it: then redis exits, and we try a fresh port
-    (a bounded number of times). Ready means it answers PING *and* reports our process's pid, so a PING answered by
-    some other redis that took the port is never mistaken for ours. `args` go on its command line after ours
-    (the last of a repeated setting wins)."""
-    import redis
-
-    for _ in range(attempts):
-        port = free_port()
-        proc = subprocess.Popen(
-            [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(d),
-             *args],
-            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
-        )
-        client = redis.Redis(port=port, socket_timeout=5)
-        deadline = time.monotonic() + 30
-        try:
-            while proc.poll() is None and time.monotonic() < deadline:
-                try:
-                    if int(client.info("server")["process_id"]) == proc.pid:
-                        return proc, port
-                except redis.ConnectionError:
-                    pass
-                time.sleep(0.05)
-        finally:
-            client.close()
-        proc.kill()  # exited (the port was taken) or never became ready: try again on another port
-        proc.wait(10)
-    pytest.fail(f"redis-server did not start in {attempts} attempts")
-
-
-def restart_redis_server(exe: str, d: Path, port: int, *args: str, timeout: float = 30) -> subprocess.Popen:
-    """A redis-server again on `port` (after the one there was killed), with the same folder `d` (so it loads its
-    AOF or RDB) and `args`; ready when it answers with its own pid, as in `start_redis_server`."""
+def _launch_redis(exe: str, d: Path, port: int, args: tuple[str, ...], timeout: float) -> subprocess.Popen | None:
+    """A redis-server on `port` with its folder `d` and extra `args`, once it answers with its own pid (a PING
+    answered by some other redis that took the port is never mistaken for ours); None, and nothing left running,
+    when it exited (the port was taken) or did not get ready within `timeout`."""
     import redis
 
     proc = subprocess.Popen(
@@ -110,7 +79,28 @@ def restart_redis_server(exe: str, d: Path, port: int, *args: str, timeout: floa
         client.close()
     proc.kill()
     proc.wait(10)
-    pytest.fail(f"redis-server did not start again on port {port}")
+    return None
+
+
+def start_redis_server(exe: str, d: Path, *args: str, attempts: int = 5) -> tuple[subprocess.Popen, int]:
+    """A redis-server on a free TCP port, ready for commands. redis-server cannot bind port 0, so the port from
+    `free_port()` may be taken by someone else before redis binds it: then redis exits, and we try a fresh port
+    (a bounded number of times). `args` go on its command line after ours (the last of a repeated setting wins)."""
+    for _ in range(attempts):
+        port = free_port()
+        proc = _launch_redis(exe, d, port, args, 30)
+        if proc is not None:
+            return proc, port
+    pytest.fail(f"redis-server did not start in {attempts} attempts")
+
+
+def restart_redis_server(exe: str, d: Path, port: int, *args: str, timeout: float = 30) -> subprocess.Popen:
+    """A redis-server again on `port` (after the one there was killed), with the same folder `d` (so it loads its
+    AOF or RDB) and `args`; ready as in `start_redis_server`."""
+    proc = _launch_redis(exe, d, port, args, timeout)
+    if proc is None:
+        pytest.fail(f"redis-server did not start again on port {port}")
+    return proc
 
 
 @pytest.fixture(scope="session")
