@@ -122,6 +122,11 @@ def process_gone(owner: str) -> bool:
     return False
 
 
+def _looked_at(future: asyncio.Future) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
 class ScriptBatch:
     """Calls of one Lua script made in the same turn of the event loop, sent to Redis together in one pipeline, each
     caller getting its own result (or error). A burst of requests costs one round trip instead of one each, and a
@@ -141,6 +146,9 @@ class ScriptBatch:
         if self._calls is None or self._results.done():  # done: its task ended before it took the calls (cancelled)
             self._calls = []
             self._results = asyncio.ensure_future(self._send())
+            # Its callers may all be gone (cancelled by the ack's deadline) when it fails: the failure is theirs, and
+            # looked at here so that asyncio does not log it as "never retrieved" at exit.
+            self._results.add_done_callback(_looked_at)
         mine = len(self._calls)
         self._calls.append((keys, args))
         result = (await asyncio.shield(self._results))[mine]  # a cancelled caller must not cancel the others'

@@ -5,7 +5,10 @@ result, anything a person waits for) reserves the next slot atomically and sleep
 order. A routine post (an ordinary log excerpt, a progress edit of a card) never reserves a future slot: it takes a
 slot only when one is free now, which it never is while an urgent post is waiting, so urgent posts jump ahead of
 every routine one. A 429's Retry-After pauses the channel, and callers whose slot falls inside the pause queue again.
-Times are Redis server time, so processes on machines with different clocks still agree.
+Whatever the slots say, a call goes out only once the channel's previous call went out a whole interval ago (the gate,
+checked at the moment of sending): a post that left its slot late pushes the next one back instead of landing inside
+Slack's one-second window with it. Times are Redis server time, so processes on machines with different clocks still
+agree.
 """
 
 from __future__ import annotations
@@ -47,13 +50,23 @@ end
 return 0
 """
 
-# Returns the µs left of the channel's pause (0 when not paused), so that a waiter whose slot fell inside a pause
-# that began after it reserved can queue again rather than post into the 429.
-_PAUSE_LEFT = """
+# KEYS[1], KEYS[2] as for _RESERVE, KEYS[3]: when the channel's last call went out (µs). ARGV[1]: the spacing (µs).
+# The last step before a call: returns a negative µs when the channel is paused (a 429 came meanwhile: the caller
+# queues again), a positive µs to wait when the last call went out less than a spacing ago, else 0 after noting the
+# call as sent now and moving the next free slot out to a spacing from now (routine posts then see the channel busy).
+_GO = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local pause = tonumber(redis.call('GET', KEYS[1]) or '0')
-if pause > now then return pause - now end
+local pause = tonumber(redis.call('GET', KEYS[2]) or '0')
+if pause > now then return -(pause - now) end
+local spacing = tonumber(ARGV[1])
+local after = tonumber(redis.call('GET', KEYS[3]) or '0') + spacing
+if after > now then return after - now end
+local ttl_ms = math.floor(spacing / 1000) + 60000
+redis.call('SET', KEYS[3], string.format('%.0f', now), 'PX', ttl_ms)
+if tonumber(redis.call('GET', KEYS[1]) or '0') < now + spacing then
+  redis.call('SET', KEYS[1], string.format('%.0f', now + spacing), 'PX', ttl_ms)
+end
 return 0
 """
 
@@ -72,17 +85,17 @@ return 0
 
 # A Retry-After this long is a broken header rather than advice; an hour is the most a channel waits.
 MAX_PENALTY_S = 3600.0
-# Slack allows about one message a second per channel. Slots exactly 1.000 s apart arrive up to a few ms closer
-# (network and scheduling jitter), which a strict limiter answers with 429s: measured with bot.bench_thread against
-# the stand-in, 32 429s at 1.0/s and none at 0.95/s.
+# Slack allows about one message a second per channel. Calls spaced exactly 1.000 s apart when they leave arrive up to
+# a few tens of ms closer on a busy machine (network and scheduling jitter), which a strict limiter answers with 429s:
+# the 5% margin (52 ms) covers that jitter between the gate and Slack.
 SLACK_RATE_PER_S = 0.95
 # A routine waiter looks again at most this often, and adds up to this share of an interval at random, so that the
 # routine waiters of several lanes and processes do not all ask at the same instant.
 ROUTINE_POLL_S = 0.5
 ROUTINE_JITTER = 0.25
-# A slot held across rendering (see `hold`) is used this long after its time at most; later, the post would eat into
-# the 0.95/s margin (52 ms) before the slot reserved after it, so the slot is given up and asked for again.
-HELD_LATE_S = 0.01
+# A slot held across rendering (see `hold`) is used this long after its time at most (the gate then holds back the
+# slot reserved after it by as much); later, it is given up and asked for again.
+HELD_LATE_S = 0.25
 # A routine slot held across rendering is taken now and may be used this late: the next slot moves out by as much.
 ROUTINE_HOLD_S = 0.2
 
@@ -92,6 +105,7 @@ class _Held:
     channel: str
     at: float      # time.monotonic() of the slot
     late_s: float  # how late it may still be used
+    used: bool = False  # one use, even by tasks that copied the context (asyncio.create_task, gather) after `hold`
 
 
 # The slot the current task holds (set by `hold`, used by the task's next `acquire` of that channel). A context
@@ -116,11 +130,11 @@ class ChannelBudget:
         self.prefix = prefix
         self._reserve = redis.register_script(_RESERVE)
         self._take_free = redis.register_script(_TAKE_FREE)
-        self._pause_left = redis.register_script(_PAUSE_LEFT)
         self._penalize = redis.register_script(_PENALIZE)
+        self._go = redis.register_script(_GO)
 
     def _keys(self, channel: str) -> list[str]:
-        return [f"{self.prefix}{channel}:next", f"{self.prefix}{channel}:pause"]
+        return [f"{self.prefix}{channel}:next", f"{self.prefix}{channel}:pause", f"{self.prefix}{channel}:sent"]
 
     async def acquire(self, channel: str, urgent: bool = True) -> float:
         """Wait until this channel may get one more message; returns the seconds waited.
@@ -131,28 +145,37 @@ class ChannelBudget:
         unused (a gap of one interval), never an extra message.
         """
         t0 = time.monotonic()
-        if await self._use_held(channel):
-            return time.monotonic() - t0
-        if urgent:
-            await self._acquire_urgent(channel)
-        else:
-            while (wait_s := await self._try_free(channel, take=True, spacing_s=self.interval_s)) > 0:
-                await asyncio.sleep(self._routine_nap(wait_s))
-        return time.monotonic() - t0
+        held = await self._use_held(channel)
+        while True:
+            if not held:
+                if urgent:
+                    await self._acquire_urgent(channel)
+                else:
+                    while (wait_s := await self._try_free(channel, take=True, spacing_s=self.interval_s)) > 0:
+                        await asyncio.sleep(self._routine_nap(wait_s))
+            if await self._gate(channel):
+                return time.monotonic() - t0
+            held = False
+
+    async def _gate(self, channel: str) -> bool:
+        """Wait until the channel's last call went out an interval ago and note this one as going out now; False when
+        the channel was paused meanwhile (the caller queues again)."""
+        keys = self._keys(channel)
+        while (wait_us := int(await self._go(keys=keys, args=[round(self.interval_s * 1e6)]))) != 0:
+            if wait_us < 0:
+                return False
+            await asyncio.sleep(wait_us / 1e6)
+        return True
 
     async def _acquire_urgent(self, channel: str) -> None:
-        """Reserve the next slot and sleep until it; again when a 429's pause began meanwhile."""
-        keys = self._keys(channel)
-        while True:
-            wait_us = int(await self._reserve(keys=keys, args=[round(self.interval_s * 1e6)]))
-            if wait_us > 0:
-                await asyncio.sleep(wait_us / 1e6)
-            if int(await self._pause_left(keys=keys[1:])) == 0:
-                return
+        """Reserve the next slot and sleep until it (the gate then checks for a 429's pause that began meanwhile)."""
+        wait_us = int(await self._reserve(keys=self._keys(channel)[:2], args=[round(self.interval_s * 1e6)]))
+        if wait_us > 0:
+            await asyncio.sleep(wait_us / 1e6)
 
     async def _try_free(self, channel: str, take: bool, spacing_s: float) -> float:
         """0 when a slot is free now (taken with `take`), else the seconds until the channel is next free."""
-        wait_us = int(await self._take_free(keys=self._keys(channel), args=[round(spacing_s * 1e6), int(take)]))
+        wait_us = int(await self._take_free(keys=self._keys(channel)[:2], args=[round(spacing_s * 1e6), int(take)]))
         return wait_us / 1e6
 
     def _routine_nap(self, wait_s: float) -> float:
@@ -178,7 +201,7 @@ class ChannelBudget:
                 return True
             await asyncio.sleep(self._routine_nap(wait_s))
         keys = self._keys(channel)
-        wait_us = int(await self._reserve(keys=keys, args=[round(self.interval_s * 1e6)]))
+        wait_us = int(await self._reserve(keys=keys[:2], args=[round(self.interval_s * 1e6)]))
         at = time.monotonic() + wait_us / 1e6
         _HELD.set(_Held(channel, at, HELD_LATE_S))
         if wait_us / 1e6 > lead_s:
@@ -187,21 +210,25 @@ class ChannelBudget:
 
     def release(self) -> None:
         """Let go of the slot this task holds, unused (a gap of one slot in the channel)."""
+        held = _HELD.get()
+        if held is not None:
+            held.used = True
         _HELD.set(None)
 
     async def _use_held(self, channel: str) -> bool:
-        """Use the slot this task holds for `channel`: sleep until it, unless the channel was paused or the slot is
-        past; False when there is none to use (the caller queues as usual)."""
+        """Use the slot this task holds for `channel`: sleep until it, unless the slot is past; False when there is
+        none to use (the caller queues as usual). The gate comes after."""
         held = _HELD.get()
-        if held is None or held.channel != channel:
+        if held is None or held.channel != channel or held.used:
             return False
+        held.used = True
         _HELD.set(None)
         late = time.monotonic() - held.at
         if late > held.late_s:
             return False
         if late < 0:
             await asyncio.sleep(-late)
-        return int(await self._pause_left(keys=self._keys(channel)[1:])) == 0
+        return True
 
     async def penalize(self, channel: str, retry_after_s: float) -> None:
         """Pause the channel for a 429's Retry-After (at least one interval, at most MAX_PENALTY_S)."""
@@ -212,4 +239,4 @@ class ChannelBudget:
         if not math.isfinite(seconds):
             seconds = self.interval_s
         seconds = min(max(seconds, self.interval_s), MAX_PENALTY_S)
-        await self._penalize(keys=self._keys(channel), args=[round(seconds * 1e6)])
+        await self._penalize(keys=self._keys(channel)[:2], args=[round(seconds * 1e6)])

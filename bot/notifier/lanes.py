@@ -38,6 +38,10 @@ MAX_UNEXPECTED = 3
 # Log and progress events that wait behind each other in a lane are rendered together: a lane that fell behind (its
 # channel's budget is spent) catches up in one message instead of one message per event.
 QUIET_KINDS = {"log", "progress"}
+# Thread messages that the log lines waiting behind them may join (a run's start and notices: not its end, whose last
+# lines go first): in a busy channel a lane gets one post a turn, and the run's first error lines would otherwise wait
+# a whole turn more behind its "started".
+JOINABLE_KINDS = {"started", "resumed", "notice", "cancelling"}
 MAX_COALESCED = 1000
 # Progress edits of cards share the channels' posting budget with the thread messages; while many runs are busy, all
 # their cards together are edited at most about once per this many seconds, so that log excerpts and errors get most
@@ -348,7 +352,7 @@ class Lanes:
             if item.posts is None:
                 if budget is not None and self._will_post(lane, item):
                     await self._wait_turn(lane, item, budget)
-                if item.quiet and not ops.is_op_id(lane.key):
+                if (item.quiet or self._joinable(lane, item)) and not ops.is_op_id(lane.key):
                     self._coalesce(lane, item)
                 try:
                     item.posts = await self._render(lane, item)
@@ -402,7 +406,7 @@ class Lanes:
     def _will_post(self, lane: _Lane, item: _Item) -> bool:
         """Whether a card edit or quiet item is about to post (an excerpt is due): only then does it wait for a turn,
         since a turn taken and left unused is a slot of the channel lost."""
-        if item.kind == "card":
+        if item.kind == "card" or self._joinable(lane, item):
             return True
         if not item.quiet:
             return False
@@ -429,6 +433,14 @@ class Lanes:
         if not turn:
             lane.items.rotate(-1)
             raise _StepAside()
+
+    @staticmethod
+    def _joinable(lane: _Lane, item: _Item) -> bool:
+        """A thread message at the lane's head with log lines queued behind it, which then go in the same post."""
+        return (item.kind == "event" and item.event is not None and item.event.kind in JOINABLE_KINDS
+                and not ops.is_op_id(lane.key)
+                and any(it.kind == "event" and it.event is not None and it.event.kind == "log"
+                        for it in list(lane.items)[1:2]))
 
     @staticmethod
     def _coalesce(lane: _Lane, item: _Item) -> None:

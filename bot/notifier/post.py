@@ -72,25 +72,32 @@ class Poster:
         if thread_ts:
             await self.gateway.post_message(run.channel, message, thread_ts=thread_ts, reply_broadcast=broadcast)
 
-    async def _post_outbox(self, lane: _Lane, run: Run) -> None:
-        """Post the log excerpts waiting for this run, oldest first; each leaves the outbox once Slack took it.
+    async def _post_outbox(self, lane: _Lane, run: Run, lead: dict[str, Any] | None = None) -> None:
+        """Post the log excerpts waiting for this run, oldest first; each leaves the outbox once Slack took it. With
+        `lead` (a thread message), only that message and the first excerpts, in one post.
 
         Excerpts with error lines, or ahead of the lane's urgent work, are urgent posts; ordinary ones are routine
         (bot.ratelimit), so they never hold up another run's errors.
         """
         thread_ts = await self._ts(run.id)
-        while lane.outbox:
+        if not thread_ts:
+            lane.outbox.clear()
+        while lane.outbox or lead is not None:
             if not thread_ts:
-                lane.outbox.clear()
-                break
+                return
             n = min(len(lane.outbox), EXCERPTS_PER_MESSAGE)
-            message = blocks.render_log_excerpt(run, lane.outbox[0])
-            for excerpt in list(lane.outbox)[1:n]:
+            if lead is not None:
+                message, first = {**lead, "blocks": list(lead["blocks"])}, 0
+            else:
+                message, first = blocks.render_log_excerpt(run, lane.outbox[0]), 1
+            for excerpt in list(lane.outbox)[first:n]:
                 message["blocks"] += blocks.render_log_excerpt(run, excerpt)["blocks"]
             await self.gateway.post_message(run.channel, message, thread_ts=thread_ts,
-                                            urgent=lane.outbox_urgent or lane.urgent())
+                                            urgent=lead is not None or lane.outbox_urgent or lane.urgent())
             for _ in range(n):
                 lane.outbox.popleft()
+            if lead is not None:
+                return
         lane.outbox_urgent = False
 
     async def _upload_chart(self, run: Run, metrics: dict[str, Any]) -> None:

@@ -71,7 +71,7 @@ class Renderer:
     async def _render(self, lane: _Lane, item: _Item) -> list[tuple[str, Post]]:
         """What an item makes Slack do, as calls to make in order. Runs once per item; the calls are retried."""
         now = self.clock()
-        if item.absorbed:
+        if item.absorbed and item.quiet:
             return await self._render_quiet(lane, item, now)
         if item.kind == "flush":
             urgent = item.force or lane.batcher.has_errors
@@ -85,13 +85,13 @@ class Renderer:
         assert item.event is not None
         return await self._render_event(lane, item, item.event, now)
 
-    async def _render_quiet(self, lane: _Lane, item: _Item, now: float) -> list[tuple[str, Post]]:
-        """Log lines and progress of several items at once: the lines go through the batcher together, the card is
-        edited once."""
+    def _feed_absorbed(self, lane: _Lane, item: _Item, now: float, quiet: tuple[_Item, ...] = ()) -> bool:
+        """Put the log lines of `quiet` and of the items `item` absorbed through the batcher, its excerpts in the
+        outbox; True when progress was among them."""
         lines: list[str] = []
         progress = False
-        urgent = lane.batcher.has_errors or any(it.urgent(lane.batcher) for it in (item, *item.absorbed))
-        for it in (item, *item.absorbed):
+        urgent = lane.batcher.has_errors or any(it.urgent(lane.batcher) for it in (*quiet, *item.absorbed))
+        for it in (*quiet, *item.absorbed):
             if it.kind == "event" and it.event.kind == "log":
                 data = it.event.data
                 if data.get("skipped"):
@@ -99,12 +99,18 @@ class Renderer:
                 lines += [str(line) for line in data.get("lines") or []]
             elif it.kind == "event":
                 progress = True
+        self._to_outbox(lane, lane.batcher.feed(lines, now) if lines else lane.batcher.flush(now), urgent)
+        item.hold = lane.batcher.pending > 0
+        return progress
+
+    async def _render_quiet(self, lane: _Lane, item: _Item, now: float) -> list[tuple[str, Post]]:
+        """Log lines and progress of several items at once: the lines go through the batcher together, the card is
+        edited once."""
         run = await self._lane_run(lane)
         if run is None:
             log.warning("events for unknown run %s dropped", lane.key)
             return []
-        self._to_outbox(lane, lane.batcher.feed(lines, now) if lines else lane.batcher.flush(now), urgent)
-        item.hold = lane.batcher.pending > 0
+        progress = self._feed_absorbed(lane, item, now, quiet=(item,))
         posts: list[tuple[str, Post]] = []
         if lane.outbox:
             posts.append(("log excerpt", lambda: self._post_outbox(lane, run)))
@@ -185,6 +191,12 @@ class Renderer:
             if data.get("state") in ("deployed", "failed"):
                 posts.append(("deploy result", lambda: self._post_deploy_result(run, approval_id, data)))
         # eval and checkpoint are shown by the card (loss) and by `/finetune logs`; nothing to post for them.
-        if message is not None:
+        if message is not None and item.absorbed:
+            # Log lines that waited behind the message (bot.notifier.lanes.JOINABLE_KINDS) go out with it.
+            if self._feed_absorbed(lane, item, now):
+                self._card_later(lane, run, now)
+            posts.append((f"{kind} message", lambda: self._post_outbox(lane, run, lead=message)))
+            posts.append(("log excerpt", lambda: self._post_outbox(lane, run)))
+        elif message is not None:
             posts.append((f"{kind} message", lambda: self._post_thread(run, message, broadcast)))
         return posts

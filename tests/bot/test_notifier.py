@@ -250,6 +250,29 @@ async def test_an_error_goes_ahead_of_a_card_edit_waiting_in_its_lane(setup, sla
     assert excerpt.index("ERROR shard 3") < excerpt.index("RuntimeError: CUDA error")
 
 
+async def test_error_lines_behind_a_started_message_go_out_in_the_same_post(setup, slack):
+    # In a busy channel a thread gets one post a turn: the run's first errors join its "started" message instead of
+    # waiting a turn behind it. Lines of the next events stay in order after the message's own blocks.
+    settings, notifier, _, _ = setup
+    run = new_run(settings)
+    await notifier.step()
+    change(settings, run.id, lambda r: (r.transition(RunState.PREPARING), r.transition(RunState.RUNNING)),
+           ("state", {"state": "running"}), ("started", {"execution_id": "ft-0001/attempt-1", "links": {}}))
+    log_event(settings, run.id, "step 1 loss 2.5", "ERROR shard 3 failed to load")
+    assert await notifier.step() == 3
+    run = shown(settings, service.get_run(settings, run.id))
+    [post] = slack.thread("C0TRAIN", run.card_ts)
+    body = json.dumps(post.blocks)
+    assert post.text.startswith(":rocket:") and "ft-0001/attempt-1" in body
+    assert body.index("started") < body.index("ERROR shard 3 failed to load")
+    assert pending(settings) == 0
+    # Without log lines behind it, the message goes alone.
+    change(settings, run.id, lambda r: None, ("notice", {"text": "tuneops lost track of nothing"}))
+    await notifier.step()
+    [_, notice] = slack.thread("C0TRAIN", run.card_ts)
+    assert "lost track of nothing" in notice.text and "ERROR" not in json.dumps(notice.blocks)
+
+
 async def test_slack_failing_with_5xx_is_tried_again_not_taken_for_a_refusal(setup, slack):
     settings, notifier, _, _ = setup
     slack.fail_for(30, 503, methods={"chat.postMessage"})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
 import sys
 import textwrap
@@ -155,8 +156,10 @@ async def test_keys_expire_and_hold_no_message_content(clients):
     budget = ChannelBudget(clients[0], rate_per_s=1.0, prefix="t:rl:")
     await budget.acquire("C7")
     keys = sorted(k.decode() for k in await clients[0].keys("*"))
-    assert keys == ["t:rl:C7:next"]
-    assert 0 < await clients[0].pttl("t:rl:C7:next") <= 61_000 + 1000
+    assert keys == ["t:rl:C7:next", "t:rl:C7:sent"]
+    for key in keys:
+        assert 0 < await clients[0].pttl(key) <= 61_000 + 1000
+        assert float(await clients[0].get(key)) > 0  # a time in µs, nothing of the message
 
 
 async def test_an_urgent_post_goes_ahead_of_routine_waiters(clients):
@@ -229,3 +232,34 @@ async def test_a_held_turn_is_the_next_post_of_the_task_and_a_routine_wait_turns
     assert await budget.hold("C2", lambda: False)
     await budget.acquire("C2", urgent=False)
     assert time.monotonic() - t0 < 0.5
+
+
+async def test_a_post_that_leaves_its_slot_late_pushes_the_next_one_back(clients):
+    # Slack counts the calls as they arrive, not the slots they were given: a post that went 0.15 s after its slot
+    # (a busy event loop, a slow render) must not have the next slot's post land 0.05 s after it.
+    budget = ChannelBudget(clients[0], rate_per_s=5.0)
+    other = ChannelBudget(clients[1], rate_per_s=5.0)
+    stamps: dict[str, float] = {}
+
+    async def lane() -> None:
+        assert await budget.hold("C3", lambda: True, lead_s=0)  # the channel's slot now
+        await asyncio.sleep(0.15)
+        await budget.acquire("C3")  # the held slot, 0.15 s late
+        stamps["late"] = time.monotonic()
+
+    async def next_one() -> None:
+        await other.acquire("C3")  # reserves the slot 0.2 s after the lane's
+        stamps["next"] = time.monotonic()
+
+    held = asyncio.create_task(lane())
+    await asyncio.sleep(0.02)
+    await asyncio.gather(held, next_one())
+    assert stamps["next"] - stamps["late"] >= 0.2 - SLACK_S, stamps
+
+
+async def test_a_held_slot_is_used_once_even_by_tasks_that_copied_the_context(clients):
+    budget = ChannelBudget(clients[0], rate_per_s=5.0)
+    assert await budget.hold("C4", lambda: True, lead_s=0)
+    copy = contextvars.copy_context()  # what asyncio.create_task and gather give a task started now
+    assert await budget._use_held("C4")
+    assert not await asyncio.create_task(budget._use_held("C4"), context=copy)
