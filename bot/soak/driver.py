@@ -370,7 +370,7 @@ class Soak:
         without_run = {i: [json.dumps(a)[:200] for a in c.slack.responses.get(key, [])]
                        for i, key in self.submitted.items() if i not in made}
         rates = report.call_rates(c.slack.calls)
-        errors = report.slack_errors(c.slack.calls)
+        errors = report.slack_errors(c.slack.calls, self.t0)
         lags = sorted(self.lags)
         return {
             "settled": settled,
@@ -432,8 +432,10 @@ def print_figures(f: dict[str, Any]) -> bool:
         (f"Slack calls per second per channel (chat.postMessage + chat.update): busiest second {s['max_per_s']}, "
          f"chat.postMessage alone {s['max_posts_per_s']}, mean {s['mean_per_s']} over {s['channels']} channels"),
         (f"429s received: {s['429_injected'] + s['429_rate_limit']} ({s['429_injected']} injected, "
-         f"{s['429_rate_limit']} from the stand-in's 1/s per-channel limit); 5xx received: {s['5xx_injected']}; "
-         f"{s['calls']} Web API calls in all"),
+         f"{s['429_rate_limit']} from the stand-in's 1/s per-channel limit"
+         + "".join(f"{'; at' if i == 0 else ','} {w['t']}s ({w['after_last_post_s']}s after the channel's last post)"
+                   for i, w in enumerate(s['429_rate_limit_when']))
+         + f"); 5xx received: {s['5xx_injected']}; {s['calls']} Web API calls in all"),
         ("dead bot's consumer taken over after: " + (", ".join(f"{t['seconds']}s" for t in f["takeovers"]) or "-")
          + f" (bound: heartbeat {f['takeover_bound_s'] - REAP_EVERY_S:.0f}s + reap every {REAP_EVERY_S:.0f}s = "
          f"{f['takeover_bound_s']:.0f}s)"),

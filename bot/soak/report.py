@@ -160,10 +160,25 @@ def call_rates(calls: list[Call]) -> dict[str, Any]:
             "mean_per_s": round(sum(means) / len(means), 2) if means else 0.0, "channels": len(per)}
 
 
-def slack_errors(calls: list[Call]) -> dict[str, int]:
+def slack_errors(calls: list[Call], t0: float = 0.0) -> dict[str, Any]:
+    """429s and 5xx; for each 429 of the stand-in's own limit, when it came (seconds after `t0`) and how long after
+    the channel's last accepted chat.postMessage, to line it up with the faults."""
+    last_post: dict[str, float] = {}
+    limited: list[dict[str, Any]] = []
+    for c in sorted(calls, key=lambda c: c.time):
+        if c.method != "chat.postMessage":
+            continue
+        channel = str(c.params.get("channel", ""))
+        if c.status == 429 and not c.injected:
+            gap = c.time - last_post[channel] if channel in last_post else None
+            limited.append({"t": round(c.time - t0, 1), "channel": channel,
+                            "after_last_post_s": None if gap is None else round(gap, 3)})
+        elif c.status == 200:
+            last_post[channel] = c.time
     return {
         "429_injected": sum(1 for c in calls if c.status == 429 and c.injected),
         "429_rate_limit": sum(1 for c in calls if c.status == 429 and not c.injected),
+        "429_rate_limit_when": limited,
         "5xx_injected": sum(1 for c in calls if c.status >= 500 and c.injected),
         "calls": len(calls),
     }
