@@ -19,7 +19,7 @@ from jobs.core import queue, snapshots, store
 from jobs.core.domain import Run, RunEvent, RunState
 from jobs.core.errors import BackendError, Hint
 from jobs.core.settings import JobSettings, current_settings
-from jobs.deploys.deploy import recover_deploys
+from jobs.deploys.deploy import recover_deploys, restore_approvals
 from jobs.runs import transitions
 from jobs.runs.progress import move
 
@@ -52,6 +52,7 @@ def recover_lost_runs(settings: JobSettings) -> dict[str, list[str]]:
     if not highest or not (unmarked or int(conn.get(store.RUN_SEQ) or 0) < highest):
         return {}
     done: dict[str, list[str]] = {"found": [], "lost": [], "restored": [], "no snapshot": []}
+    put_back: list[Run] = []
     for run_id, snap in snapshots.read_all(workspace):
         if store.load_run(conn, run_id) is not None:
             continue
@@ -61,12 +62,14 @@ def recover_lost_runs(settings: JobSettings) -> dict[str, list[str]]:
         run, events, verdict = _found_again(settings, snap.run)
         if store.restore_run(conn, run, snap.thread, events):
             done[verdict].append(run_id)
+            put_back.append(run)
     store.raise_run_seq(conn, highest)
+    done.update(restore_approvals(settings, put_back))
     if done["no snapshot"]:
         log.warning("run folders without a readable snapshot, so with no thread to tell: %s", done["no snapshot"])
-    put_back = {k: v for k, v in done.items() if v and k != "no snapshot"}
-    if put_back:
-        log.warning("Redis had lost tuneops's runs; put back from their run folders: %s", put_back)
+    told = {k: v for k, v in done.items() if v and k != "no snapshot"}
+    if told:
+        log.warning("Redis had lost tuneops's runs; put back from their run folders: %s", told)
     return done
 
 

@@ -210,15 +210,20 @@ def new_run_id(conn: redis.Redis) -> str:
 
 def raise_run_seq(conn: redis.Redis, at_least: int) -> None:
     """Move the run counter up to `at_least` (never down)."""
+    raise_counter(conn, RUN_SEQ, at_least)
+
+
+def raise_counter(conn: redis.Redis, key: str, at_least: int) -> None:
+    """Move a counter (the run or deploy-request ids') up to `at_least`, never down."""
     while True:
         with conn.pipeline() as pipe:
             try:
-                pipe.watch(RUN_SEQ)
-                if int(pipe.get(RUN_SEQ) or 0) >= at_least:
+                pipe.watch(key)
+                if int(pipe.get(key) or 0) >= at_least:
                     pipe.unwatch()
                     return
                 pipe.multi()
-                pipe.set(RUN_SEQ, at_least)
+                pipe.set(key, at_least)
                 pipe.execute()
                 return
             except redis.WatchError:

@@ -255,7 +255,7 @@ def request_deploy(settings: JobSettings, run_id: str, requested_by: str, channe
     if store.update_run(conn, run.id, step) is None:
         conn.delete(key)
         raise RunRejected(f"{run.id} already has a deploy request: its card is in the run's thread")
-    _schedule_expiry(settings, approval.id, settings.approval_ttl_s)
+    schedule_expiry(settings, approval.id, settings.approval_ttl_s)
     return approval
 
 
@@ -312,7 +312,7 @@ def enqueue_deploy(settings: JobSettings, approval_id: str) -> None:
                   timeout=DEPLOY_TIMEOUT_S)
 
 
-def _schedule_expiry(settings: JobSettings, approval_id: str, delay_s: float) -> None:
+def schedule_expiry(settings: JobSettings, approval_id: str, delay_s: float) -> None:
     # At least a moment later: RQ's scheduler runs a job due now on its next pass.
     queue.enqueue(settings, queue.EXPIRE_APPROVAL, approval_id, delay_s=max(delay_s, 0.001),
                   job_id=f"expire-{approval_id}-{int(time.time() * 1000)}")
@@ -340,6 +340,6 @@ def expire_approval(approval_id: str) -> str:
         log.warning("%s: %s", approval_id, e)
         return "gone"
     if left:
-        _schedule_expiry(settings, approval_id, left[0])
+        schedule_expiry(settings, approval_id, left[0])
         return "not yet"
     return "expired" if changed else "decided"

@@ -8,6 +8,7 @@ The task runs once per request: approved -> deploying is a transaction, so a sec
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import uuid
@@ -21,8 +22,10 @@ from jobs.core.settings import JobSettings, current_settings
 from jobs.deploys.approval import (
     Approval,
     ApprovalState,
+    approval_key,
     enqueue_deploy,
     get_approval,
+    schedule_expiry,
     update_approval,
 )
 
@@ -82,6 +85,42 @@ def recover_deploys(settings: JobSettings) -> dict[str, list[str]]:
                        hint=Hint(f"deploy {approval.run_id}", "asks again")) is not None:
                 done["failed"].append(approval.id)
     return done
+
+
+LOST_WITH_STORE = ("tuneops lost its store (Redis came back empty) while this deploy was under way, and with it the "
+                   "deploy's progress: whether the endpoint took the adapter is unknown. Try the endpoint; if it does "
+                   "not answer with this run's model, ask for the deploy again")
+
+
+def restore_approvals(settings: JobSettings, runs: list[Run]) -> dict[str, list[str]]:
+    """Part of putting runs back after Redis came back empty (jobs.reconcile): the deploy requests their records keep
+    (Run.deployments) go back into the store, so that their cards' buttons work again. A pending one still lapses at
+    its time; an approved one whose deploy had not begun is deployed by recover_deploys; one that was deploying lost
+    its progress with the store, so it ends failed, saying what to check. Returns the ids put back and failed."""
+    conn = store.connect(settings)
+    done: dict[str, list[str]] = {"requests put back": [], "deploys lost": []}
+    highest = 0
+    for run in runs:
+        for entry in run.deployments:
+            approval_id = str(entry.get("id", ""))
+            seq = approval_id.removeprefix("dp-")
+            if not seq.isdigit():
+                continue
+            highest = max(highest, int(seq))
+            approval = Approval.from_dict({**entry, "run_id": run.id, "channel": run.channel,
+                                           "backend": settings.backend})
+            if not conn.set(approval_key(approval.id), json.dumps(approval.to_dict()), nx=True):
+                continue  # already there: someone put it back first
+            done["requests put back"].append(approval.id)
+            if approval.state is ApprovalState.PENDING:
+                schedule_expiry(settings, approval.id, approval.expires_at - time.time())
+            elif approval.state is ApprovalState.DEPLOYING and _finish(
+                    settings, approval.id, error=LOST_WITH_STORE,
+                    hint=Hint(f"deploy {run.id}", "asks again")) is not None:
+                done["deploys lost"].append(approval.id)
+    if highest:
+        store.raise_counter(conn, store.APPROVAL_SEQ, highest)
+    return {k: v for k, v in done.items() if v}
 
 
 def deploy_approved(approval_id: str) -> str:

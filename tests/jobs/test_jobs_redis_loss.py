@@ -170,3 +170,40 @@ def test_the_thread_key_is_the_bots(settings):
     from bot.threads import KEY, RUN_CARD
 
     assert store.THREAD_KEY.format("ft-0001") == KEY.format(kind=RUN_CARD, id="ft-0001")
+
+
+def test_deploy_requests_come_back_with_their_runs(settings):
+    from jobs.deploys import approval, deploy
+    from jobs.deploys.approval import ApprovalState
+    from tests.jobs.test_jobs_approval import succeeded_run
+
+    conn = store.connect(settings)
+    waiting, deploying, live = (succeeded_run(settings) for _ in range(3))
+    requests = [approval.request_deploy(settings, run.id, "U0ALICE", "C0TRAIN") for run in (waiting, deploying, live)]
+
+    def to(*states):
+        def step(a, run):
+            for state in states:
+                a.move(state)
+            return []
+        return step
+
+    approval.update_approval(conn, requests[1].id, to(ApprovalState.APPROVED, ApprovalState.DEPLOYING))
+    approval.update_approval(conn, requests[2].id, to(ApprovalState.APPROVED, ApprovalState.DEPLOYING,
+                                                       ApprovalState.DEPLOYED))
+    conn.flushall()
+
+    done = reconcile.reconcile_once(settings)
+    assert done["requests put back"] == [r.id for r in requests] and done["deploys lost"] == [requests[1].id]
+    # The pending request's card works again: it can be decided, by someone else than its requester.
+    assert approval.get_approval(settings, requests[0].id).state is ApprovalState.PENDING
+    decided = approval.decide(settings, requests[0].id, "U0BOSS", True, frozenset({"U0BOSS"}))
+    assert decided.state is ApprovalState.APPROVED
+    # The deploy under way lost its progress: it ends failed, saying what to check, in its thread.
+    lost = approval.get_approval(settings, requests[1].id)
+    assert lost.state is ApprovalState.FAILED and lost.error == deploy.LOST_WITH_STORE
+    assert events_of(settings, deploying.id)[-1].data["state"] == "failed"
+    assert approval.get_approval(settings, requests[2].id).state is ApprovalState.DEPLOYED
+    # New requests never reuse an id.
+    again = approval.request_deploy(settings, deploying.id, "U0ALICE", "C0TRAIN")
+    assert again.id == "dp-0004"
