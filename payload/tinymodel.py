@@ -107,6 +107,22 @@ def build_tiny_model(out_dir: str | Path, data_files: list[str | Path] | None = 
     return out
 
 
+def build_tiny_adapter(base: str | Path, out_dir: str | Path, *, seed: int = 1, r: int = 4) -> Path:
+    """Write a LoRA adapter on all linear layers of the model in `base`, with random (not zero) B so that it visibly
+    changes the answers, and the base's tokenizer beside it, as a run's `adapter/` folder holds them."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base)
+    config = LoraConfig(r=r, lora_alpha=4 * r, target_modules="all-linear", task_type="CAUSAL_LM",
+                        init_lora_weights=False)
+    get_peft_model(model, config).save_pretrained(out_dir)
+    AutoTokenizer.from_pretrained(base).save_pretrained(out_dir)
+    return Path(out_dir)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m payload.tinymodel", description=__doc__)
     ap.add_argument("out_dir")

@@ -29,7 +29,7 @@ from payload import data
 from payload.config import ConfigError, TrainConfig, load_config
 from payload.events import PREFIX, EventWriter, encode, make_event
 from payload.modelpath import ModelNotFound, hub_failure, resolve_model
-from payload.runtime import torch_problem
+from payload.runtime import cpu_budget, pick_threads, torch_problem  # noqa: F401 (bench.py takes them from here)
 
 # torch, transformers, peft and bitsandbytes are imported inside the functions that use them ("heavy" below): a bad
 # config or dataset is reported before seconds go into importing them.
@@ -62,31 +62,6 @@ def plan_steps(n_items: int, micro_batch_size: int, grad_accum: int, num_epochs:
     batches = math.ceil(n_items / micro_batch_size)
     per_epoch = max(batches // grad_accum + int(batches % grad_accum > 0), 1)
     return max_steps if max_steps > 0 else math.ceil(num_epochs * per_epoch)
-
-
-def cpu_budget() -> int:
-    """Cores this process may really use: its CPU affinity, capped by a cgroup CPU quota (containers)."""
-    try:
-        n = len(os.sched_getaffinity(0))
-    except AttributeError:
-        n = os.cpu_count() or 1
-    try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
-        if quota != "max":
-            n = min(n, max(1, math.ceil(int(quota) / int(period))))
-    except (OSError, ValueError):
-        pass
-    return max(1, n)
-
-
-def pick_threads(n_params: int, budget: int, configured: int = 0) -> int:
-    """CPU threads for torch. Matrices of a small model are too small for intra-op parallelism to pay, and spinning
-    OpenMP threads collapse (5x slower, measured on 2 shared cores) when other processes share the cores."""
-    if configured:
-        return configured
-    if n_params < 100_000_000:
-        return 1
-    return budget
 
 
 def _write_json_atomic(path: Path, obj: Any) -> None:

@@ -1,4 +1,5 @@
-"""The HTTP app for one loaded engine: the OpenAI-compatible API and /healthz on FastAPI, the Gradio UI at `/`."""
+"""The HTTP app for one engine (a base and its adapters): the OpenAI-compatible API, /healthz and the adapter admin
+routes on FastAPI, the Gradio UI at `/`."""
 
 from __future__ import annotations
 
@@ -12,10 +13,11 @@ from typing import Any
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from starlette.concurrency import iterate_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from payload.serving.engine import Engine, Generation, GenerationError, SamplingParams
+from payload.serving.batching import Generation, GenerationError
+from payload.serving.engine import Engine, SamplingParams
+from payload.serving.manifest import AdapterManifest
 from payload.serving.openai_schema import (
     APIError,
     ChatCompletionRequest,
@@ -37,14 +39,16 @@ def sse(data: dict[str, Any] | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
 
 
-def build_app(engine: Engine, *, api_key: str | None = None, ui: bool = True) -> FastAPI:
-    """The whole server for one engine; `api_key` (when set) guards /v1/* and the UI."""
+def build_app(engine: Engine, *, api_key: str | None = None, ui: bool = True,
+              manifest: AdapterManifest | None = None) -> FastAPI:
+    """The whole server for one engine; `api_key` (when set) guards /v1/*, /admin/* and the UI. `manifest` (from
+    `--adapters`) is what /admin/adapters reports and /admin/reload re-reads."""
     app = FastAPI(title="tuneops inference", description=engine.description)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, e: APIError):
-        headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
-        return JSONResponse(e.body(), status_code=e.status, headers=headers)
+        headers = {"WWW-Authenticate": "Bearer", **e.headers} if e.status == 401 else e.headers
+        return JSONResponse(e.body(), status_code=e.status, headers=headers or None)
 
     @app.exception_handler(RequestValidationError)
     async def _bad_body(request: Request, e: RequestValidationError):
@@ -69,41 +73,49 @@ def build_app(engine: Engine, *, api_key: str | None = None, ui: bool = True) ->
             raise APIError(401, f"missing or wrong API key: send the header 'Authorization: Bearer <key>' with "
                                 f"the key the server was started with ({API_KEY_ENV})", code="invalid_api_key")
 
-    def model_card() -> dict[str, Any]:
-        return {"id": engine.model_id, "object": "model", "created": engine.created, "owned_by": "tuneops"}
-
     @app.get("/healthz")
     def healthz():
-        # The app is built only once the model is loaded, so answering at all means ready.
+        # The app is built only once the base (and --adapter) is loaded, so answering at all means ready.
         return {"status": "ok", "model": engine.model_id}
 
     @app.get("/v1/models", dependencies=[Depends(authorized)])
     def list_models():
-        return {"object": "list", "data": [model_card()]}
+        return {"object": "list", "data": [m.card(engine.base_id) for m in engine.models()]}
 
     @app.get("/v1/models/{model_id:path}", dependencies=[Depends(authorized)])
     def get_model(model_id: str):
-        if model_id != engine.model_id:
-            raise APIError(404, f"model {model_id!r} is not served here; this server serves {engine.model_id!r}",
-                           param="model", code="model_not_found")
-        return model_card()
+        return engine.resolve(model_id).card(engine.base_id)
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorized)])
     def chat_completions(req: ChatCompletionRequest):
-        if req.model is not None and req.model != engine.model_id:
-            raise APIError(404, f"model {req.model!r} is not served here; use {engine.model_id!r} "
-                                "(GET /v1/models lists it)", param="model", code="model_not_found")
         params = SamplingParams(max_tokens=req.max_completion_tokens or req.max_tokens, temperature=req.temperature,
-                                top_p=req.top_p, stop=tuple(req.stop or ()), seed=req.seed)
-        gen = engine.generate([m.as_template_message() for m in req.messages], params)
+                                top_p=req.top_p, stop=tuple(req.stop or ()), seed=req.seed,
+                                ignore_eos=req.ignore_eos)
+        gen = engine.generate([m.as_template_message() for m in req.messages], params, model=req.model)
+        model_id = gen.served.id
         completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if not req.stream:
             text = "".join(gen)
-            return completion_response(completion_id, created, engine.model_id, text, gen.finish_reason,
+            return completion_response(completion_id, created, model_id, text, gen.finish_reason,
                                        usage_body(gen.prompt_tokens, gen.completion_tokens))
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return StreamingResponse(_events(gen, completion_id, created, engine.model_id, include_usage),
+        return StreamingResponse(_events(gen, completion_id, created, model_id, include_usage),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    def the_manifest() -> AdapterManifest:
+        if manifest is None:
+            raise APIError(400, "this server was started without --adapters FILE, so it has no adapter manifest to "
+                                "report or reload; restart it with --adapters to load adapters while it runs")
+        return manifest
+
+    @app.get("/admin/adapters", dependencies=[Depends(authorized)])
+    def adapter_status():
+        return the_manifest().status()
+
+    @app.post("/admin/reload", dependencies=[Depends(authorized)])
+    def reload_adapters():
+        # In a worker thread (FastAPI runs sync routes there): an unload may wait for requests still generating.
+        return the_manifest().sync()
 
     endpoints = {"/v1/chat/completions": "POST", "/v1/models": "GET"}
 
@@ -126,7 +138,7 @@ async def _events(gen: Generation, completion_id: str, created: int, model: str,
     """The SSE body of a streamed completion, ending with `data: [DONE]`."""
     try:
         yield sse(completion_chunk(completion_id, created, model, {"role": "assistant", "content": ""}, None))
-        async for piece in iterate_in_threadpool(iter(gen)):
+        async for piece in gen.text_chunks():
             yield sse(completion_chunk(completion_id, created, model, {"content": piece}, None))
         yield sse(completion_chunk(completion_id, created, model, {}, gen.finish_reason))
         if include_usage:

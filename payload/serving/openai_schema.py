@@ -16,9 +16,10 @@ MAX_STOP_SEQUENCES = 4  # OpenAI's limit; clients written against it never send 
 
 class APIError(Exception):
     def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None):
+                 param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers or {}  # e.g. Retry-After on a 429
 
     def body(self) -> dict[str, Any]:
         return error_body(self.message, type=self.type, param=self.param, code=self.code)
@@ -98,6 +99,9 @@ class ChatCompletionRequest(BaseModel):
     tools: list[Any] | None = None
     functions: list[Any] | None = None
     response_format: dict[str, Any] | None = None
+    # An extension (vLLM has the same field): keep generating past the end-of-turn token, up to max_tokens. For
+    # benchmarks that need every answer the same length; clients that do not send it get OpenAI's behaviour.
+    ignore_eos: bool = False
 
     @field_validator("n")
     @classmethod

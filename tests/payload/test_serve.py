@@ -38,17 +38,9 @@ API_KEY = "sk-test-7f3a9c1e55"
 
 def make_adapter(base: Path, out: Path, seed: int = 1) -> Path:
     """A LoRA adapter on all linear layers with random (not zero) B, so that it visibly changes the answers."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from payload.tinymodel import build_tiny_adapter
 
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(base)
-    config = LoraConfig(r=4, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM",
-                        init_lora_weights=False)
-    get_peft_model(model, config).save_pretrained(out)
-    AutoTokenizer.from_pretrained(base).save_pretrained(out)
-    return out
+    return build_tiny_adapter(base, out, seed=seed)
 
 
 def reference_answer(base: Path, adapter: Path | None, messages, max_new_tokens: int) -> str:
@@ -283,12 +275,13 @@ def test_wrong_model_and_unknown_endpoints(client):
     assert r.status_code == 404 and "POST /v1/chat/completions" in r.json()["error"]["message"]
     assert client.get("/v1/models/ft-0042").json()["id"] == "ft-0042"
     assert client.get("/v1/models/other").status_code == 404
+    assert client.get("/v1/models/tiny").json()["id"] == "tiny"  # the base, served beside its adapter
 
 
 def test_models_and_health(client):
     assert client.get("/healthz").json() == {"status": "ok", "model": "ft-0042"}
     body = client.get("/v1/models").json()
-    assert body["object"] == "list" and [m["id"] for m in body["data"]] == ["ft-0042"]
+    assert body["object"] == "list" and [m["id"] for m in body["data"]] == ["ft-0042", "tiny"]  # adapter, then base
 
 
 def test_api_key_guards_v1_and_is_never_logged(engine, caplog):
@@ -310,49 +303,47 @@ def test_api_key_guards_v1_and_is_never_logged(engine, caplog):
     assert API_KEY not in caplog.text
 
 
-def test_concurrent_requests_take_turns_on_the_model(client, engine, reference):
-    real_generate = engine.model.generate
-    active, most = 0, 0
-    counter = threading.Lock()
+def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(client, engine, reference):
+    """Requests that wait together run as one batch, and batching changes no greedy answer."""
+    real_forward = engine.forward
+    batch_sizes: list[int] = []
 
-    def counting_generate(*args, **kwargs):
-        nonlocal active, most
-        with counter:
-            active += 1
-            most = max(most, active)
-        try:
-            return real_generate(*args, **kwargs)
-        finally:
-            with counter:
-                active -= 1
+    def counting_forward(ids, *args, **kwargs):
+        batch_sizes.append(ids.shape[0])
+        return real_forward(ids, *args, **kwargs)
 
     answers: list[str] = []
-    engine.model.generate = counting_generate
+    engine.forward = counting_forward
     try:
-        threads = [threading.Thread(target=lambda: answers.append(
-            ask(client, max_tokens=8).json()["choices"][0]["message"]["content"])) for _ in range(4)]
-        for t in threads:
-            t.start()
+        # Holding the model makes the first batch wait in its forward pass while the other requests queue up.
+        with engine.model_lock:
+            threads = [threading.Thread(target=lambda: answers.append(
+                ask(client, max_tokens=8).json()["choices"][0]["message"]["content"])) for _ in range(4)]
+            for t in threads:
+                t.start()
+            wait_for(lambda: batch_sizes and batch_sizes[0] + engine.scheduler.waiting.qsize() == 4, 30,
+                     "the four requests to be in the first batch or waiting")
         for t in threads:
             t.join(60)
     finally:
-        del engine.model.generate
+        del engine.forward
     assert answers == [reference] * 4
-    assert most == 1
+    first = batch_sizes[0]
+    assert first == 4 or 4 - first in batch_sizes[1:]  # those that waited ran together, as one batch
 
 
 def test_model_failure_is_a_500_or_an_error_event_without_a_traceback(client, engine, caplog):
-    def failing_generate(*args, **kwargs):
+    def failing_forward(*args, **kwargs):
         raise RuntimeError("CUDA error: device-side assert triggered")
 
-    engine.model.generate = failing_generate
+    engine.forward = failing_forward
     try:
         r = ask(client, max_tokens=2)
         with client.stream("POST", "/v1/chat/completions",
                            json={"messages": QUESTION, "max_tokens": 2, "stream": True}) as s:
             payloads = sse_payloads(s.iter_lines())
     finally:
-        del engine.model.generate
+        del engine.forward
     assert r.status_code == 500
     assert r.json()["error"]["type"] == "server_error" and "server log" in r.json()["error"]["message"]
     assert "Traceback" not in r.text and "CUDA" not in r.text
@@ -466,7 +457,7 @@ def server(tiny_model, adapter_dir, tmp_path_factory):
 def test_cli_answers_a_chat_completion_over_http(server, reference):
     with httpx.Client(base_url=server["url"], headers=server["auth"], timeout=60) as c:
         assert c.get("/healthz").json()["model"] == "ft-0042"
-        assert [m["id"] for m in c.get("/v1/models").json()["data"]] == ["ft-0042"]
+        assert [m["id"] for m in c.get("/v1/models").json()["data"]] == ["ft-0042", "tiny"]
         r = c.post("/v1/chat/completions",
                    json={"model": "ft-0042", "messages": QUESTION, "temperature": 0, "max_tokens": 8})
         assert r.status_code == 200, r.text
