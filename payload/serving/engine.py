@@ -149,6 +149,7 @@ class ServedModel:
     path: Path | None = None
     run: str | None = None
     aliases: tuple[str, ...] = ()
+    requests: int = 0  # requests accepted for it since it was loaded (GET /admin/adapters)
 
     def card(self, base_id: str) -> dict[str, Any]:
         """The model's entry in GET /v1/models, in OpenAI's shape (plus where an adapter came from)."""
@@ -227,11 +228,17 @@ class Engine:
                                     "(GET /v1/models lists them)", param="model", code="model_not_found")
             return served
 
+    def lookup(self, name: str) -> ServedModel | None:
+        """The served model of this id or alias, None when there is none (no 404: for status pages)."""
+        with self._registry:
+            return self._served.get(self._aliases.get(name, name))
+
     def _claim(self, name: str | None) -> ServedModel:
         with self._registry:
             served = self.resolve(name)
             if served.adapter is not None:
                 self._in_use[served.adapter] += 1
+            served.requests += 1
             return served
 
     def release(self, served: ServedModel) -> None:

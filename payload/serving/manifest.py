@@ -178,7 +178,12 @@ class AdapterManifest:
         self._status = status
 
     def status(self) -> dict[str, Any]:
-        return {"manifest": str(self.path), "error": self.error, "adapters": list(self._status.values())}
+        """Each entry of the manifest: loaded (since when, requests accepted since) or refused (why)."""
+        rows = []
+        for row in self._status.values():
+            served = self.engine.lookup(row["name"]) if row["status"] == "loaded" else None
+            rows.append({**row, "loaded_at": served.created, "requests": served.requests} if served else row)
+        return {"manifest": str(self.path), "error": self.error, "adapters": rows}
 
 
 def manifest_exists_or_folder(path: Path) -> str | None:

@@ -245,6 +245,11 @@ def test_hot_load_by_manifest_then_unload_by_reload(served, references, restore_
     assert "ft-0002" not in served["engine"].peft.peft_config  # deleted from the model, not just hidden
     assert chat(client, "ft-0001") == references["ft-0001"]
     assert chat(client, "ft-0003") == references["ft-0003"]
+    # What each adapter served since it was loaded, for the team's list of deployments.
+    rows = {a["name"]: a for a in httpx.get(f"{served['url']}/admin/adapters", headers=served["auth"],
+                                            timeout=30).json()["adapters"]}
+    assert rows["ft-0003"]["requests"] == 2  # by its alias, then by its name
+    assert rows["ft-0003"]["loaded_at"] >= rows["ft-0001"]["loaded_at"] > 0
 
 
 def test_misfit_adapters_are_refused_and_the_others_keep_answering(served, references, restore_manifest):
