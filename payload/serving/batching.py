@@ -19,12 +19,16 @@ import queue
 import random
 import threading
 import time
-from typing import TYPE_CHECKING, Any, AsyncIterator, Iterator
+from typing import Any, AsyncIterator, Iterator
 
 from payload.serving.openai_schema import APIError
 
-if TYPE_CHECKING:
-    from payload.serving.engine import Engine, SamplingParams, ServedModel
+from payload.serving.sampling import SamplingParams, StopScanner
+
+# The engine and the model a request asked for (payload.serving.engine), which imports this module: named loosely
+# here so that the two modules do not import each other.
+Engine = Any
+ServedModel = Any
 
 log = logging.getLogger("payload.serve")  # the server's one logger name, as its operators know it from the log
 
@@ -152,8 +156,6 @@ class _Row:
     def __init__(self, gen: Generation, device, eos_ids: set[int]):
         import torch  # heavy: see the module docstring
         from transformers import TemperatureLogitsWarper, TextStreamer, TopPLogitsWarper
-
-        from payload.serving.engine import StopScanner
 
         self.gen = gen
         self.eos_ids = set() if gen.params.ignore_eos else eos_ids
