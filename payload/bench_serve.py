@@ -276,8 +276,9 @@ def main(argv: list[str] | None = None) -> int:
         in_process = engine_only(base, root / "adapters", args.clients, args.tokens)
         memory = None if args.no_memory else measure_memory(root, root / "memory.log")
 
-    print(f"tiny model (hidden {args.hidden}, {args.layers} layers, 1 torch thread), {ADAPTERS} adapters, {args.tokens}-token greedy "
-          f"completions, {args.rounds} rounds; {args.clients} clients x {args.requests} requests each")
+    print(f"tiny model (hidden {args.hidden}, {args.layers} layers, 1 torch thread), {ADAPTERS} adapters, "
+          f"{args.tokens}-token greedy completions, {args.rounds} rounds; {args.clients} clients x {args.requests} "
+          "requests each")
     header = f"{'server':<14} {'load':<16} {'tokens/s':>9} {'req/s':>7} {'p50 s':>7} {'p95 s':>7} {'TTFT p50':>9} " \
              f"{'TTFT p95':>9}"
     print(header)

@@ -283,7 +283,7 @@ class Engine:
             # The PeftModel's own forward looks up its active adapter's config even when rows name theirs.
             self.peft.set_adapter(next(iter(self.peft.peft_config)))
 
-    # --- generation ----------------------------------------------------------------------------------------------------
+    # --- generation --------------------------------------------------------------------------------------------
 
     def encode(self, messages: list[dict[str, str]], served: ServedModel | None = None) -> list[int]:
         """The prompt's token ids: the chat template with the assistant's turn opened."""
@@ -430,8 +430,8 @@ def load_engine(base: Path, adapter: Path | None, *, load_in_4bit: bool | None =
     description = f"{base.name}, {'4-bit NF4' if four_bit else str(compute).removeprefix('torch.')}, " \
                   f"{'cuda' if on_gpu else 'cpu'}"
     base_id = model_name if adapter is None and model_name else base.resolve().name
-    engine = Engine(model, tokenizer, base_id, base_folder=base.resolve().name, description=description, max_batch=max_batch, max_queue=max_queue,
-                    batch_window_s=batch_window_s)
+    engine = Engine(model, tokenizer, base_id, base_folder=base.resolve().name, description=description,
+                    max_batch=max_batch, max_queue=max_queue, batch_window_s=batch_window_s)
     if adapter is not None:
         served = engine.load_adapter(adapter, model_name or default_model_id(base, adapter), default=True)
         if not served.tokenizer.chat_template:
