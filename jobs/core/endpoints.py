@@ -1,0 +1,118 @@
+"""The endpoints' adapter manifests: which approved adapters each base model's inference server serves.
+
+One file per base model, `deployments/<base>/adapters.json` in the workspace (on ACA: on the Azure Files share the
+inference app mounts), in the format `python -m payload.serve --adapters FILE` follows while it runs
+(payload.serving.manifest): `{"adapters": [{"name": "ft-0042", "path": "../../runs/ft-0042/adapter", "aliases":
+["my-run"], "run": "ft-0042", ...}]}`, paths relative to the manifest's folder so that the same file works wherever
+the workspace is mounted. A deploy adds its entry, an undeploy removes it; the server loads and unloads to follow,
+without a restart, and a replica that starts from zero reads the same list.
+
+The file is the record of what is live: entries also keep who approved the deploy, its request id and since when
+(extra keys, which the server ignores). Writers take a lock file beside it (two deploys of the same base at once
+must not lose one another's entry), and readers see the old file or the new one whole (jobs.core.files).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from jobs.core.files import write_atomic
+
+ROOT = "deployments"
+MANIFEST = "adapters.json"
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+class ManifestDamaged(Exception):
+    """The manifest cannot be read as one; says which file and what to do."""
+
+
+def endpoint_name(model: str) -> str:
+    """The folder (and endpoint) name of a base model: `model-cache/tiny` -> `model-cache--tiny`, a hub id
+    `Qwen/Qwen2.5-0.5B-Instruct` -> `Qwen--Qwen2.5-0.5B-Instruct`. Path tricks (`..`, absolute paths) cannot get out
+    of the deployments folder: every character outside [A-Za-z0-9._-] becomes `-`, and leading dots are dropped."""
+    name = "--".join(_UNSAFE.sub("-", part) for part in model.strip("/").split("/") if part not in ("", ".", ".."))
+    name = name.lstrip(".")
+    if not name:
+        raise ValueError(f"{model!r} names no base model")
+    return name
+
+
+def manifest_path(workspace: Path, model: str) -> Path:
+    return Path(workspace) / ROOT / endpoint_name(model) / MANIFEST
+
+
+def read_entries(workspace: Path, model: str) -> list[dict[str, Any]]:
+    """The entries of the base model's manifest, in order; [] when it has none yet."""
+    return _read(manifest_path(workspace, model))
+
+
+def add_entry(workspace: Path, model: str, entry: dict[str, Any]) -> list[dict[str, Any]]:
+    """Add (or replace, by name) one adapter's entry; `entry["path"]` is the adapter folder, absolute or relative to
+    the workspace, and is written relative to the manifest's folder. Returns the manifest's entries after."""
+    path = manifest_path(workspace, model)
+    adapter = Path(entry["path"])
+    if not adapter.is_absolute():
+        adapter = Path(workspace) / adapter
+    written = {**entry, "path": os.path.relpath(adapter, path.parent)}
+    with _locked(path):
+        entries = [e for e in _read(path) if e.get("name") != entry["name"]] + [written]
+        _write(path, entries)
+    return entries
+
+
+def remove_entry(workspace: Path, model: str, name: str) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+    """Take one adapter's entry out; returns (the entry removed or None, the entries left)."""
+    path = manifest_path(workspace, model)
+    with _locked(path):
+        entries = _read(path)
+        removed = next((e for e in entries if e.get("name") == name), None)
+        if removed is not None:
+            entries = [e for e in entries if e is not removed]
+            _write(path, entries)
+    return removed, entries
+
+
+def endpoints(workspace: Path) -> Iterator[tuple[str, list[dict[str, Any]]]]:
+    """Every endpoint folder's name and its entries (those with none included)."""
+    root = Path(workspace) / ROOT
+    if not root.is_dir():
+        return
+    for folder in sorted(p for p in root.iterdir() if (p / MANIFEST).is_file()):
+        yield folder.name, _read(folder / MANIFEST)
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _read(path: Path) -> list[dict[str, Any]]:
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError) as e:
+        raise ManifestDamaged(f"{path} cannot be read ({e}); fix or delete it (its server then serves only its base "
+                              "model), then deploy the adapters again") from None
+    adapters = doc.get("adapters") if isinstance(doc, dict) else None
+    if not isinstance(adapters, list) or not all(isinstance(e, dict) for e in adapters):
+        raise ManifestDamaged(f'{path} is not {{"adapters": [...]}}; fix or delete it, then deploy the adapters again')
+    return adapters
+
+
+def _write(path: Path, entries: list[dict[str, Any]]) -> None:
+    write_atomic(path, json.dumps({"adapters": entries}, indent=2) + "\n")
