@@ -1,6 +1,6 @@
 """Deploy requests through Slack: the bot over signed HTTP, a real worker, the real trainer and the real inference
 server. Four eyes (the person who asks cannot approve, non-approvers cannot decide), two approvals at once deploy
-once, the local deploy serves a chat completion from the run's adapter, a second deploy replaces the server, and a
+once, the local deploy serves a chat completion from the run's adapter, a second deploy serves it again on the same endpoint, and a
 request left alone expires."""
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ async def test_four_eyes_one_deploy_under_two_clicks_and_the_local_server_answer
     card = await card_of(slack, run, "dp-0001")
     assert buttons(card) == {APPROVE_ACTION: "dp-0001", REJECT_ACTION: "dp-0001"}
     shown = json.dumps(card.blocks)
-    assert "local inference server" in shown and "Eval loss" in shown and "<@U0APPROVER> asks" in shown
+    assert "local inference endpoint" in shown and "Eval loss" in shown and "<@U0APPROVER> asks" in shown
     assert "<@U0ALICE>" in shown  # whose run it is
 
     # whoever asked cannot approve, approver or not (four eyes); a non-approver decides nothing
@@ -121,24 +121,24 @@ async def test_four_eyes_one_deploy_under_two_clicks_and_the_local_server_answer
         assert r.status_code == 200, r.text
         reply = r.json()
         assert reply["model"] == run.id and isinstance(reply["choices"][0]["message"]["content"], str)
-        assert (await http.get(f"{req.api_url}/models")).json()["data"][0]["id"] == run.id
-    first = serving.current(bot.settings.jobs)
-    assert first.approval == "dp-0001" and first.alive()
-    assert f"runs/{run.id}/adapter" in open(f"/proc/{first.pid}/cmdline").read().replace("\0", " ")
+        assert run.id in [m["id"] for m in (await http.get(f"{req.api_url}/models")).json()["data"]]
+    first = serving.endpoint(bot.settings.jobs, run.model)
+    assert first is not None and first.url == req.url
+    assert "--adapters" in open(f"/proc/{first.pid}/cmdline").read().replace("\0", " ")
 
-    # a second deploy replaces the first server
+    # a second deploy of the same run serves it again on the same endpoint: nothing restarts
     _, _, key = await bot.command("deploy ft-0001", user="U0BOB")
     assert "(dp-0002)" in await answer_of(slack, key)
     card2 = await card_of(slack, run, "dp-0002")
     _, _, key = await bot.click(APPROVE_ACTION, "dp-0002", user="U0BOSS", message_ts=card2.ts)
     assert "You approved dp-0002" in await answer_of(slack, key)
-    second = await slack.until(lambda: (s := serving.current(bot.settings.jobs)) and s.approval == "dp-0002" and s,
-                               180)
-    assert second and second.pid != first.pid
-    assert await slack.until(lambda: not pid_alive(first.pid, first.start), 30), "the first server was left running"
+    assert await slack.until(lambda: approval.get_approval(bot.settings.jobs, "dp-0002").state == "deployed", 180)
+    second = serving.endpoint(bot.settings.jobs, run.model)
+    assert second.pid == first.pid and pid_alive(first.pid, first.start)
     async with httpx.AsyncClient(timeout=30) as http:
         assert (await http.get(f"{second.url}/healthz")).json()["status"] == "ok"
     assert [d["id"] for d in service.get_run(bot.settings.jobs, run.id).deployments] == ["dp-0001", "dp-0002"]
+    serving.stop_server(second)
 
 
 @pytest.mark.parametrize("approvers", [{"TUNEOPS_APPROVAL_TTL": "3s", "PYTHONPATH": str(ROOT),
@@ -157,6 +157,6 @@ async def test_an_expired_request_is_refused_and_the_card_says_so(approvers, bot
     card = await card_of(slack, run, "dp-0001", lambda c: "Expired" in json.dumps(c.blocks))
     assert not buttons(card)
     assert approval.get_approval(bot.settings.jobs, "dp-0001").state == "expired"
-    assert serving.current(bot.settings.jobs) is None
+    assert serving.endpoint(bot.settings.jobs, run.model) is None
     [kept] = service.get_run(bot.settings.jobs, run.id).deployments
     assert kept["state"] == "expired"

@@ -6,6 +6,7 @@ provision: those it refuses with what to do instead.
 from __future__ import annotations
 
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from jobs.backends.protocol import (
     SmokeResult,
     SmokeStep,
 )
+from jobs.core import endpoints
 from jobs.core.domain import Run
 from jobs.core.errors import BackendError
 from jobs.core.settings import JobSettings
@@ -52,19 +54,20 @@ class LocalBackend(LocalExecutor):
         host = inference.public_host(self.settings.serve_host)
         port = self.settings.serve_port
         where = f"at {host}:{port}" if port else f"on {host} (a free port)"
-        return f"the local inference server (payload.serve) {where}, replacing the one running now"
+        return (f"the local inference endpoint of the run's base model (payload.serve) {where}, beside the adapters "
+                "it already serves")
 
     def deploy(self, run: Run, approval_id: str, requester: str) -> DeployStarted:
+        entry = {"approval": approval_id, "requested_by": requester, "since": time.time(),
+                 "aliases": [run.name] if run.name and run.name != run.id else []}
         try:
-            server, replaced = inference.replace_server(self.settings, run, approval_id)
-        except inference.ServeError as e:
+            server = inference.serve_adapter(self.settings, run, entry)
+        except (inference.ServeError, endpoints.ManifestDamaged) as e:
             raise BackendError(str(e)) from None
-        return DeployStarted(url=server.url, api_url=server.api_url,
-                             replaced=replaced.run_id if replaced is not None else "")
+        return DeployStarted(url=server.url, api_url=server.api_url)
 
     def deploy_endpoint(self) -> str:
-        server = inference.current(self.settings)
-        return server.url if server is not None else ""
+        return ""  # one endpoint per base model: each deploy says where its adapter answers
 
     # Doctor -------------------------------------------------------------------------------------------------------
 

@@ -1,8 +1,7 @@
-"""The local backend's inference server: `python -m payload.serve` on a run's adapter, started as a detached process by
-the deploy task, checked on /healthz, and replaced by the next deploy. Redis records which one is serving.
-
-One server at a time: a deploy takes a lock, starts the new server (on TUNEOPS_SERVE_PORT, or a free port), waits
-until it answers, records it, then stops the previous one. With a fixed port the previous one has to go first.
+"""The local backend's inference endpoints: one `python -m payload.serve` per base model, serving every adapter
+deployed on it, started as a detached process by the first deploy on that base and stopped when its last adapter is
+undeployed. The server follows its manifest (jobs.core.endpoints): a deploy adds its entry and has the server reload
+at once, an undeploy takes it out. Each base has its own record in Redis and its own lock.
 """
 
 from __future__ import annotations
@@ -20,7 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from jobs.backends.local.executor import clean_env
-from jobs.core import store
+from jobs.core import endpoints, store
 from jobs.core.domain import Run
 from jobs.core.procs import group_alive, pid_alive, start_time
 from jobs.core.runconfig import run_dir
@@ -28,8 +27,6 @@ from jobs.core.settings import JobSettings
 
 log = logging.getLogger(__name__)
 
-SERVER_KEY = store.LOCAL_SERVER_KEY
-LOCK_KEY = store.LOCAL_SERVER_LOCK
 SERVE_LOG = "serve.log"
 # Loading a 7B base on a GPU takes minutes; the tiny model seconds.
 HEALTH_TIMEOUT_S = 600.0
@@ -38,24 +35,6 @@ STOP_GRACE_S = 15.0
 
 class ServeError(Exception):
     """Why the server could not be started, in words for the run's thread."""
-
-
-@dataclass
-class LocalServer:
-    run_id: str
-    approval: str
-    pid: int
-    start: str          # the process's start time, which tells it from a later process with the same pid
-    port: int
-    url: str
-    log: str
-
-    @property
-    def api_url(self) -> str:
-        return f"{self.url}/v1"
-
-    def alive(self) -> bool:
-        return pid_alive(self.pid, self.start)
 
 
 def public_host(host: str) -> str:
@@ -79,16 +58,6 @@ def base_model_dir(workspace: Path, model: str) -> Path:
                      "deploy again")
 
 
-def current(settings: JobSettings) -> LocalServer | None:
-    raw = store.connect(settings).get(SERVER_KEY)
-    if not raw:
-        return None
-    try:
-        return LocalServer(**json.loads(raw))
-    except (TypeError, ValueError):
-        return None
-
-
 def _tail(path: Path, lines: int = 5) -> list[str]:
     try:
         text = path.read_text(encoding="utf-8", errors="replace")
@@ -105,49 +74,7 @@ def _healthy(url: str) -> bool:
         return False
 
 
-def start_server(settings: JobSettings, run: Run, approval_id: str, port: int,
-                 timeout_s: float = HEALTH_TIMEOUT_S) -> LocalServer:
-    """Start payload.serve on the run's adapter in a session of its own, and wait until /healthz answers."""
-    workspace = Path(settings.workspace).resolve()
-    base = base_model_dir(workspace, run.model)
-    adapter = workspace / (run.adapter_path or f"{run_dir(run.id)}/adapter")
-    if not (adapter / "adapter_config.json").is_file():
-        raise ServeError(f"the adapter of {run.id} is not at {run.adapter_path or adapter} any more; run it again")
-    out_dir = workspace / run_dir(run.id)
-    log_path = out_dir / SERVE_LOG
-    host = settings.serve_host
-    url = f"http://{public_host(host)}:{port}"
-    command = [settings.python, "-P", "-m", "payload.serve", "--base", str(base), "--adapter", str(adapter),
-               "--port", str(port), "--host", host, "--model-name", run.id]
-    with open(log_path, "ab") as logf:
-        logf.write(f"[tuneops] {approval_id}: {' '.join(command[2:])}\n".encode())
-        logf.flush()
-        try:
-            proc = subprocess.Popen(command, cwd=workspace, stdin=subprocess.DEVNULL, stdout=logf,
-                                    stderr=subprocess.STDOUT, start_new_session=True,
-                                    env={**clean_env(dict(os.environ)), "HF_HUB_OFFLINE": "1"})
-        except OSError as e:
-            raise ServeError(f"cannot start {settings.python!r}: {e.strerror}; set TUNEOPS_PYTHON to an "
-                             "interpreter that has the payload (with its serve extra) installed") from None
-    server = LocalServer(run.id, approval_id, proc.pid, start_time(proc.pid), port, url, str(log_path))
-    # The server outlives this task (and its worker): nobody waits on it here once it answers.
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        code = proc.poll()
-        if code is not None:
-            last = _tail(log_path, 1)
-            raise ServeError(f"payload.serve exited with code {code} before it answered"
-                             + (f": {last[0]}" if last else "") + f" (log: {run_dir(run.id)}/{SERVE_LOG})")
-        if _healthy(f"http://127.0.0.1:{port}" if host in ("", "0.0.0.0", "::") else url):
-            proc.returncode = 0  # let go of the child without Popen warning that it still runs
-            return server
-        time.sleep(0.5)
-    stop_server(server)
-    raise ServeError(f"payload.serve did not answer /healthz within {timeout_s:.0f} s; it was stopped "
-                     f"(log: {run_dir(run.id)}/{SERVE_LOG})")
-
-
-def stop_server(server: LocalServer, grace_s: float = STOP_GRACE_S) -> None:
+def stop_server(server: Endpoint, grace_s: float = STOP_GRACE_S) -> None:
     """Stop a server and everything of its process group; a pid that now belongs to another process is left alone."""
     if not server.alive():
         return
@@ -161,35 +88,177 @@ def stop_server(server: LocalServer, grace_s: float = STOP_GRACE_S) -> None:
             if not group_alive(server.pid):
                 return
             time.sleep(0.1)
-    log.warning("the inference server of %s (pid %d) survived SIGKILL", server.run_id, server.pid)
+    log.warning("the inference server of %s (pid %d) survived SIGKILL", server.model, server.pid)
 
 
-def replace_server(settings: JobSettings, run: Run, approval_id: str) -> tuple[LocalServer, LocalServer | None]:
-    """Serve `run`'s adapter in place of whatever the local server serves now; returns (new, replaced)."""
-    conn = store.connect(settings)
-    lock = conn.lock(LOCK_KEY, timeout=HEALTH_TIMEOUT_S + 120, blocking_timeout=HEALTH_TIMEOUT_S + 60)
-    if not lock.acquire():
-        raise ServeError("another deploy has held the local server for too long; try again later")
+ENDPOINT_KEY = store.LOCAL_SERVER_KEY + ":{}"
+ENDPOINT_LOCK = store.LOCAL_SERVER_LOCK + ":{}"
+API_KEY_ENV = "TUNEOPS_SERVE_API_KEY"
+RELOAD_TIMEOUT_S = 600.0  # loading an adapter on a big base: seconds; unloading waits for requests in flight
+
+
+@dataclass
+class Endpoint:
+    """A base model's inference server."""
+    name: str           # the endpoint's name (jobs.core.endpoints.endpoint_name of the base)
+    model: str          # the base model as runs name it
+    pid: int
+    start: str
+    port: int
+    url: str
+    log: str
+
+    @property
+    def api_url(self) -> str:
+        return f"{self.url}/v1"
+
+    def alive(self) -> bool:
+        return pid_alive(self.pid, self.start)
+
+
+def endpoint(settings: JobSettings, model: str) -> Endpoint | None:
+    """The base model's server as recorded, if it still runs."""
+    raw = store.connect(settings).get(ENDPOINT_KEY.format(endpoints.endpoint_name(model)))
     try:
-        old = current(settings)
-        if old is not None and not old.alive():
-            old = None
-        port = settings.serve_port
-        if port and old is not None:
-            stop_server(old)  # a fixed port holds one server: the old one goes first
-            conn.delete(SERVER_KEY)
+        found = Endpoint(**json.loads(raw)) if raw else None
+    except (TypeError, ValueError):
+        return None
+    return found if found is not None and found.alive() else None
+
+
+def _admin(server: Endpoint, method: str, path: str, timeout_s: float = RELOAD_TIMEOUT_S) -> dict:
+    url = f"http://127.0.0.1:{server.port}{path}" if server.url.startswith(f"http://{public_host('')}:") \
+        else f"{server.url}{path}"
+    request = urllib.request.Request(url, method=method, data=b"" if method == "POST" else None)
+    key = os.environ.get(API_KEY_ENV)
+    if key:
+        request.add_header("Authorization", f"Bearer {key}")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as r:
+            return json.loads(r.read() or b"{}")
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        raise ServeError(f"the inference server of {server.model} at {server.url} did not answer {path} ({e}); "
+                         f"its log: {server.log}") from None
+
+
+def _start_endpoint(settings: JobSettings, model: str, timeout_s: float) -> Endpoint:
+    """Start the base model's server on its manifest (empty or not), and wait until /healthz answers."""
+    workspace = Path(settings.workspace).resolve()
+    base = base_model_dir(workspace, model)
+    manifest = endpoints.manifest_path(workspace, model)
+    manifest.parent.mkdir(parents=True, exist_ok=True)
+    name = endpoints.endpoint_name(model)
+    log_path = manifest.parent / SERVE_LOG
+    host = settings.serve_host
+    port = settings.serve_port if settings.serve_port and not _port_taken(settings, settings.serve_port) else 0
+    port = port or free_port(host)
+    url = f"http://{public_host(host)}:{port}"
+    command = [settings.python, "-P", "-m", "payload.serve", "--base", str(base), "--base-only", "--adapters",
+               str(manifest), "--port", str(port), "--host", host]
+    with open(log_path, "ab") as logf:
+        logf.write(f"[tuneops] endpoint {name}: {' '.join(command[2:])}\n".encode())
+        logf.flush()
         try:
-            new = start_server(settings, run, approval_id, port or free_port(settings.serve_host))
-        except ServeError as e:
-            if old is not None and not port:
-                raise ServeError(f"{e}; {old.run_id} is still served at {old.url}") from None
-            raise
-        conn.set(SERVER_KEY, json.dumps(asdict(new)))
-        if old is not None and not port:
-            stop_server(old)
-        return new, old
+            proc = subprocess.Popen(command, cwd=workspace, stdin=subprocess.DEVNULL, stdout=logf,
+                                    stderr=subprocess.STDOUT, start_new_session=True,
+                                    env={**clean_env(dict(os.environ)), "HF_HUB_OFFLINE": "1"})
+        except OSError as e:
+            raise ServeError(f"cannot start {settings.python!r}: {e.strerror}; set TUNEOPS_PYTHON to an "
+                             "interpreter that has the payload (with its serve extra) installed") from None
+    server = Endpoint(name, model, proc.pid, start_time(proc.pid), port, url, str(log_path))
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        code = proc.poll()
+        if code is not None:
+            last = _tail(log_path, 1)
+            raise ServeError(f"payload.serve exited with code {code} before it answered"
+                             + (f": {last[0]}" if last else "") + f" (log: {log_path})")
+        if _healthy(f"http://127.0.0.1:{port}" if host in ("", "0.0.0.0", "::") else url):
+            proc.returncode = 0  # let go of the child: the server outlives this task
+            return server
+        time.sleep(0.5)
+    stop_server(server)
+    raise ServeError(f"payload.serve did not answer /healthz within {timeout_s:.0f} s; it was stopped (log: {log_path})")
+
+
+def _port_taken(settings: JobSettings, port: int) -> bool:
+    """Whether another base model's server holds TUNEOPS_SERVE_PORT (then this one takes a free port)."""
+    conn = store.connect(settings)
+    for key in conn.scan_iter(ENDPOINT_KEY.format("*")):
+        raw = conn.get(key)
+        try:
+            other = Endpoint(**json.loads(raw)) if raw else None
+        except (TypeError, ValueError):
+            continue
+        if other is not None and other.port == port and other.alive():
+            return True
+    return False
+
+
+def serve_adapter(settings: JobSettings, run: Run, entry: dict, timeout_s: float = HEALTH_TIMEOUT_S) -> Endpoint:
+    """Add the run's adapter to its base model's endpoint (starting the endpoint when none runs) and wait until the
+    server has loaded it; ServeError with the server's one-line reason when it refuses the adapter."""
+    workspace = Path(settings.workspace).resolve()
+    adapter = workspace / (run.adapter_path or f"{run_dir(run.id)}/adapter")
+    if not (adapter / "adapter_config.json").is_file():
+        raise ServeError(f"the adapter of {run.id} is not at {run.adapter_path or adapter} any more; run it again")
+    conn = store.connect(settings)
+    name = endpoints.endpoint_name(run.model)
+    lock = conn.lock(ENDPOINT_LOCK.format(name), timeout=timeout_s + 120, blocking_timeout=timeout_s + 60)
+    if not lock.acquire():
+        raise ServeError(f"another deploy has held the endpoint of {run.model} for too long; try again later")
+    try:
+        taken = {n for e in endpoints.read_entries(workspace, run.model) if e.get("name") != run.id
+                 for n in (e.get("name"), *(e.get("aliases") or []))}
+        aliases = [a for a in entry.get("aliases", []) if a not in taken]  # two runs of one name: the first keeps it
+        endpoints.add_entry(workspace, run.model, {**entry, "aliases": aliases, "name": run.id, "run": run.id,
+                                                   "path": str(adapter)})
+        server = endpoint(settings, run.model)
+        if server is None:
+            server = _start_endpoint(settings, run.model, timeout_s)  # loads the manifest, this entry included
+            conn.set(ENDPOINT_KEY.format(name), json.dumps(asdict(server)))
+        status = _admin(server, "POST", "/admin/reload")
+        row = next((a for a in status.get("adapters", []) if a.get("name") == run.id), None)
+        if row is None or row.get("status") != "loaded":
+            _, left = endpoints.remove_entry(workspace, run.model, run.id)
+            reason = (row or {}).get("reason") or status.get("error") or "it is not in the server's list"
+            if left:
+                _admin(server, "POST", "/admin/reload")
+            else:
+                stop_server(server)
+                conn.delete(ENDPOINT_KEY.format(name))
+            raise ServeError(f"the endpoint of {run.model} refused the adapter of {run.id}: {reason}")
+        return server
     finally:
         try:
             lock.release()
         except Exception:  # expired: the next deploy may already hold it
-            log.warning("the local server lock had expired")
+            log.warning("the endpoint lock of %s had expired", name)
+
+
+def unserve_adapter(settings: JobSettings, run: Run) -> tuple[dict | None, bool]:
+    """Take the run's adapter off its base model's endpoint; returns (the manifest entry removed, or None when it was
+    not served; whether the endpoint was stopped because nothing was left on it)."""
+    workspace = Path(settings.workspace).resolve()
+    conn = store.connect(settings)
+    name = endpoints.endpoint_name(run.model)
+    lock = conn.lock(ENDPOINT_LOCK.format(name), timeout=RELOAD_TIMEOUT_S + 120,
+                     blocking_timeout=RELOAD_TIMEOUT_S + 60)
+    if not lock.acquire():
+        raise ServeError(f"another deploy has held the endpoint of {run.model} for too long; try again later")
+    try:
+        removed, left = endpoints.remove_entry(workspace, run.model, run.id)
+        server = endpoint(settings, run.model)
+        if server is None:
+            return removed, False
+        if left:
+            _admin(server, "POST", "/admin/reload")
+            return removed, False
+        stop_server(server)
+        conn.delete(ENDPOINT_KEY.format(name))
+        return removed, True
+    finally:
+        try:
+            lock.release()
+        except Exception:
+            log.warning("the endpoint lock of %s had expired", name)
