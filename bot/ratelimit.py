@@ -134,6 +134,8 @@ class ChannelBudget:
         self._go = redis.register_script(_GO)
 
     def _keys(self, channel: str) -> list[str]:
+        """The channel's keys, in the order every script takes them (each reads the ones it needs): the next free
+        slot, the pause end, when the last call went out."""
         return [f"{self.prefix}{channel}:next", f"{self.prefix}{channel}:pause", f"{self.prefix}{channel}:sent"]
 
     async def acquire(self, channel: str, urgent: bool = True) -> float:
@@ -169,13 +171,13 @@ class ChannelBudget:
 
     async def _acquire_urgent(self, channel: str) -> None:
         """Reserve the next slot and sleep until it (the gate then checks for a 429's pause that began meanwhile)."""
-        wait_us = int(await self._reserve(keys=self._keys(channel)[:2], args=[round(self.interval_s * 1e6)]))
+        wait_us = int(await self._reserve(keys=self._keys(channel), args=[round(self.interval_s * 1e6)]))
         if wait_us > 0:
             await asyncio.sleep(wait_us / 1e6)
 
     async def _try_free(self, channel: str, take: bool, spacing_s: float) -> float:
         """0 when a slot is free now (taken with `take`), else the seconds until the channel is next free."""
-        wait_us = int(await self._take_free(keys=self._keys(channel)[:2], args=[round(spacing_s * 1e6), int(take)]))
+        wait_us = int(await self._take_free(keys=self._keys(channel), args=[round(spacing_s * 1e6), int(take)]))
         return wait_us / 1e6
 
     def _routine_nap(self, wait_s: float) -> float:
@@ -200,8 +202,7 @@ class ChannelBudget:
                 _HELD.set(_Held(channel, time.monotonic(), ROUTINE_HOLD_S))
                 return True
             await asyncio.sleep(self._routine_nap(wait_s))
-        keys = self._keys(channel)
-        wait_us = int(await self._reserve(keys=keys[:2], args=[round(self.interval_s * 1e6)]))
+        wait_us = int(await self._reserve(keys=self._keys(channel), args=[round(self.interval_s * 1e6)]))
         at = time.monotonic() + wait_us / 1e6
         _HELD.set(_Held(channel, at, HELD_LATE_S))
         if wait_us / 1e6 > lead_s:
@@ -239,4 +240,4 @@ class ChannelBudget:
         if not math.isfinite(seconds):
             seconds = self.interval_s
         seconds = min(max(seconds, self.interval_s), MAX_PENALTY_S)
-        await self._penalize(keys=self._keys(channel)[:2], args=[round(seconds * 1e6)])
+        await self._penalize(keys=self._keys(channel), args=[round(seconds * 1e6)])
