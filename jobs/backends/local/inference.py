@@ -15,6 +15,8 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -107,6 +109,7 @@ class Endpoint:
     port: int
     url: str
     log: str
+    local_url: str      # where workers on this machine reach it (127.0.0.1 when it listens on every address)
 
     @property
     def api_url(self) -> str:
@@ -116,9 +119,8 @@ class Endpoint:
         return pid_alive(self.pid, self.start)
 
 
-def endpoint(settings: JobSettings, model: str) -> Endpoint | None:
-    """The base model's server as recorded, if it still runs."""
-    raw = store.connect(settings).get(ENDPOINT_KEY.format(endpoints.endpoint_name(model)))
+def _running(raw: bytes | str | None) -> Endpoint | None:
+    """The server a Redis record names, if it still runs."""
     try:
         found = Endpoint(**json.loads(raw)) if raw else None
     except (TypeError, ValueError):
@@ -126,10 +128,13 @@ def endpoint(settings: JobSettings, model: str) -> Endpoint | None:
     return found if found is not None and found.alive() else None
 
 
+def endpoint(settings: JobSettings, model: str) -> Endpoint | None:
+    """The base model's server as recorded, if it still runs."""
+    return _running(store.connect(settings).get(ENDPOINT_KEY.format(endpoints.endpoint_name(model))))
+
+
 def _admin(server: Endpoint, method: str, path: str, timeout_s: float = RELOAD_TIMEOUT_S) -> dict:
-    url = f"http://127.0.0.1:{server.port}{path}" if server.url.startswith(f"http://{public_host('')}:") \
-        else f"{server.url}{path}"
-    request = urllib.request.Request(url, method=method, data=b"" if method == "POST" else None)
+    request = urllib.request.Request(f"{server.local_url}{path}", method=method, data=b"" if method == "POST" else None)
     key = os.environ.get(API_KEY_ENV)
     if key:
         request.add_header("Authorization", f"Bearer {key}")
@@ -153,6 +158,7 @@ def _start_endpoint(settings: JobSettings, model: str, timeout_s: float) -> Endp
     port = settings.serve_port if settings.serve_port and not _port_taken(settings, settings.serve_port) else 0
     port = port or free_port(host)
     url = f"http://{public_host(host)}:{port}"
+    local_url = f"http://127.0.0.1:{port}" if host in ("", "0.0.0.0", "::") else url
     command = [settings.python, "-P", "-m", "payload.serve", "--base", str(base), "--base-only", "--adapters",
                str(manifest), "--port", str(port), "--host", host]
     with open(log_path, "ab") as logf:
@@ -165,7 +171,7 @@ def _start_endpoint(settings: JobSettings, model: str, timeout_s: float) -> Endp
         except OSError as e:
             raise ServeError(f"cannot start {settings.python!r}: {e.strerror}; set TUNEOPS_PYTHON to an "
                              "interpreter that has the payload (with its serve extra) installed") from None
-    server = Endpoint(name, model, proc.pid, start_time(proc.pid), port, url, str(log_path))
+    server = Endpoint(name, model, proc.pid, start_time(proc.pid), port, url, str(log_path), local_url)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         code = proc.poll()
@@ -173,26 +179,45 @@ def _start_endpoint(settings: JobSettings, model: str, timeout_s: float) -> Endp
             last = _tail(log_path, 1)
             raise ServeError(f"payload.serve exited with code {code} before it answered"
                              + (f": {last[0]}" if last else "") + f" (log: {log_path})")
-        if _healthy(f"http://127.0.0.1:{port}" if host in ("", "0.0.0.0", "::") else url):
+        if _healthy(local_url):
             proc.returncode = 0  # let go of the child: the server outlives this task
             return server
         time.sleep(0.5)
     stop_server(server)
-    raise ServeError(f"payload.serve did not answer /healthz within {timeout_s:.0f} s; it was stopped (log: {log_path})")
+    raise ServeError(f"payload.serve did not answer /healthz within {timeout_s:.0f} s; it was stopped "
+                     f"(log: {log_path})")
 
 
 def _port_taken(settings: JobSettings, port: int) -> bool:
     """Whether another base model's server holds TUNEOPS_SERVE_PORT (then this one takes a free port)."""
     conn = store.connect(settings)
-    for key in conn.scan_iter(ENDPOINT_KEY.format("*")):
-        raw = conn.get(key)
+    return any((other := _running(conn.get(key))) is not None and other.port == port
+               for key in conn.scan_iter(ENDPOINT_KEY.format("*")))
+
+
+@contextmanager
+def _holding(conn, name: str, model: str, timeout_s: float) -> Iterator[None]:
+    """The endpoint's lock, for one deploy or undeploy at a time per base model."""
+    lock = conn.lock(ENDPOINT_LOCK.format(name), timeout=timeout_s + 120, blocking_timeout=timeout_s + 60)
+    if not lock.acquire():
+        raise ServeError(f"another deploy has held the endpoint of {model} for too long; try again later")
+    try:
+        yield
+    finally:
         try:
-            other = Endpoint(**json.loads(raw)) if raw else None
-        except (TypeError, ValueError):
-            continue
-        if other is not None and other.port == port and other.alive():
-            return True
-    return False
+            lock.release()
+        except Exception:  # expired: the next deploy may already hold it
+            log.warning("the endpoint lock of %s had expired", name)
+
+
+def _follow_removal(conn, server: Endpoint, left: list[dict]) -> bool:
+    """After an entry left the manifest: the server reloads, or stops when nothing is left on it (True)."""
+    if left:
+        _admin(server, "POST", "/admin/reload")
+        return False
+    stop_server(server)
+    conn.delete(ENDPOINT_KEY.format(server.name))
+    return True
 
 
 def serve_adapter(settings: JobSettings, run: Run, entry: dict, timeout_s: float = HEALTH_TIMEOUT_S) -> Endpoint:
@@ -204,10 +229,7 @@ def serve_adapter(settings: JobSettings, run: Run, entry: dict, timeout_s: float
         raise ServeError(f"the adapter of {run.id} is not at {run.adapter_path or adapter} any more; run it again")
     conn = store.connect(settings)
     name = endpoints.endpoint_name(run.model)
-    lock = conn.lock(ENDPOINT_LOCK.format(name), timeout=timeout_s + 120, blocking_timeout=timeout_s + 60)
-    if not lock.acquire():
-        raise ServeError(f"another deploy has held the endpoint of {run.model} for too long; try again later")
-    try:
+    with _holding(conn, name, run.model, timeout_s):
         taken = {n for e in endpoints.read_entries(workspace, run.model) if e.get("name") != run.id
                  for n in (e.get("name"), *(e.get("aliases") or []))}
         aliases = [a for a in entry.get("aliases", []) if a not in taken]  # two runs of one name: the first keeps it
@@ -221,19 +243,10 @@ def serve_adapter(settings: JobSettings, run: Run, entry: dict, timeout_s: float
         row = next((a for a in status.get("adapters", []) if a.get("name") == run.id), None)
         if row is None or row.get("status") != "loaded":
             _, left = endpoints.remove_entry(workspace, run.model, run.id)
+            _follow_removal(conn, server, left)
             reason = (row or {}).get("reason") or status.get("error") or "it is not in the server's list"
-            if left:
-                _admin(server, "POST", "/admin/reload")
-            else:
-                stop_server(server)
-                conn.delete(ENDPOINT_KEY.format(name))
             raise ServeError(f"the endpoint of {run.model} refused the adapter of {run.id}: {reason}")
         return server
-    finally:
-        try:
-            lock.release()
-        except Exception:  # expired: the next deploy may already hold it
-            log.warning("the endpoint lock of %s had expired", name)
 
 
 def unserve_adapter(settings: JobSettings, run: Run) -> tuple[dict | None, bool]:
@@ -241,24 +254,7 @@ def unserve_adapter(settings: JobSettings, run: Run) -> tuple[dict | None, bool]
     not served; whether the endpoint was stopped because nothing was left on it)."""
     workspace = Path(settings.workspace).resolve()
     conn = store.connect(settings)
-    name = endpoints.endpoint_name(run.model)
-    lock = conn.lock(ENDPOINT_LOCK.format(name), timeout=RELOAD_TIMEOUT_S + 120,
-                     blocking_timeout=RELOAD_TIMEOUT_S + 60)
-    if not lock.acquire():
-        raise ServeError(f"another deploy has held the endpoint of {run.model} for too long; try again later")
-    try:
+    with _holding(conn, endpoints.endpoint_name(run.model), run.model, RELOAD_TIMEOUT_S):
         removed, left = endpoints.remove_entry(workspace, run.model, run.id)
         server = endpoint(settings, run.model)
-        if server is None:
-            return removed, False
-        if left:
-            _admin(server, "POST", "/admin/reload")
-            return removed, False
-        stop_server(server)
-        conn.delete(ENDPOINT_KEY.format(name))
-        return removed, True
-    finally:
-        try:
-            lock.release()
-        except Exception:
-            log.warning("the endpoint lock of %s had expired", name)
+        return removed, server is not None and _follow_removal(conn, server, left)
