@@ -34,15 +34,8 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
 
     from payload import data
     from payload.config import TrainConfig
-    from payload.train import (
-        add_lora,
-        cpu_budget,
-        load_model,
-        make_collator,
-        pick_attention,
-        pick_compute_dtype,
-        pick_threads,
-    )
+    from payload.runtime import cpu_budget, pick_threads
+    from payload.train import add_lora, load_model, make_collator, pick_attention, pick_compute_dtype
 
     variant = VARIANTS[spec["variant"]]
     device = "cuda" if torch.cuda.is_available() else "cpu"

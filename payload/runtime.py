@@ -40,6 +40,12 @@ def cpu_budget() -> int:
     return max(1, n)
 
 
+def env_threads() -> int:
+    """The thread count OMP_NUM_THREADS asks for; 0 when it is unset or not a number."""
+    value = os.environ.get("OMP_NUM_THREADS", "")
+    return int(value) if value.isdigit() else 0
+
+
 def pick_threads(n_params: int, budget: int, configured: int = 0) -> int:
     """CPU threads for torch. Matrices of a small model are too small for intra-op parallelism to pay, and spinning
     OpenMP threads collapse (5x slower, measured on 2 shared cores) when other processes share the cores."""

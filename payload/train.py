@@ -29,7 +29,7 @@ from payload import data
 from payload.config import ConfigError, TrainConfig, load_config
 from payload.events import PREFIX, EventWriter, encode, make_event
 from payload.modelpath import ModelNotFound, hub_failure, resolve_model
-from payload.runtime import cpu_budget, pick_threads, torch_problem  # noqa: F401 (bench.py takes them from here)
+from payload.runtime import cpu_budget, env_threads, pick_threads, torch_problem
 
 # torch, transformers, peft and bitsandbytes are imported inside the functions that use them ("heavy" below): a bad
 # config or dataset is reported before seconds go into importing them.
@@ -460,8 +460,7 @@ def run(cfg: TrainConfig, events: EventWriter, stop: StopSignal) -> dict[str, An
     problem = torch_problem()
     if problem:
         raise TrainError(problem)
-    env_threads = os.environ.get("OMP_NUM_THREADS", "")
-    configured_threads = cfg.num_threads or (int(env_threads) if env_threads.isdigit() else 0)
+    configured_threads = cfg.num_threads or env_threads()
     torch.set_num_threads(configured_threads or cpu_budget())
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype_name, dtype = pick_compute_dtype(cfg, device)

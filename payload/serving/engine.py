@@ -11,7 +11,6 @@ from __future__ import annotations
 import inspect
 import json
 import logging
-import os
 import re
 import threading
 import time
@@ -20,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from payload.runtime import cpu_budget, pick_threads, torch_problem
+from payload.runtime import cpu_budget, env_threads, pick_threads, torch_problem
 from payload.serving.openai_schema import APIError
 from payload.serving.sampling import SamplingParams, StopScanner  # noqa: F401 (re-exported)
 
@@ -415,9 +414,7 @@ def load_engine(base: Path, adapter: Path | None, *, load_in_4bit: bool | None =
     if not on_gpu:
         # As in training: one thread for small models (spinning OpenMP threads collapse on shared cores);
         # OMP_NUM_THREADS overrides.
-        env_threads = os.environ.get("OMP_NUM_THREADS", "")
-        torch.set_num_threads(pick_threads(model.num_parameters(), cpu_budget(),
-                                           int(env_threads) if env_threads.isdigit() else 0))
+        torch.set_num_threads(pick_threads(model.num_parameters(), cpu_budget(), env_threads()))
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(base)
