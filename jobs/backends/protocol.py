@@ -161,6 +161,10 @@ class Backend(Executor, Protocol):
     def deploy_endpoint(self) -> str:
         """Where deployed adapters answer when the operation did not say; "" when unknown."""
 
+    def undeploy(self, run: Run) -> bool:
+        """Take the run's adapter off its base model's endpoint; True when the endpoint stopped as nothing was left
+        on it. Raises BackendError."""
+
     def doctor(self) -> list[Check]:
         """Read-only, quick checks of the backend's set-up for `tuneops doctor`."""
 

@@ -45,6 +45,7 @@ class ApprovalState(StrEnum):
     DEPLOYING = "deploying"
     DEPLOYED = "deployed"
     FAILED = "failed"
+    UNDEPLOYED = "undeployed"      # taken off its endpoint (`/finetune undeploy`), or served again by a later deploy
 
     @property
     def open(self) -> bool:
@@ -59,7 +60,8 @@ TRANSITIONS: dict[ApprovalState, frozenset[ApprovalState]] = {
     ApprovalState.DEPLOYING: frozenset({ApprovalState.DEPLOYED, ApprovalState.FAILED}),
     ApprovalState.REJECTED: frozenset(),
     ApprovalState.EXPIRED: frozenset(),
-    ApprovalState.DEPLOYED: frozenset(),
+    ApprovalState.DEPLOYED: frozenset({ApprovalState.UNDEPLOYED}),
+    ApprovalState.UNDEPLOYED: frozenset(),
     ApprovalState.FAILED: frozenset(),
 }
 
@@ -83,6 +85,8 @@ class Approval:
     error: str = ""
     error_hint: dict[str, str] = field(default_factory=dict)  # the command that helps (Hint data)
     finished_at: float | None = None
+    undeployed_by: str = ""
+    undeployed_at: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -106,7 +110,7 @@ class Approval:
     def record(self) -> dict[str, Any]:
         """What the run record keeps of the request (Run.deployments)."""
         keep = ("id", "requested_by", "created_at", "expires_at", "state", "decided_by", "decided_at", "target",
-                "url", "api_url", "op_id", "error", "error_hint", "finished_at")
+                "url", "api_url", "op_id", "error", "error_hint", "finished_at", "undeployed_by", "undeployed_at")
         d = self.to_dict()
         return {k: d[k] for k in keep}
 

@@ -17,7 +17,7 @@ from typing import Any
 from jobs.backends import get_backend
 from jobs.core import queue, store
 from jobs.core.domain import Run, RunEvent
-from jobs.core.errors import BackendError, Hint
+from jobs.core.errors import BackendError, Hint, RunRejected
 from jobs.core.settings import JobSettings, current_settings
 from jobs.deploys.approval import (
     Approval,
@@ -190,3 +190,44 @@ def follow_backend_deploy(approval_id: str) -> str:
         return "failed"
     _schedule_follow(settings, approval_id)
     return "following"
+
+
+# Taking a deploy down ------------------------------------------------------------------------------------------------
+
+def live_requests(run: Run) -> list[str]:
+    """The run's deploy requests that are deployed and not taken down, oldest first (the last is the one serving)."""
+    return [d["id"] for d in run.deployments if d.get("state") == ApprovalState.DEPLOYED]
+
+
+def undeploy(settings: JobSettings, run_id: str, user: str, approvers: frozenset[str],
+             admins: frozenset[str]) -> tuple[Approval, bool]:
+    """Take a run's adapter off its endpoint: approvers and admins may, and so may whoever asked for that deploy.
+    Returns the request that was serving and whether the endpoint stopped (nothing left on it). RunRejected says
+    why not (no such run, not deployed, not allowed); BackendError when the endpoint could not be changed."""
+    conn = store.connect(settings)
+    run = store.load_run(conn, run_id)
+    if run is None:
+        raise RunRejected(f"there is no run {run_id}", hint=Hint("deployments", "lists what is deployed"))
+    live = live_requests(run)
+    if not live:
+        raise RunRejected(f"{run.id} is not deployed", hint=Hint("deployments", "lists what is deployed"))
+    serving = get_approval(settings, live[-1])
+    if serving is None:
+        raise RunRejected(f"the deploy request {live[-1]} of {run.id} is gone from the store; ask an admin to take "
+                          "its adapter off the endpoint")
+    if user not in approvers and user not in admins and user != serving.requested_by:
+        raise RunRejected(f"only approvers, admins or <@{serving.requested_by}> (who asked for this deploy) may take "
+                          f"{run.id} off its endpoint")
+    stopped = get_backend(settings).undeploy(run)
+    now = time.time()
+
+    def take_down(approval: Approval, r: Run) -> list[RunEvent] | None:
+        if approval.state is not ApprovalState.DEPLOYED:
+            return None
+        approval.move(ApprovalState.UNDEPLOYED, now)
+        approval.undeployed_by, approval.undeployed_at = user, now
+        return [deploy_event(approval, by=user, stopped=stopped)] if approval.id == serving.id else []
+
+    for approval_id in live:  # earlier deploys of the same run were served again by the last one: all come down
+        update_approval(conn, approval_id, take_down)
+    return serving, stopped

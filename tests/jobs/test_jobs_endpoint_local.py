@@ -67,3 +67,43 @@ def test_two_runs_share_one_endpoint_and_undeploy_one_at_a_time(local, tmp_path)
         server = inference.endpoint(local, "model-cache/tiny")
         if server is not None:
             inference.stop_server(server)
+
+
+def test_undeploy_takes_one_run_down_and_says_who_may(local):
+    import jobs.core.settings as jobs_settings
+    from jobs.core.errors import RunRejected
+    from jobs.deploys import approval, deploy
+
+    jobs_settings.configure(local)  # the deploy task reads the current settings, as on a worker
+    ws = local.workspace
+    runs = [succeeded_run(local) for _ in range(2)]
+    requests = []
+    for i, run in enumerate(runs, 1):
+        build_tiny_adapter(ws / "model-cache" / "tiny", ws / run.adapter_path, seed=i)
+        req = approval.request_deploy(local, run.id, "U0ALICE", "C0TRAIN")
+        approval.decide(local, req.id, "U0BOSS", True, frozenset({"U0BOSS"}))
+        assert deploy.deploy_approved(req.id) == "deployed"
+        requests.append(approval.get_approval(local, req.id))
+    server = inference.endpoint(local, "model-cache/tiny")
+    try:
+        assert {r.url for r in requests} == {server.url}
+        approvers, admins = frozenset({"U0BOSS"}), frozenset({"U0ADMIN"})
+        with pytest.raises(RunRejected, match="only approvers, admins or <@U0ALICE>"):
+            deploy.undeploy(local, runs[0].id, "U0MALLORY", approvers, admins)
+        with pytest.raises(RunRejected, match="there is no run ft-0099"):
+            deploy.undeploy(local, "ft-0099", "U0BOSS", approvers, admins)
+
+        taken, stopped = deploy.undeploy(local, runs[0].id, "U0ALICE", approvers, admins)  # who asked for it
+        assert taken.id == requests[0].id and not stopped
+        assert approval.get_approval(local, taken.id).state is approval.ApprovalState.UNDEPLOYED
+        with pytest.raises(openai.NotFoundError):
+            answer(server, runs[0].id)
+        assert answer(server, runs[1].id)
+        with pytest.raises(RunRejected, match=f"{runs[0].id} is not deployed"):
+            deploy.undeploy(local, runs[0].id, "U0BOSS", approvers, admins)
+
+        _, stopped = deploy.undeploy(local, runs[1].id, "U0ADMIN", approvers, admins)
+        assert stopped and not server.alive()
+    finally:
+        if server.alive():
+            inference.stop_server(server)

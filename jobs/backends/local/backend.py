@@ -69,6 +69,13 @@ class LocalBackend(LocalExecutor):
     def deploy_endpoint(self) -> str:
         return ""  # one endpoint per base model: each deploy says where its adapter answers
 
+    def undeploy(self, run: Run) -> bool:
+        try:
+            _, stopped = inference.unserve_adapter(self.settings, run)
+        except (inference.ServeError, endpoints.ManifestDamaged) as e:
+            raise BackendError(str(e)) from None
+        return stopped
+
     # Doctor -------------------------------------------------------------------------------------------------------
 
     def doctor(self) -> list[Check]:
