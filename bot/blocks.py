@@ -484,6 +484,9 @@ def _decision_line(approval) -> str:
         return line + f" :arrows_counterclockwise: Deploying{op}…"
     if state == "deployed":
         return line + f" :rocket: Deployed {slack_date(approval.finished_at)}: {_endpoint_links(approval)}"
+    if state == "undeployed":
+        return line + (f" :wastebasket: Taken off its endpoint by {mention(approval.undeployed_by)} "
+                       f"{slack_date(approval.undeployed_at)}.")
     failed = words.with_hint(escape(truncate(approval.error or 'no reason given', 800)), approval.error_hint)
     return line + f" :x: The deploy failed: {failed}"
 
@@ -547,6 +550,10 @@ def render_deploy_result(approval, run: Run) -> Message:
                                   f"application/json' -d '{{\"model\": \"{escape(run.id)}\", \"messages\": "
                                   f"[{{\"role\": \"user\", \"content\": \"Hi\"}}]}}'`"))
         return message(text, blocks)
+    if str(approval.state) == "undeployed":
+        text = (f":wastebasket: {run.id} is off its endpoint ({approval.id}), taken down by "
+                f"{mention(approval.undeployed_by)}. `/finetune deploy {run.id}` serves it again once approved.")
+        return message(text, [section(text)])
     error = approval.error or "no reason given"
     text = f":x: {people} the deploy of {run.id} failed: {words.with_hint(escape(truncate(error, 2000)), approval.error_hint)}"
     return message(text, [section(text), context(f"`/finetune deploy {run.id}` asks for a new deploy once the "

@@ -29,6 +29,7 @@ USAGE: dict[str, str] = {
     "cancel": "/finetune cancel RUN",
     "resume": "/finetune resume RUN",
     "deploy": "/finetune deploy RUN",
+    "undeploy": "/finetune undeploy RUN",
     "secret": "/finetune secret set NAME | /finetune secret list",
     "provision": "/finetune provision [finetune|inference|check]",
 }
@@ -89,6 +90,11 @@ class Deploy:
 
 
 @dataclass(frozen=True)
+class Undeploy:
+    run_id: str
+
+
+@dataclass(frozen=True)
 class SecretSet:
     name: str
 
@@ -103,7 +109,8 @@ class Provision:
     target: Literal["finetune", "inference", "check"] | None = None   # None: both; check: the smoke check
 
 
-Command = Union[Help, RunCommand, Status, ListRuns, Logs, Cancel, Resume, Deploy, SecretSet, SecretList, Provision]
+Command = Union[Help, RunCommand, Status, ListRuns, Logs, Cancel, Resume, Deploy, Undeploy, SecretSet, SecretList,
+                Provision]
 
 
 @dataclass(frozen=True)
@@ -125,7 +132,8 @@ def subcommand_of(command: Command) -> str:
     """The subcommand word a command came from, e.g. "run" for RunCommand (for authorization and logging)."""
     return {
         Help: "help", RunCommand: "run", Status: "status", ListRuns: "list", Logs: "logs", Cancel: "cancel",
-        Resume: "resume", Deploy: "deploy", SecretSet: "secret", SecretList: "secret", Provision: "provision",
+        Resume: "resume", Deploy: "deploy", Undeploy: "undeploy", SecretSet: "secret", SecretList: "secret",
+        Provision: "provision",
     }[type(command)]
 
 
@@ -344,6 +352,10 @@ def _deploy(args: list[str]) -> Deploy:
     return Deploy(_run_id(args, "deploy"))
 
 
+def _undeploy(args: list[str]) -> Undeploy:
+    return Undeploy(_run_id(args, "undeploy"))
+
+
 def _secret(args: list[str]) -> SecretSet | SecretList:
     if not args:
         raise _Bad("`secret` needs `set NAME` or `list`.")
@@ -377,5 +389,5 @@ def _provision(args: list[str]) -> Provision:
 
 _PARSERS = {
     "help": _help, "run": _run, "status": _status, "list": _list, "logs": _logs, "cancel": _cancel,
-    "resume": _resume, "deploy": _deploy, "secret": _secret, "provision": _provision,
+    "resume": _resume, "deploy": _deploy, "undeploy": _undeploy, "secret": _secret, "provision": _provision,
 }

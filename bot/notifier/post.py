@@ -164,5 +164,6 @@ class Poster:
         approval.url, approval.api_url = str(data.get("url") or ""), str(data.get("api_url") or "")
         approval.error = str(data.get("error") or "")
         approval.error_hint = dict(data.get("hint") or {})
+        approval.undeployed_by = str(data.get("by") or approval.undeployed_by)
         await self._post_thread(run, blocks.render_deploy_result(approval, run),
                                 broadcast=approval.state is approvals.ApprovalState.FAILED)

@@ -188,7 +188,7 @@ class Renderer:
         elif kind == "deploy":
             approval_id = str(data.get("approval", ""))
             posts.append(("approval card", lambda: self.show_approval(run, approval_id)))
-            if data.get("state") in ("deployed", "failed"):
+            if data.get("state") in ("deployed", "failed", "undeployed"):
                 posts.append(("deploy result", lambda: self._post_deploy_result(run, approval_id, data)))
         # eval and checkpoint are shown by the card (loss) and by `/finetune logs`; nothing to post for them.
         if message is not None and item.absorbed:

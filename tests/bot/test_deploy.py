@@ -1,7 +1,7 @@
 """Deploy requests through Slack: the bot over signed HTTP, a real worker, the real trainer and the real inference
 server. Four eyes (the person who asks cannot approve, non-approvers cannot decide), two approvals at once deploy
-once, the local deploy serves a chat completion from the run's adapter, a second deploy serves it again on the same endpoint, and a
-request left alone expires."""
+once, the local deploy serves a chat completion from the run's adapter, a second deploy serves it again on the same
+endpoint, undeploy takes it down (for approvers, admins and who asked), and a request left alone expires."""
 
 from __future__ import annotations
 
@@ -138,7 +138,23 @@ async def test_four_eyes_one_deploy_under_two_clicks_and_the_local_server_answer
     async with httpx.AsyncClient(timeout=30) as http:
         assert (await http.get(f"{second.url}/healthz")).json()["status"] == "ok"
     assert [d["id"] for d in service.get_run(bot.settings.jobs, run.id).deployments] == ["dp-0001", "dp-0002"]
-    serving.stop_server(second)
+
+    # undeploy: refused to someone who neither approves nor asked for it; done for who asked, and the thread says so
+    _, _, key = await bot.command("undeploy ft-0001", user="U0MALLORY")
+    assert "only approvers, admins or <@U0BOB>" in await answer_of(slack, key)
+    assert second.alive()
+    _, _, key = await bot.command("undeploy ft-0001", user="U0BOB")
+    said = await answer_of(slack, key)
+    assert "ft-0001 is off its endpoint (dp-0002)" in said and "the endpoint stopped" in said, said
+    assert await slack.until(lambda: not second.alive(), 30), "the endpoint was left running"
+    told = await slack.until(lambda: [m for m in slack.thread(run.channel, run.thread_ts)
+                                      if "is off its endpoint" in m.text], 30)
+    assert told and "<@U0BOB>" in told[0].text
+    card2 = await card_of(slack, run, "dp-0002", lambda c: "Taken off its endpoint" in json.dumps(c.blocks))
+    assert card2
+    assert {d["state"] for d in service.get_run(bot.settings.jobs, run.id).deployments} == {"undeployed"}
+    _, _, key = await bot.command("undeploy ft-0001", user="U0BOSS")
+    assert "ft-0001 is not deployed" in await answer_of(slack, key)
 
 
 @pytest.mark.parametrize("approvers", [{"TUNEOPS_APPROVAL_TTL": "3s", "PYTHONPATH": str(ROOT),

@@ -33,6 +33,7 @@ HANDLERS = {
     grammar.Cancel: cancel.handle_cancel,
     grammar.Resume: resume.handle,
     grammar.Deploy: deploy.handle,
+    grammar.Undeploy: deploy.handle_undeploy,
     grammar.SecretSet: secrets.handle_set,
     grammar.SecretList: secrets.handle_list,
     grammar.Provision: provision.handle,
