@@ -140,6 +140,9 @@ class Engine:
         self._served: dict[str, ServedModel] = {base_id: ServedModel(base_id, None, tokenizer)}
         self._aliases: dict[str, str] = {}
         self._in_use: Counter[str] = Counter()
+        # Requests accepted per model id since the server started, kept across an adapter's unload and reload (the
+        # endpoint's `served` record: payload.serving.manifest).
+        self.served_total: Counter[str] = Counter()
         self._armed: tuple[tuple[str, ...], Any] | None = None  # PEFT's per-row adapter hooks, see _arm_mixed
         self.default_id = base_id
         self.max_context = int(getattr(model.config, "max_position_embeddings", 0) or tokenizer.model_max_length)
@@ -196,7 +199,6 @@ class Engine:
             served = self.resolve(name)
             if served.adapter is not None:
                 self._in_use[served.adapter] += 1
-            served.requests += 1
             return served
 
     def release(self, served: ServedModel) -> None:
@@ -317,6 +319,9 @@ class Engine:
         max_tokens = params.max_tokens or min(DEFAULT_MAX_TOKENS, room)
         gen = Generation(self, served, prompt_ids, max_tokens, params)
         self.scheduler.submit(gen)  # a full queue releases it and answers 429
+        with self._registry:  # counted once accepted: a request refused (400, 404, 429) served nothing
+            served.requests += 1
+            self.served_total[served.id] += 1
         return gen
 
     def new_cache(self):

@@ -11,6 +11,11 @@ to the adapters, so every fresh replica reads the same list, and a deploy is one
 
 An entry that cannot be served (missing folder, unreadable weights, trained for another base) is refused with a
 one-line reason in `GET /admin/adapters`; it never disturbs the adapters already loaded.
+
+Requests served: each server process keeps `served/<host>-<pid>-<start>.json` beside the manifest up to date (the
+requests it accepted per model id, written when they changed, at most every SERVED_EVERY_S). The bot sums the
+folder for `/finetune deployments`: a file per process, so replicas never write the same file, and the counts outlive
+a replica that scaled to zero without anyone waking the endpoint to ask.
 """
 
 from __future__ import annotations
@@ -18,7 +23,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +35,8 @@ from payload.serving.engine import Engine, StartupError
 log = logging.getLogger("payload.serve")  # the server's one logger name, as its operators know it from the log
 
 POLL_S = 2.0
+SERVED_DIR = "served"
+SERVED_EVERY_S = 10.0
 
 
 class ManifestError(ValueError):
@@ -102,6 +111,10 @@ class AdapterManifest:
         self._seen: tuple | None = None  # what the last complete sync saw of the manifest and the refused folders
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        started = time.time()
+        self.served_path = path.parent / SERVED_DIR / f"{socket.gethostname()}-{os.getpid()}-{int(started)}.json"
+        self._served = {"host": socket.gethostname(), "pid": os.getpid(), "started": started, "requests": {}}
+        self._served_at = 0.0
 
     def start(self) -> None:
         """Load what the manifest holds now, then follow it from a background thread."""
@@ -111,6 +124,7 @@ class AdapterManifest:
 
     def stop(self) -> None:
         self._stop.set()
+        self.write_served(force=True)
 
     def _poll(self) -> None:
         while not self._stop.wait(self.poll_s):
@@ -119,6 +133,26 @@ class AdapterManifest:
                     self.sync()
             except Exception:  # the poller must outlive any one bad sync; ours to debug, so logged in full
                 log.exception("following the adapter manifest %s failed", self.path)
+            self.write_served()
+
+    def write_served(self, force: bool = False) -> bool:
+        """Record the requests accepted per model id when they changed (and SERVED_EVERY_S passed); True if written.
+        A failed write is logged and tried again later: counting must never stop serving."""
+        counts = dict(self.engine.served_total)
+        now = time.monotonic()
+        if counts == self._served["requests"] or not force and now - self._served_at < SERVED_EVERY_S:
+            return False
+        record = {**self._served, "requests": counts, "updated": time.time()}
+        try:
+            self.served_path.parent.mkdir(exist_ok=True)
+            tmp = self.served_path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(record), encoding="utf-8")
+            tmp.replace(self.served_path)
+        except OSError as e:
+            log.warning("cannot record the requests served in %s: %s", self.served_path, e)
+            return False
+        self._served, self._served_at = record, now
+        return True
 
     def _current_signature(self) -> tuple:
         # A refused entry whose folder changes (a run finished writing it) is tried again without touching the file.

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import threading
 import time
 from pathlib import Path
@@ -250,6 +251,16 @@ def test_hot_load_by_manifest_then_unload_by_reload(served, references, restore_
                                             timeout=30).json()["adapters"]}
     assert rows["ft-0003"]["requests"] == 2  # by its alias, then by its name
     assert rows["ft-0003"]["loaded_at"] >= rows["ft-0001"]["loaded_at"] > 0
+    # A request refused after the model was resolved (too long for the context) served nothing: not counted.
+    with pytest.raises(openai.BadRequestError) as e:
+        served["client"].chat.completions.create(model="ft-0003", messages=QUESTION, max_tokens=10**6)
+    assert e.value.code == "context_length_exceeded"
+    # The process's record beside the manifest, which the bot sums for /finetune deployments.
+    manifest = served["manifest"]
+    assert manifest.write_served(force=True) and manifest.served_path.parent == served["path"].parent / "served"
+    record = json.loads(manifest.served_path.read_text())
+    assert record["requests"]["ft-0003"] == 2 and record["pid"] == os.getpid()
+    assert not manifest.write_served(force=True)  # nothing new: not written again
 
 
 def test_misfit_adapters_are_refused_and_the_others_keep_answering(served, references, restore_manifest):
