@@ -89,11 +89,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import uvicorn  # the server itself, needed only once the model is loaded
 
-    try:
-        uvicorn.run(app, host=args.host, port=args.port, log_config=None, timeout_graceful_shutdown=10)
-    finally:
-        if manifest is not None:
-            manifest.stop()  # the last requests served are recorded on the way out (SIGTERM of a scale-in)
+    uvicorn.run(app, host=args.host, port=args.port, log_config=None, timeout_graceful_shutdown=10)
     return 0
 
 

@@ -165,6 +165,10 @@ class Backend(Executor, Protocol):
         """Take the run's adapter off its base model's endpoint; True when the endpoint stopped as nothing was left
         on it. Raises BackendError."""
 
+    def requests_served(self, model: str) -> dict[str, int]:
+        """Requests served per model id (adapter name, or the base's id) by the base model's endpoint, over every
+        server process it has had; {} when it has served none. Never wakes an endpoint. Raises BackendError."""
+
     def doctor(self) -> list[Check]:
         """Read-only, quick checks of the backend's set-up for `tuneops doctor`."""
 

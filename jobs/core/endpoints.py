@@ -17,8 +17,10 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import posixpath
 import re
-from collections.abc import Iterator
+import time
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -54,16 +56,36 @@ def read_entries(workspace: Path, model: str) -> list[dict[str, Any]]:
     return _read(manifest_path(workspace, model))
 
 
+def new_entry(run_id: str, run_name: str, approval_id: str, requested_by: str) -> dict[str, Any]:
+    """A deploy's manifest entry before its path is placed: the run's id as the name, its name as an alias, and
+    what the record keeps beside (the request, who asked, since when), which the server ignores."""
+    return {"name": run_id, "run": run_id, "aliases": [run_name] if run_name and run_name != run_id else [],
+            "approval": approval_id, "requested_by": requested_by, "since": time.time()}
+
+
+def manifest_rel(model: str) -> str:
+    """The manifest's path relative to the workspace (or the share's root), `/`-separated."""
+    return f"{ROOT}/{endpoint_name(model)}/{MANIFEST}"
+
+
+def placed(entries: list[dict[str, Any]], entry: dict[str, Any], adapter_rel: str, model: str) -> list[dict[str, Any]]:
+    """`entries` with one adapter's entry added, or replacing the entry of its name. `adapter_rel` is the adapter's
+    folder relative to the workspace (or share) root; the entry gets it relative to the manifest's folder. An alias
+    another entry already answers to stays with that one (two runs of one name: the first deployed keeps it)."""
+    taken = {n for e in entries if e.get("name") != entry["name"] for n in (e.get("name"), *(e.get("aliases") or []))}
+    written = {**entry, "aliases": [a for a in entry.get("aliases") or [] if a not in taken],
+               "path": posixpath.relpath(adapter_rel, posixpath.dirname(manifest_rel(model)))}
+    return [e for e in entries if e.get("name") != entry["name"]] + [written]
+
+
 def add_entry(workspace: Path, model: str, entry: dict[str, Any]) -> list[dict[str, Any]]:
     """Add (or replace, by name) one adapter's entry; `entry["path"]` is the adapter folder, absolute or relative to
-    the workspace, and is written relative to the manifest's folder. Returns the manifest's entries after."""
+    the workspace. Returns the manifest's entries after."""
     path = manifest_path(workspace, model)
     adapter = Path(entry["path"])
-    if not adapter.is_absolute():
-        adapter = Path(workspace) / adapter
-    written = {**entry, "path": os.path.relpath(adapter, path.parent)}
+    rel = os.path.relpath(adapter, workspace) if adapter.is_absolute() else str(adapter)
     with _locked(path):
-        entries = [e for e in _read(path) if e.get("name") != entry["name"]] + [written]
+        entries = placed(_read(path), entry, Path(rel).as_posix(), model)
         _write(path, entries)
     return entries
 
@@ -102,17 +124,58 @@ def _locked(path: Path) -> Iterator[None]:
 
 def _read(path: Path) -> list[dict[str, Any]]:
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         return []
-    except (OSError, ValueError) as e:
+    except OSError as e:
         raise ManifestDamaged(f"{path} cannot be read ({e}); fix or delete it (its server then serves only its base "
+                              "model), then deploy the adapters again") from None
+    return parse(text, str(path))
+
+
+def parse(text: str, where: str) -> list[dict[str, Any]]:
+    """The entries of a manifest's text; ManifestDamaged naming `where` when it is not a manifest."""
+    try:
+        doc = json.loads(text)
+    except ValueError as e:
+        raise ManifestDamaged(f"{where} cannot be read ({e}); fix or delete it (its server then serves only its base "
                               "model), then deploy the adapters again") from None
     adapters = doc.get("adapters") if isinstance(doc, dict) else None
     if not isinstance(adapters, list) or not all(isinstance(e, dict) for e in adapters):
-        raise ManifestDamaged(f'{path} is not {{"adapters": [...]}}; fix or delete it, then deploy the adapters again')
+        raise ManifestDamaged(f'{where} is not {{"adapters": [...]}}; fix or delete it, then deploy the adapters again')
     return adapters
 
 
+def dump(entries: list[dict[str, Any]]) -> str:
+    return json.dumps({"adapters": entries}, indent=2) + "\n"
+
+
 def _write(path: Path, entries: list[dict[str, Any]]) -> None:
-    write_atomic(path, json.dumps({"adapters": entries}, indent=2) + "\n")
+    write_atomic(path, dump(entries))
+
+
+# Requests served ------------------------------------------------------------------------------------------------------
+
+SERVED = "served"  # beside the manifest: one record per server process (payload.serving.manifest)
+
+
+def sum_served(records: Iterable[Any]) -> dict[str, int]:
+    """Requests served per model id over every process's record; records that are not one are skipped."""
+    total: dict[str, int] = {}
+    for record in records:
+        counts = record.get("requests") if isinstance(record, dict) else None
+        for name, n in (counts.items() if isinstance(counts, dict) else ()):
+            if isinstance(name, str) and isinstance(n, int) and not isinstance(n, bool) and n >= 0:
+                total[name] = total.get(name, 0) + n
+    return total
+
+
+def served_here(workspace: Path, model: str) -> dict[str, int]:
+    """Requests served per model id by every server process this base model's endpoint has had in the workspace."""
+    records = []
+    for f in sorted((manifest_path(workspace, model).parent / SERVED).glob("*.json")):
+        try:
+            records.append(json.loads(f.read_text(encoding="utf-8")))
+        except (OSError, ValueError):
+            continue  # a record being replaced, or damaged: the others still count
+    return sum_served(records)

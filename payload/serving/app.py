@@ -3,6 +3,7 @@ routes on FastAPI, the Gradio UI at `/`."""
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import json
 import logging
@@ -43,7 +44,15 @@ def build_app(engine: Engine, *, api_key: str | None = None, ui: bool = True,
               manifest: AdapterManifest | None = None) -> FastAPI:
     """The whole server for one engine; `api_key` (when set) guards /v1/*, /admin/* and the UI. `manifest` (from
     `--adapters`) is what /admin/adapters reports and /admin/reload re-reads."""
-    app = FastAPI(title="tuneops inference", description=engine.description)
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI):
+        yield
+        if manifest is not None:
+            # The last requests served are recorded on the way out (a scale-in's SIGTERM: uvicorn then re-raises
+            # the signal, so nothing after uvicorn.run would run).
+            manifest.stop()
+
+    app = FastAPI(title="tuneops inference", description=engine.description, lifespan=lifespan)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, e: APIError):

@@ -288,7 +288,9 @@ class Engine:
 
     def encode(self, messages: list[dict[str, str]], served: ServedModel | None = None) -> list[int]:
         """The prompt's token ids: the chat template with the assistant's turn opened."""
-        from jinja2 import TemplateError  # comes with transformers' chat templates, not a dependency of ours
+        from jinja2 import (
+            TemplateError,  # comes with transformers' chat templates, not a dependency of ours
+        )
 
         tokenizer = (served or self._served[self.default_id]).tokenizer
         with self.tokenizer_lock:
@@ -455,7 +457,10 @@ def _check_adapter_fits(adapter: Path, adapter_config: dict[str, Any], base_name
     weights = adapter / "adapter_model.safetensors"
     if not weights.is_file():
         return  # an older .bin adapter: peft's own load is the check
-    from safetensors import SafetensorError, safe_open  # comes with transformers, imported with it
+    from safetensors import (  # comes with transformers, imported with it
+        SafetensorError,
+        safe_open,
+    )
 
     try:
         with safe_open(str(weights), framework="pt") as f:

@@ -9,17 +9,21 @@ import time
 import pytest
 from azure.core.exceptions import HttpResponseError
 
+from jobs.backends.aca import endpoints as aca_endpoints
 from jobs.backends.aca import ops
+from jobs.backends.aca.backend import AcaBackend
 from jobs.backends.aca.provision import (
-    deploy_adapter,
     ensure_secret_reference,
     provision_finetune,
     provision_inference,
 )
 from jobs.backends.aca.resources import job_body
 from jobs.backends.aca.standin import SUBSCRIPTION, Fault
+from jobs.core import endpoints as core_endpoints
 from jobs.core import store
+from jobs.core.domain import Run
 from jobs.core.errors import BackendError
+from payload.serving.manifest import parse_manifest
 from tests.azure.conftest import ENV_STORAGE, run_worker_burst
 
 
@@ -139,20 +143,107 @@ def test_provision_inference_serves_on_7860_scales_to_zero_and_records_the_endpo
     assert provision_inference(aca.clients).changes == [] and len(aca.standin.apps) == 1
 
 
-def test_deploy_serves_the_adapter_and_a_second_deploy_restarts_the_revision(aca):
-    provision_inference(aca.clients)
-    first = deploy_adapter(aca.clients, "model-cache/tiny", "runs/ft-0001/adapter")
-    command = aca.standin.apps["tuneops-infer"]["properties"]["template"]["containers"][0]["command"][2]
-    assert "--base model-cache/tiny --adapter runs/ft-0001/adapter" in command
-    assert first.changes and first.revision
-    again = deploy_adapter(aca.clients, "model-cache/tiny", "runs/ft-0001/adapter")
-    assert again.changes == [f"restarted revision {first.revision}"]
-    assert aca.standin.restarts == [first.revision]
-    # A provision afterwards keeps what the deploy put there.
+def adapter_on_share(aca, run_id: str, base: str = "model-cache/tiny") -> Run:
+    """A finished run whose adapter the job left on the share (what the trainer writes of it that a deploy reads)."""
+    adapter = aca.standin.share_dir(aca.cfg.file_share) / "runs" / run_id / "adapter"
+    adapter.mkdir(parents=True)
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8,
+                                                             "base_model_name_or_path": f"/mount/{base}"}))
+    return Run(id=run_id, requester="U0ALICE", channel="C0TRAIN", model=base, dataset="datasets/chat.jsonl",
+               name=f"{run_id}-name", adapter_path=f"runs/{run_id}/adapter")
+
+
+def share_manifest(aca, base: str) -> list[dict]:
+    path = aca.standin.share_dir(aca.cfg.file_share) / core_endpoints.manifest_rel(base)
+    return json.loads(path.read_text())["adapters"]
+
+
+def test_deploys_add_adapters_to_their_base_models_app_by_manifest_without_restarts(aca, settings):
+    conn = store.connect(settings)
+    first, second = adapter_on_share(aca, "ft-0001"), adapter_on_share(aca, "ft-0002")
+    other = adapter_on_share(aca, "ft-0003", base="Qwen/Qwen2.5-0.5B-Instruct")
+
+    # No app yet: the first deploy creates ACA_APP_NAME, scaled to zero, following the base's manifest.
+    served = aca_endpoints.serve_adapter(aca.clients, conn, first, core_endpoints.new_entry("ft-0001", "", "dp-1", "U1"))
+    assert served.app == "tuneops-infer" and served.result.created
+    p = aca.standin.apps["tuneops-infer"]["properties"]
+    assert p["template"]["scale"]["minReplicas"] == 0
+    command = p["template"]["containers"][0]["command"][2]
+    assert "--base model-cache/tiny --base-only --adapters deployments/model-cache--tiny/adapters.json" in command
+    assert served.endpoint == "https://tuneops-infer.tuneops-env.westus3.azurecontainerapps.io"
+    assert json.loads((aca.infra / "inference.config.json").read_text())["ACA_APP_ENDPOINT"] == served.endpoint
+    assert served.result.summary().startswith("ft-0001 is on the endpoint of model-cache/tiny. Created")
+
+    # The second adapter of the same base: one file write on the share, nothing written to ARM, no restart.
+    puts = len(aca.standin.requests_to("arm", "PUT"))
+    again = aca_endpoints.serve_adapter(aca.clients, conn, second, core_endpoints.new_entry(
+        "ft-0002", second.name, "dp-2", "U2"))
+    assert again.app == "tuneops-infer" and not again.result.created and again.result.changes == []
+    assert "with 1 other adapter." in again.result.summary()
+    assert len(aca.standin.requests_to("arm", "PUT")) == puts and aca.standin.restarts == []
+    entries = share_manifest(aca, "model-cache/tiny")
+    assert [(e["name"], e["path"], e["aliases"]) for e in entries] == [
+        ("ft-0001", "../../runs/ft-0001/adapter", []), ("ft-0002", "../../runs/ft-0002/adapter", ["ft-0002-name"])]
+    # What the server makes of the file, from the share's root as its replicas mount it.
+    share = aca.standin.share_dir(aca.cfg.file_share)
+    manifest = share / core_endpoints.manifest_rel("model-cache/tiny")
+    parsed, refused = parse_manifest(manifest.read_text(), manifest.parent)
+    assert refused == {} and [e.path.resolve() for e in parsed] == [
+        (share / "runs/ft-0001/adapter").resolve(), (share / "runs/ft-0002/adapter").resolve()]
+
+    # Another base model gets an app of its own; ACA_APP_NAME keeps serving the first.
+    third = aca_endpoints.serve_adapter(aca.clients, conn, other, core_endpoints.new_entry("ft-0003", "", "dp-3", "U1"))
+    assert third.app == aca_endpoints.derived_app_name("tuneops-infer", other.model) != "tuneops-infer"
+    assert len(third.app) <= 32 and third.app.startswith("tuneops-infer-")
+    assert "--adapters deployments/Qwen--Qwen2.5-0.5B-Instruct/adapters.json" in json.dumps(
+        aca.standin.apps[third.app])
+    assert aca_endpoints.app_for(aca.clients, "model-cache/tiny")[0] == "tuneops-infer"
+    # A provision afterwards keeps what the deploys put there.
     assert provision_inference(aca.clients).changes == []
 
+    # Undeploy: out of the manifest, nothing written to ARM, the app left to scale to zero.
+    puts = len(aca.standin.requests_to("arm", "PUT"))
+    backend = AcaBackend(settings, clients=aca.clients)
+    assert backend.undeploy(first) is False
+    assert [e["name"] for e in share_manifest(aca, "model-cache/tiny")] == ["ft-0002"]
+    assert len(aca.standin.requests_to("arm", "PUT")) == puts and "tuneops-infer" in aca.standin.apps
+    assert aca_endpoints.remove_adapter(aca.clients, conn, first) is None  # not there any more
 
-def test_deploy_and_a_new_secret_reference_keep_plain_secrets_as_they_are(aca):
+    # Requests served, summed over every replica's record beside the manifest; nothing wakes the app.
+    folder = manifest.parent / core_endpoints.SERVED
+    folder.mkdir()
+    (folder / "tuneops-infer--abc-1-100.json").write_text(json.dumps({"requests": {"ft-0001": 4, "ft-0002": 1}}))
+    (folder / "tuneops-infer--def-1-200.json").write_text(json.dumps({"requests": {"ft-0002": 2}}))
+    assert backend.requests_served("model-cache/tiny") == {"ft-0001": 4, "ft-0002": 3}
+    assert backend.requests_served(other.model) == {}
+
+
+def test_a_deploy_of_an_adapter_that_is_not_there_or_for_another_base_is_refused(aca, settings):
+    conn = store.connect(settings)
+    served = adapter_on_share(aca, "ft-0001")
+    aca_endpoints.serve_adapter(aca.clients, conn, served, core_endpoints.new_entry("ft-0001", "", "dp-1", "U1"))
+    missing = Run(id="ft-0002", requester="U0ALICE", channel="C0TRAIN", model="model-cache/tiny",
+                  dataset="datasets/chat.jsonl", adapter_path="runs/ft-0002/adapter")
+    with pytest.raises(BackendError, match="the adapter of ft-0002 is not on the share at runs/ft-0002/adapter"):
+        aca_endpoints.serve_adapter(aca.clients, conn, missing, core_endpoints.new_entry("ft-0002", "", "dp-2", "U1"))
+    misfit = adapter_on_share(aca, "ft-0003", base="Qwen/Qwen2.5-0.5B-Instruct")
+    misfit.model = "model-cache/tiny"  # trained on Qwen, asked to be served on tiny
+    with pytest.raises(BackendError, match="trained on /mount/Qwen/Qwen2.5-0.5B-Instruct, not on model-cache/tiny"):
+        aca_endpoints.serve_adapter(aca.clients, conn, misfit, core_endpoints.new_entry("ft-0003", "", "dp-3", "U1"))
+    assert [e["name"] for e in share_manifest(aca, "model-cache/tiny")] == ["ft-0001"]
+
+
+def test_a_deploy_whose_app_cannot_be_made_takes_its_entry_back_out(aca, settings):
+    conn = store.connect(settings)
+    run = adapter_on_share(aca, "ft-0001")
+    aca.standin.inject(Fault("arm", path=r"/containerApps/tuneops-infer$", method="PUT", status=400,
+                             code="InvalidParameterValue", message="the environment has no such workload profile"))
+    with pytest.raises(BackendError, match="no such workload profile"):
+        aca_endpoints.serve_adapter(aca.clients, conn, run, core_endpoints.new_entry("ft-0001", "", "dp-1", "U1"))
+    assert share_manifest(aca, "model-cache/tiny") == []
+
+
+def test_deploy_and_a_new_secret_reference_keep_plain_secrets_as_they_are(aca, settings):
     provision_finetune(aca.clients)
     provision_inference(aca.clients)
     resources = (aca.standin.jobs["tuneops-ft"], aca.standin.apps["tuneops-infer"])
@@ -161,19 +252,14 @@ def test_deploy_and_a_new_secret_reference_keep_plain_secrets_as_they_are(aca):
         r["properties"]["configuration"].setdefault("secrets", []).append({"name": "db-pass", "value": "plain-1234"})
         r["properties"]["template"]["containers"][0].setdefault("env", []).append(
             {"name": "DB_PASS", "secretRef": "db-pass"})
-    deploy_adapter(aca.clients, "model-cache/tiny", "runs/ft-0001/adapter")
+    aca_endpoints.serve_adapter(aca.clients, store.connect(settings), adapter_on_share(aca, "ft-0001"),
+                                core_endpoints.new_entry("ft-0001", "", "dp-1", "U1"))
     ensure_secret_reference(aca.clients, "HF_TOKEN")
     for r in (aca.standin.jobs["tuneops-ft"], aca.standin.apps["tuneops-infer"]):
         secrets = r["properties"]["configuration"]["secrets"]
         assert {"name": "db-pass", "value": "plain-1234"} in secrets
         assert {"name": "DB_PASS", "secretRef": "db-pass"} in r["properties"]["template"]["containers"][0]["env"]
         assert [s["name"] for s in secrets if s.get("keyVaultUrl")] == ["hf-token"]
-
-
-def test_deploy_before_the_app_exists_says_to_provision_it(aca):
-    with pytest.raises(BackendError, match="does not exist yet: provision it first") as e:
-        deploy_adapter(aca.clients, "model-cache/tiny", "runs/ft-0001/adapter")
-    assert e.value.hint.command == "provision inference"
 
 
 # ---- as RQ jobs, reporting in the thread's event stream ------------------------------------------------------------

@@ -27,6 +27,7 @@ from jobs.backends.aca.resources import (
     run_script,
     run_template,
     secret_name,
+    served_manifest,
     share_mount,
 )
 from jobs.backends.aca.standin import _tokens, run_kql
@@ -103,7 +104,8 @@ def test_an_existing_jobs_mount_identity_and_foreign_secrets_are_kept():
 
 def test_the_app_body_serves_on_7860_with_health_probes_and_scales_to_zero():
     body = app_body(cfg(IMAGE="reg.io/tuneops-payload:1"), ENV, storage_name="envstore", secret_envs=["HF_TOKEN"],
-                    base_model="microsoft/Phi-3-mini-4k-instruct", adapter="runs/ft-0001/adapter")
+                    base_model="microsoft/Phi-3-mini-4k-instruct",
+                    manifest="deployments/microsoft--Phi-3-mini-4k-instruct/adapters.json")
     p = body["properties"]
     assert p["configuration"]["ingress"]["external"] is True and p["configuration"]["ingress"]["targetPort"] == 7860
     assert p["template"]["scale"] == {"minReplicas": 0, "maxReplicas": 3}
@@ -111,9 +113,12 @@ def test_the_app_body_serves_on_7860_with_health_probes_and_scales_to_zero():
     assert {pr["type"] for pr in c["probes"]} == {"Startup", "Liveness", "Readiness"}
     assert all(pr["httpGet"]["path"] == "/healthz" and pr["httpGet"]["port"] == 7860 for pr in c["probes"])
     script = c["command"][2]
-    assert "python -P -m payload.serve --base model-cache/microsoft/Phi-3-mini-4k-instruct --adapter " \
-           "runs/ft-0001/adapter --host 0.0.0.0 --port 7860" in script
+    assert "python -P -m payload.serve --base model-cache/microsoft/Phi-3-mini-4k-instruct --base-only --adapters " \
+           "deployments/microsoft--Phi-3-mini-4k-instruct/adapters.json --host 0.0.0.0 --port 7860" in script
     assert "pip install" not in script  # our image has the packages
+    assert served_manifest(body) == "deployments/microsoft--Phi-3-mini-4k-instruct/adapters.json"
+    assert served_manifest(app_body(cfg(), ENV, storage_name="envstore", secret_envs=[])) == ""  # no manifest
+    assert served_manifest(None) is None
 
 
 def test_the_run_script_is_valid_bash_and_quotes_what_it_is_given(tmp_path):

@@ -54,9 +54,15 @@ async def test_an_approved_deploy_points_the_inference_app_at_the_adapter_and_po
     assert "is deployed" in done[0].text and endpoint in done[0].text, done[0].text
     req = approval.get_approval(bot.settings.jobs, "dp-0001")
     assert req.state == "deployed" and req.op_id == "pv-0001" and req.url == endpoint
-    # the inference app now serves the run's adapter from the share
+    # the inference app follows its base model's manifest on the share, which now lists the run's adapter
     app = json.dumps(aca.standin.apps["tuneops-infer"])
-    assert run.adapter_path in app
+    assert "--adapters deployments/model-cache--tiny/adapters.json" in app
+    share = aca.standin.share_dir(aca.cfg.file_share)
+    manifest = json.loads((share / "deployments/model-cache--tiny/adapters.json").read_text())
+    assert [(e["name"], e["path"], e["approval"]) for e in manifest["adapters"]] == \
+        [("ft-0001", f"../../{run.adapter_path}", "dp-0001")]
     # the Azure operation told its own story in its own thread
     root = next(m for m in slack.root_messages("C0TRAIN") if m.text.startswith("pv-0001:"))
-    assert any(" is done" in m.text for m in slack.thread("C0TRAIN", root.ts))
+    told = await slack.until(lambda: [m.text for m in slack.thread("C0TRAIN", root.ts) if " is done" in m.text], 30)
+    assert told and "ft-0001 is on the endpoint of model-cache/tiny" in told[0], \
+        [m.text for m in slack.thread("C0TRAIN", root.ts)]

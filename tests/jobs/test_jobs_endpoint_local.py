@@ -36,8 +36,8 @@ def test_two_runs_share_one_endpoint_and_undeploy_one_at_a_time(local, tmp_path)
     runs = [succeeded_run(local) for _ in range(2)]
     for i, run in enumerate(runs, 1):
         build_tiny_adapter(ws / "model-cache" / "tiny", ws / run.adapter_path, seed=i)
-    first = inference.serve_adapter(local, runs[0], {"approval": "dp-0001", "approved_by": "U0BOSS"})
-    second = inference.serve_adapter(local, runs[1], {"approval": "dp-0002", "approved_by": "U0BOSS"})
+    first = inference.serve_adapter(local, runs[0], endpoints.new_entry(runs[0].id, "", "dp-0001", "U0ASK"))
+    second = inference.serve_adapter(local, runs[1], endpoints.new_entry(runs[1].id, "", "dp-0002", "U0ASK"))
     try:
         assert (first.pid, first.url) == (second.pid, second.url)  # one server for the base, not one per run
         outputs = {run.id: answer(second, run.id) for run in runs}
@@ -49,7 +49,7 @@ def test_two_runs_share_one_endpoint_and_undeploy_one_at_a_time(local, tmp_path)
         misfit = succeeded_run(local)
         build_tiny_adapter(other, ws / misfit.adapter_path, seed=9)
         with pytest.raises(inference.ServeError, match=f"refused the adapter of {misfit.id}: .*different base model"):
-            inference.serve_adapter(local, misfit, {"approval": "dp-0003"})
+            inference.serve_adapter(local, misfit, endpoints.new_entry(misfit.id, "", "dp-0003", "U0ASK"))
         assert [e["name"] for e in endpoints.read_entries(ws, "model-cache/tiny")] == [r.id for r in runs]
         assert answer(second, runs[0].id) == outputs[runs[0].id]
 
@@ -63,6 +63,8 @@ def test_two_runs_share_one_endpoint_and_undeploy_one_at_a_time(local, tmp_path)
         assert removed["run"] == runs[1].id and stopped
         assert inference.endpoint(local, "model-cache/tiny") is None and not second.alive()
         assert inference.unserve_adapter(local, runs[1]) == (None, False)
+        # What each model served, as the server recorded it on its way out (a request refused with 404 is not).
+        assert endpoints.served_here(ws, "model-cache/tiny") == {runs[0].id: 2, runs[1].id: 2, "tiny": 1}
     finally:
         server = inference.endpoint(local, "model-cache/tiny")
         if server is not None:

@@ -3,6 +3,7 @@ them here), safe against path tricks and concurrent writers."""
 
 from __future__ import annotations
 
+import json
 import threading
 from pathlib import Path
 
@@ -78,3 +79,28 @@ def test_a_damaged_manifest_says_which_file_and_what_to_do(tmp_path):
     path.write_text('{"adapters": {}}')
     with pytest.raises(endpoints.ManifestDamaged, match="is not"):
         endpoints.add_entry(tmp_path, "model-cache/tiny", {"name": "ft-0001", "path": "runs/ft-0001/adapter"})
+
+
+def test_placed_keeps_an_alias_with_its_first_owner_and_paths_relative_to_the_manifest():
+    first = endpoints.new_entry("ft-0001", "support-bot", "dp-0001", "U1")
+    entries = endpoints.placed([], first, "runs/ft-0001/adapter", "Qwen/Qwen2.5-0.5B-Instruct")
+    assert entries[0]["path"] == "../../runs/ft-0001/adapter" and entries[0]["aliases"] == ["support-bot"]
+    assert endpoints.manifest_rel("Qwen/Qwen2.5-0.5B-Instruct") == \
+        "deployments/Qwen--Qwen2.5-0.5B-Instruct/adapters.json"
+    second = endpoints.new_entry("ft-0002", "support-bot", "dp-0002", "U2")  # a second run of the same name
+    entries = endpoints.placed(entries, second, "runs/ft-0002/adapter", "Qwen/Qwen2.5-0.5B-Instruct")
+    assert [(e["name"], e["aliases"]) for e in entries] == [("ft-0001", ["support-bot"]), ("ft-0002", [])]
+    again = endpoints.placed(entries, {**first, "approval": "dp-0003"}, "runs/ft-0001/adapter", "x/y")
+    assert [(e["name"], e["approval"]) for e in again] == [("ft-0002", "dp-0002"), ("ft-0001", "dp-0003")]
+    assert endpoints.new_entry("ft-0003", "ft-0003", "dp-0004", "U1")["aliases"] == []  # no name: no alias
+
+
+def test_requests_served_sum_every_process_record_and_skip_damaged_ones(tmp_path):
+    folder = endpoints.manifest_path(tmp_path, "model-cache/tiny").parent / endpoints.SERVED
+    folder.mkdir(parents=True)
+    (folder / "a-1-100.json").write_text(json.dumps({"requests": {"ft-0001": 3, "tiny": 1}}))
+    (folder / "b-7-200.json").write_text(json.dumps({"requests": {"ft-0001": 2, "ft-0002": 5}}))
+    (folder / "c-9-300.json").write_text("{half a reco")
+    (folder / "d-9-400.json").write_text(json.dumps({"requests": {"ft-0002": -4, "ft-0003": "many", "x": True}}))
+    assert endpoints.served_here(tmp_path, "model-cache/tiny") == {"ft-0001": 5, "tiny": 1, "ft-0002": 5}
+    assert endpoints.served_here(tmp_path, "model-cache/other") == {}

@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import redis
 
-from jobs.backends.aca import ops, secrets, smoke
+from jobs.backends.aca import endpoints, ops, secrets, smoke
 from jobs.backends.aca.errors import azure_call
 from jobs.backends.aca.executor import AcaExecutor
 from jobs.backends.aca.logs import run_logs
@@ -31,6 +31,7 @@ from jobs.backends.protocol import (
 )
 from jobs.core import store
 from jobs.core.domain import Run
+from jobs.core.endpoints import ManifestDamaged
 from jobs.core.errors import BackendError, Hint
 
 
@@ -51,6 +52,18 @@ class AcaBackend(AcaExecutor):
 
     def deploy_endpoint(self) -> str:
         return self.cfg.app_endpoint
+
+    def undeploy(self, run: Run) -> bool:
+        """Out of the base model's manifest on the share: the replicas unload it within seconds. The app is not
+        stopped: with min replicas 0 it costs nothing once idle, and a later deploy finds it ready."""
+        try:
+            endpoints.remove_adapter(self.clients, store.connect(self.settings), run)
+        except ManifestDamaged as e:
+            raise BackendError(str(e)) from None
+        return False
+
+    def requests_served(self, model: str) -> dict[str, int]:
+        return endpoints.served_counts(self.clients, model)
 
     # Doctor -------------------------------------------------------------------------------------------------------
 

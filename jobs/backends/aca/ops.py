@@ -17,11 +17,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from jobs.backends.aca import endpoints as aca_endpoints
 from jobs.backends.aca import provision, quota, smoke
 from jobs.backends.aca.clients import AzureClients, get_clients
 from jobs.backends.aca.config import load_aca_config
 from jobs.backends.aca.executor import AcaExecutor
 from jobs.backends.aca.resources import InvalidSecretName, secret_name
+from jobs.core import endpoints as core_endpoints
 from jobs.core import queue, store
 from jobs.core.domain import Op, RunEvent
 from jobs.core.errors import BackendError, Hint
@@ -199,10 +201,13 @@ def _run(op: Op, clients: AzureClients, settings, notice: Callable[[str], None],
     elif op.kind == "secret":
         result = provision.ensure_secret_reference(clients, op.target, notice)
     elif op.kind == "deploy":
-        run = store.load_run(store.connect(settings), op.target)
+        conn = store.connect(settings)
+        run = store.load_run(conn, op.target)
         if run is None or not run.adapter_path:
             raise BackendError(f"{op.target} has no adapter to deploy: only a run that succeeded can be deployed.")
-        result = provision.deploy_adapter(clients, run.model, run.adapter_path, notice)
+        request = next((d.get("id", "") for d in reversed(run.deployments) if d.get("state") == "deploying"), "")
+        entry = core_endpoints.new_entry(run.id, run.name, request, op.requester)
+        result = aca_endpoints.serve_adapter(clients, conn, run, entry, notice).result
     else:
         raise BackendError(f"unknown operation {op.kind!r}")
     links = {}

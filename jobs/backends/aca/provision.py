@@ -30,7 +30,7 @@ from jobs.backends.aca.resources import (
     without_run,
 )
 from jobs.backends.aca.secrets import list_secrets
-from jobs.core.errors import BackendError, Hint
+from jobs.core.errors import BackendError
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ class ProvisionResult:
             head = f"The {what} {self.name} was already up to date; nothing changed."
         if self.endpoint:
             head += f" Endpoint: {self.endpoint}"
-        return head
+        return " ".join([*self.notes, head])
 
 
 def _quiet(_: str) -> None:
@@ -113,12 +113,14 @@ def get_job(clients: AzureClients) -> dict | None:
             return None
 
 
-def get_app(clients: AzureClients) -> dict | None:
+def get_app(clients: AzureClients, name: str = "") -> dict | None:
+    """The inference app `name` (default: ACA_APP_NAME), None when it does not exist."""
     cfg = clients.cfg
     cfg.require("The inference app", "app_name")
-    with azure_call(f"read the inference app {cfg.app_name}"):
+    name = name or cfg.app_name
+    with azure_call(f"read the inference app {name}"):
         try:
-            return as_plain(clients.arm.container_apps.get(cfg.resource_group, cfg.app_name))
+            return as_plain(clients.arm.container_apps.get(cfg.resource_group, name))
         except ResourceNotFoundError:
             return None
 
@@ -283,12 +285,13 @@ def provision_finetune(clients: AzureClients, notice: Notice = _quiet,
     return result
 
 
-def _endpoint(app: Mapping | None) -> str:
+def endpoint_of(app: Mapping | None) -> str:
+    """The app's https address from its ingress, '' when it has none yet."""
     fqdn = ((((app or {}).get("properties") or {}).get("configuration") or {}).get("ingress") or {}).get("fqdn")
     return f"https://{fqdn}" if fqdn else ""
 
 
-def _record_endpoint(cfg: AcaConfig, endpoint: str, notice: Notice) -> None:
+def record_endpoint(cfg: AcaConfig, endpoint: str, notice: Notice) -> None:
     """Write ACA_APP_ENDPOINT back to inference.config.json, as AI Toolkit does after provisioning."""
     path = cfg.infra_dir / INFERENCE_FILE
     try:
@@ -303,11 +306,10 @@ def _record_endpoint(cfg: AcaConfig, endpoint: str, notice: Notice) -> None:
         notice(f"could not record the endpoint in {path}: {e}")
 
 
-def _put_app(clients: AzureClients, body: dict, existing: dict | None, result: ProvisionResult,
-             notice: Notice) -> dict | None:
-    cfg = clients.cfg
-    return _put(clients, "inference app", cfg.app_name, clients.arm.container_apps.begin_create_or_update, body,
-                existing, result, notice, change_kind="inference app")
+def put_app(clients: AzureClients, name: str, body: dict, existing: dict | None, result: ProvisionResult,
+            notice: Notice) -> dict | None:
+    return _put(clients, "inference app", name, clients.arm.container_apps.begin_create_or_update, body, existing,
+                result, notice, change_kind="inference app")
 
 
 def provision_inference(clients: AzureClients, notice: Notice = _quiet,
@@ -320,35 +322,19 @@ def provision_inference(clients: AzureClients, notice: Notice = _quiet,
     existing = get_app(clients)
     body = _wanted(clients, "app", existing, cfg.app_workload_profile, secret_envs, notice, app_body)
     result = ProvisionResult("inference", cfg.app_name, created=existing is None)
-    app = _put_app(clients, body, existing, result, notice)
-    result.endpoint = _endpoint(app) or _endpoint(get_app(clients))
+    app = put_app(clients, cfg.app_name, body, existing, result, notice)
+    result.endpoint = endpoint_of(app) or endpoint_of(get_app(clients))
     if result.endpoint:
-        _record_endpoint(cfg, result.endpoint, notice)
+        record_endpoint(cfg, result.endpoint, notice)
     return result
 
 
-def deploy_adapter(clients: AzureClients, base_model: str, adapter: str, notice: Notice = _quiet) -> ProvisionResult:
-    """Serve `adapter` (a run's `runs/<id>/adapter` on the share) on top of `base_model` in the inference app. A
-    changed command makes a new revision; the same one again restarts the revision so that it reloads from the share."""
-    cfg = clients.cfg
-    cfg.require("Deploying to the inference app", "app_name")
-    existing = get_app(clients)
-    if existing is None:
-        raise BackendError(f"The inference app {cfg.app_name} does not exist yet: provision it first, then deploy "
-                           "again.", hint=Hint("provision inference", "creates it"))
-    body = _wanted(clients, "app", existing, cfg.app_workload_profile, vault_refs_of(existing), notice,
-                   functools.partial(app_body, base_model=base_model, adapter=adapter))
-    result = ProvisionResult("deploy", cfg.app_name)
-    app = _put_app(clients, body, existing, result, notice)
-    revision = ((app or {}).get("properties") or {}).get("latestRevisionName") or ""
-    if not result.changes and revision:
-        notice(f"restarting revision {revision} so that it loads the adapter again")
-        with azure_call(f"restart the revision {revision}"):
-            clients.arm.container_apps_revisions.restart_revision(cfg.resource_group, cfg.app_name, revision)
-        result.changes = [f"restarted revision {revision}"]
-    result.revision = revision
-    result.endpoint = _endpoint(app)
-    return result
+def wanted_app(clients: AzureClients, name: str, existing: dict | None, notice: Notice, **serve: str) -> dict:
+    """The body of inference app `name` serving `serve` (base_model and manifest: resources.app_body), with the Key
+    Vault references it has (a new app: the vault's)."""
+    envs = vault_refs_of(existing) if existing is not None else None
+    return _wanted(clients, "app", existing, clients.cfg.app_workload_profile, envs, notice,
+                   functools.partial(app_body, name=name, **serve))
 
 
 # ---- a secret reference -------------------------------------------------------------------------------------------

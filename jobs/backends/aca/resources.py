@@ -360,12 +360,13 @@ def job_body(cfg: AcaConfig, environment: Mapping[str, Any], *, storage_name: st
                           {"containers": [container], "volumes": [volume]})
 
 
-def app_command(cfg: AcaConfig, base_model: str = "", adapter: str = "") -> list[str]:
-    """The inference app's command: the seed's COMMANDS when inference.config.json has them, else payload.serve."""
+def app_command(cfg: AcaConfig, base_model: str = "", manifest: str = "") -> list[str]:
+    """The inference app's command: the seed's COMMANDS when inference.config.json has them, else payload.serve; with
+    `manifest` (relative to the share), the base model's endpoint serving every adapter that manifest lists."""
     if cfg.app_commands and not base_model:
         return ["/bin/bash", "-c", "; ".join(cfg.app_commands)]
     base = model_cache_dir(base_model) if base_model and is_hub_id(base_model) else (base_model or "model-cache/base")
-    which = f"--adapter {shlex.quote(adapter)}" if adapter else "--base-only"
+    which = f"--base-only --adapters {shlex.quote(manifest)}" if manifest else "--base-only"
     steps = [f"cd {MOUNT}", CODE_PATH]
     if needs_install(cfg.app_image or cfg.job_image):
         steps.append("pip install --no-cache-dir --quiet " + " ".join(shlex.quote(r) for r in payload_requirements()))
@@ -373,8 +374,21 @@ def app_command(cfg: AcaConfig, base_model: str = "", adapter: str = "") -> list
     return ["/bin/bash", "-c", "; ".join(steps)]
 
 
+MANIFEST_ARG = re.compile(r"--adapters\s+'?([^\s';]+)")
+
+
+def served_manifest(app: Mapping[str, Any] | None) -> str | None:
+    """The adapter manifest an inference app's payload.serve follows; '' when it runs no manifest (the seed's
+    commands, a base model alone, an adapter of the old one-adapter command), None when there is no app."""
+    if app is None:
+        return None
+    containers = (((app.get("properties") or {}).get("template") or {}).get("containers") or [{}])
+    m = MANIFEST_ARG.search(" ".join(containers[0].get("command") or []))
+    return m.group(1) if m else ""
+
+
 def app_body(cfg: AcaConfig, environment: Mapping[str, Any], *, storage_name: str, secret_envs: Iterable[str],
-             existing: Mapping[str, Any] | None = None, base_model: str = "", adapter: str = "",
+             existing: Mapping[str, Any] | None = None, name: str = "", base_model: str = "", manifest: str = "",
              foreign_secret_values: Mapping[str, str] | None = None) -> dict[str, Any]:
     """The inference Container App running payload.serve: external ingress on 7860, probes on /healthz, min
     replicas 0 (the seed keeps one A100 on around the clock; this one scales to zero) and max from the config."""
@@ -382,19 +396,19 @@ def app_body(cfg: AcaConfig, environment: Mapping[str, Any], *, storage_name: st
     old_template = old_props.get("template") or {}
     old_container = (old_template.get("containers") or [{}])[0]
     if not base_model and existing:
-        # A provision keeps what a deploy put there: the serve command names the model and adapter.
+        # A provision keeps what a deploy put there: the serve command names the model and its manifest.
         old_cmd = old_container.get("command") or []
         if any("payload.serve" in part for part in old_cmd):
             command = list(old_cmd)
         else:
             command = app_command(cfg)
     else:
-        command = app_command(cfg, base_model, adapter)
+        command = app_command(cfg, base_model, manifest)
     secrets, env = _secrets_and_env(cfg, old_props, old_container, secret_envs, foreign_secret_values)
     volume, mount = _mount(old_template, cfg.file_share, storage_name)
     probe = {"httpGet": {"path": HEALTH_PATH, "port": SERVE_PORT, "scheme": "HTTP"}}
     container = {
-        "name": old_container.get("name") or cfg.app_name,
+        "name": old_container.get("name") or name or cfg.app_name,
         "image": cfg.app_image or cfg.job_image,
         "command": command,
         "resources": {"cpu": cfg.app_cpu, "memory": cfg.app_memory},

@@ -6,7 +6,6 @@ provision: those it refuses with what to do instead.
 from __future__ import annotations
 
 import subprocess
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -58,10 +57,9 @@ class LocalBackend(LocalExecutor):
                 "it already serves")
 
     def deploy(self, run: Run, approval_id: str, requester: str) -> DeployStarted:
-        entry = {"approval": approval_id, "requested_by": requester, "since": time.time(),
-                 "aliases": [run.name] if run.name and run.name != run.id else []}
         try:
-            server = inference.serve_adapter(self.settings, run, entry)
+            server = inference.serve_adapter(self.settings, run,
+                                             endpoints.new_entry(run.id, run.name, approval_id, requester))
         except (inference.ServeError, endpoints.ManifestDamaged) as e:
             raise BackendError(str(e)) from None
         return DeployStarted(url=server.url, api_url=server.api_url)
@@ -75,6 +73,9 @@ class LocalBackend(LocalExecutor):
         except (inference.ServeError, endpoints.ManifestDamaged) as e:
             raise BackendError(str(e)) from None
         return stopped
+
+    def requests_served(self, model: str) -> dict[str, int]:
+        return endpoints.served_here(Path(self.settings.workspace), model)
 
     # Doctor -------------------------------------------------------------------------------------------------------
 

@@ -230,11 +230,7 @@ def serve_adapter(settings: JobSettings, run: Run, entry: dict, timeout_s: float
     conn = store.connect(settings)
     name = endpoints.endpoint_name(run.model)
     with _holding(conn, name, run.model, timeout_s):
-        taken = {n for e in endpoints.read_entries(workspace, run.model) if e.get("name") != run.id
-                 for n in (e.get("name"), *(e.get("aliases") or []))}
-        aliases = [a for a in entry.get("aliases", []) if a not in taken]  # two runs of one name: the first keeps it
-        endpoints.add_entry(workspace, run.model, {**entry, "aliases": aliases, "name": run.id, "run": run.id,
-                                                   "path": str(adapter)})
+        endpoints.add_entry(workspace, run.model, {**entry, "path": str(adapter)})
         server = endpoint(settings, run.model)
         if server is None:
             server = _start_endpoint(settings, run.model, timeout_s)  # loads the manifest, this entry included

@@ -1,0 +1,176 @@
+"""The ACA backend's inference endpoints: one Container App per base model, running `payload.serve --base-only
+--adapters deployments/<base>/adapters.json` on the share, min replicas 0.
+
+A deploy is a manifest write on the Azure Files share (jobs.core.endpoints: the same file as the local backend's) plus
+an app update only when the app's command is not yet that one; the running replicas follow the manifest within
+seconds (payload.serving.manifest polls it) and a replica that starts from zero reads it whole. So a deploy never
+restarts a revision, and an undeploy never touches Azure Resource Manager at all.
+
+Which app serves which base: ACA_APP_NAME (inference.config.json, where AI Toolkit writes its endpoint) serves the
+first base model deployed on it; every other base gets an app of its own, `<ACA_APP_NAME>-<8 hex of the base's
+name>`. Which base an app serves is read from its command, so it holds across restarts of the bot and of Redis.
+
+Manifest writes take a Redis lock per base model (a deploy op and an undeploy from Slack at once must not lose one
+another's entry). Azure Files writes a file as Create (sized, zero-filled) then Put Range: a server that reads
+between the two finds no JSON, keeps what it has loaded and reads again at its next poll.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from jobs.backends.aca import share as sharefs
+from jobs.backends.aca.clients import AzureClients
+from jobs.backends.aca.errors import azure_call
+from jobs.backends.aca.provision import (
+    ProvisionResult,
+    endpoint_of,
+    get_app,
+    put_app,
+    record_endpoint,
+    wanted_app,
+)
+from jobs.backends.aca.resources import served_manifest
+from jobs.core import endpoints, store
+from jobs.core.domain import Run
+from jobs.core.errors import BackendError
+
+MANIFEST_LOCK_S = 120
+APP_NAME_MAX = 32  # Container App names: 2-32 lower-case letters, digits and '-' (ContainerApps.json, the name's pattern)
+
+Notice = Callable[[str], None]
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+@dataclass
+class ServedOn:
+    """Where a deploy landed: the app, its address, and what changed in Azure to get there."""
+    app: str
+    endpoint: str
+    result: ProvisionResult
+
+
+def derived_app_name(app_name: str, model: str) -> str:
+    """The app of a base model other than the one ACA_APP_NAME serves: a stable name within Container Apps' rules."""
+    digest = hashlib.sha1(endpoints.endpoint_name(model).encode()).hexdigest()[:8]
+    return f"{app_name[:APP_NAME_MAX - 9].rstrip('-')}-{digest}"
+
+
+def app_for(clients: AzureClients, model: str) -> tuple[str, dict | None]:
+    """The inference app that serves (or will serve) `model`'s endpoint, and the app as it is now (None: none yet).
+    ACA_APP_NAME while it serves no manifest or this base's; else the base's own derived app."""
+    cfg = clients.cfg
+    manifest = endpoints.manifest_rel(model)
+    primary = get_app(clients)
+    if primary is None or served_manifest(primary) in ("", manifest):
+        return cfg.app_name, primary
+    name = derived_app_name(cfg.app_name, model)
+    return name, get_app(clients, name)
+
+
+@contextmanager
+def manifest_lock(conn, model: str) -> Iterator[None]:
+    lock = conn.lock(store.azure_lock("manifest", endpoints.endpoint_name(model)), timeout=MANIFEST_LOCK_S,
+                     blocking_timeout=MANIFEST_LOCK_S)
+    if not lock.acquire():
+        raise BackendError(f"another deploy has held the adapter list of {model} for too long; try again later",
+                           transient=True)
+    try:
+        yield
+    finally:
+        try:
+            lock.release()
+        except Exception:  # expired: the next writer may already hold it
+            pass
+
+
+def read_manifest(clients: AzureClients, model: str) -> list[dict]:
+    rel = endpoints.manifest_rel(model)
+    with azure_call(f"read {rel} on the share"):
+        raw = sharefs.read_range(clients.share, rel)
+    return endpoints.parse(raw.decode("utf-8", errors="replace"), f"{rel} on the share") if raw else []
+
+
+def _write_manifest(clients: AzureClients, model: str, entries: list[dict]) -> None:
+    rel = endpoints.manifest_rel(model)
+    with azure_call(f"write {rel} on the share"):
+        sharefs.write_bytes(clients.share, rel, endpoints.dump(entries).encode())
+
+
+def _check_adapter(clients: AzureClients, run: Run) -> str:
+    """The adapter's folder on the share, after checking that it is there and trained on the run's base model."""
+    adapter = run.adapter_path
+    with azure_call(f"read the adapter of {run.id} on the share"):
+        config = sharefs.read_json(clients.share, f"{adapter}/adapter_config.json")
+    if not isinstance(config, dict):
+        raise BackendError(f"the adapter of {run.id} is not on the share at {adapter} (no readable "
+                           "adapter_config.json); run it again")
+    trained_on = str(config.get("base_model_name_or_path") or "")
+    if trained_on and not _same_base(trained_on, run.model):
+        raise BackendError(f"the adapter of {run.id} was trained on {trained_on}, not on {run.model}; it cannot be "
+                           f"served on the endpoint of {run.model}")
+    return adapter
+
+
+def _same_base(trained_on: str, model: str) -> bool:
+    """adapter_config.json names the base as the trainer loaded it: the hub id, or its folder in the model cache."""
+    a, b = trained_on.rstrip("/"), model.rstrip("/")
+    return a == b or a.endswith("/" + b) or b.endswith("/" + a)
+
+
+def serve_adapter(clients: AzureClients, conn, run: Run, entry: dict, notice: Notice = _quiet) -> ServedOn:
+    """Add the run's adapter to its base model's endpoint: the manifest entry on the share, then the base's app
+    (created, or its command set) when it does not run that manifest yet. The entry is taken back out when the app
+    cannot be made to serve it."""
+    adapter = _check_adapter(clients, run)
+    manifest = endpoints.manifest_rel(run.model)
+    with manifest_lock(conn, run.model):
+        entries = endpoints.placed(read_manifest(clients, run.model), entry, adapter, run.model)
+        notice(f"adding {run.id} to {manifest} on the share ({len(entries)} adapter(s) on {run.model})")
+        _write_manifest(clients, run.model, entries)
+    try:
+        name, existing = app_for(clients, run.model)
+        result = ProvisionResult("deploy", name, created=existing is None)
+        if existing is not None and served_manifest(existing) == manifest:
+            notice(f"the inference app {name} already follows {manifest}: it loads {run.id} within seconds, or at "
+                   "its next start when it is scaled to zero")
+            app = existing
+        else:
+            body = wanted_app(clients, name, existing, notice, base_model=run.model, manifest=manifest)
+            app = put_app(clients, name, body, existing, result, notice)
+    except BaseException:
+        remove_adapter(clients, conn, run)
+        raise
+    result.endpoint = endpoint_of(app) or endpoint_of(get_app(clients, name))
+    if name == clients.cfg.app_name and result.endpoint:
+        record_endpoint(clients.cfg, result.endpoint, notice)  # where AI Toolkit's inference config has it
+    others = len(entries) - 1
+    result.notes = [f"{run.id} is on the endpoint of {run.model}" +
+                    (f" with {others} other adapter{'s' if others != 1 else ''}." if others else ".")]
+    return ServedOn(name, result.endpoint, result)
+
+
+def remove_adapter(clients: AzureClients, conn, run: Run) -> dict | None:
+    """Take the run's adapter out of its base model's manifest on the share; the entry removed, or None when it was
+    not there. The app stays: it scales to zero by itself once idle."""
+    with manifest_lock(conn, run.model):
+        entries = read_manifest(clients, run.model)
+        removed = next((e for e in entries if e.get("name") == run.id), None)
+        if removed is not None:
+            _write_manifest(clients, run.model, [e for e in entries if e is not removed])
+    return removed
+
+
+def served_counts(clients: AzureClients, model: str) -> dict[str, int]:
+    """Requests served per model id on the base model's endpoint, from every replica's record on the share."""
+    folder = f"{endpoints.ROOT}/{endpoints.endpoint_name(model)}/{endpoints.SERVED}"
+    with azure_call(f"read {folder} on the share"):
+        records = [sharefs.read_json(clients.share, f"{folder}/{f}") for f in sharefs.list_files(clients.share, folder)
+                   if f.endswith(".json")]
+    return endpoints.sum_served(records)
