@@ -338,7 +338,9 @@ HELP_LINES = {
     "logs": "the last log lines of a run",
     "cancel": "stop a run (its requester or an admin)",
     "resume": "continue a failed, cancelled or timed-out run from its last checkpoint",
-    "deploy": "deploy a finished run's adapter to the inference endpoint (after approval)",
+    "deploy": "deploy a finished run's adapter to its base model's inference endpoint (after approval)",
+    "undeploy": "take a run's adapter off its endpoint (approvers, admins, or who asked for that deploy)",
+    "deployments": "what is deployed: adapter, base model, endpoint, since when, approved by, requests served",
     "secret": "store a secret for the training job in Key Vault (admins)",
     "provision": "create the Azure fine-tuning job and/or the inference app, or `check` the set-up with one short CPU run "
                  "(admins)",
@@ -532,6 +534,34 @@ def render_approval_card(approval, run: Run) -> Message:
             button("Reject", REJECT_ACTION, approval.id, style="danger"),
         ]})
     text = f"Deploy request {approval.id} for {run.id}: {approval.state} (asked by {mention(approval.requested_by)})"
+    return message(text, blocks)
+
+
+DEPLOYMENTS_SHOWN = 40  # a line each; with the title, well inside 50 blocks even one line a section
+
+
+def render_deployments(rows: list, limit: int = DEPLOYMENTS_SHOWN) -> Message:
+    """`/finetune deployments`: each adapter live, newest first (jobs.deploys.deploy.Deployment rows)."""
+    if not rows:
+        text = "Nothing is deployed. `/finetune deploy RUN` asks to deploy a finished run."
+        return message(text, [section(text)])
+    lines = []
+    for d in rows[:limit]:
+        name = f" ({escape(d.run_name)})" if d.run_name and d.run_name != d.run_id else ""
+        where = f"<{d.endpoint}|endpoint>" if d.endpoint else "endpoint not recorded"
+        served = ("requests served: unknown" if d.requests is None else
+                  f"{d.requests} request{'s' if d.requests != 1 else ''} served")
+        lines.append(f"• *{escape(d.run_id)}*{name} on `{escape(d.base)}` · {where} · since "
+                     f"{slack_date(d.since)} · approved by {mention(d.approved_by)} for {mention(d.requested_by)} · "
+                     f"{served}")
+    more = len(rows) - limit
+    blocks = [section(f"*Deployed* ({len(rows)})")] + line_sections(lines)
+    if more > 0:
+        blocks.append(context(f"and {more} more"))
+    blocks.append(context("Clients pick an adapter by its run id (or name) in the `model` field. "
+                          "`/finetune undeploy RUN` takes one off."))
+    text = "Deployed: " + ", ".join(f"{d.run_id} on {d.base}" for d in rows[:limit]) + (
+        f" and {more} more" if more > 0 else "")
     return message(text, blocks)
 
 

@@ -30,6 +30,7 @@ USAGE: dict[str, str] = {
     "resume": "/finetune resume RUN",
     "deploy": "/finetune deploy RUN",
     "undeploy": "/finetune undeploy RUN",
+    "deployments": "/finetune deployments",
     "secret": "/finetune secret set NAME | /finetune secret list",
     "provision": "/finetune provision [finetune|inference|check]",
 }
@@ -95,6 +96,11 @@ class Undeploy:
 
 
 @dataclass(frozen=True)
+class Deployments:
+    pass
+
+
+@dataclass(frozen=True)
 class SecretSet:
     name: str
 
@@ -109,8 +115,8 @@ class Provision:
     target: Literal["finetune", "inference", "check"] | None = None   # None: both; check: the smoke check
 
 
-Command = Union[Help, RunCommand, Status, ListRuns, Logs, Cancel, Resume, Deploy, Undeploy, SecretSet, SecretList,
-                Provision]
+Command = Union[Help, RunCommand, Status, ListRuns, Logs, Cancel, Resume, Deploy, Undeploy, Deployments, SecretSet,
+                SecretList, Provision]
 
 
 @dataclass(frozen=True)
@@ -132,7 +138,8 @@ def subcommand_of(command: Command) -> str:
     """The subcommand word a command came from, e.g. "run" for RunCommand (for authorization and logging)."""
     return {
         Help: "help", RunCommand: "run", Status: "status", ListRuns: "list", Logs: "logs", Cancel: "cancel",
-        Resume: "resume", Deploy: "deploy", Undeploy: "undeploy", SecretSet: "secret", SecretList: "secret",
+        Resume: "resume", Deploy: "deploy", Undeploy: "undeploy", Deployments: "deployments",
+        SecretSet: "secret", SecretList: "secret",
         Provision: "provision",
     }[type(command)]
 
@@ -356,6 +363,11 @@ def _undeploy(args: list[str]) -> Undeploy:
     return Undeploy(_run_id(args, "undeploy"))
 
 
+def _deployments(args: list[str]) -> Deployments:
+    _no_extra(args, "`deployments` takes no arguments")
+    return Deployments()
+
+
 def _secret(args: list[str]) -> SecretSet | SecretList:
     if not args:
         raise _Bad("`secret` needs `set NAME` or `list`.")
@@ -389,5 +401,6 @@ def _provision(args: list[str]) -> Provision:
 
 _PARSERS = {
     "help": _help, "run": _run, "status": _status, "list": _list, "logs": _logs, "cancel": _cancel,
-    "resume": _resume, "deploy": _deploy, "undeploy": _undeploy, "secret": _secret, "provision": _provision,
+    "resume": _resume, "deploy": _deploy, "undeploy": _undeploy, "deployments": _deployments,
+    "secret": _secret, "provision": _provision,
 }

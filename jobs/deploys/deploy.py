@@ -12,6 +12,7 @@ import json
 import logging
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 from jobs.backends import get_backend
@@ -231,3 +232,51 @@ def undeploy(settings: JobSettings, run_id: str, user: str, approvers: frozenset
     for approval_id in live:  # earlier deploys of the same run were served again by the last one: all come down
         update_approval(conn, approval_id, take_down)
     return serving, stopped
+
+
+# What is live ---------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Deployment:
+    """One adapter live on an endpoint, for `/finetune deployments`."""
+    run_id: str
+    run_name: str
+    base: str
+    endpoint: str            # the UI; the OpenAI-compatible API is endpoint + /v1
+    since: float | None
+    approved_by: str
+    requested_by: str
+    request_id: str
+    requests: int | None     # None: the backend could not say
+
+
+def deployments(settings: JobSettings) -> list[Deployment]:
+    """Every run whose adapter is live, newest deploy first, each with the requests its endpoint served for it (read
+    from the servers' records: no endpoint is woken to ask)."""
+    conn = store.connect(settings)
+    live: dict[str, Approval] = {}
+    for key in conn.scan_iter(approval_key("*"), count=500):
+        raw = conn.get(key)
+        approval = Approval.from_dict(json.loads(raw)) if raw else None
+        if approval is not None and approval.state is ApprovalState.DEPLOYED:
+            held = live.get(approval.run_id)  # a run deployed again: its last request is the one serving
+            if held is None or (approval.finished_at or 0) > (held.finished_at or 0):
+                live[approval.run_id] = approval
+    backend = get_backend(settings)
+    served: dict[str, dict[str, int] | None] = {}
+    rows = []
+    for approval in live.values():
+        run = store.load_run(conn, approval.run_id)
+        if run is None:
+            continue
+        if run.model not in served:
+            try:
+                served[run.model] = backend.requests_served(run.model)
+            except BackendError as e:
+                log.warning("requests served on the endpoint of %s: %s", run.model, e.reason)
+                served[run.model] = None
+        counts = served[run.model]
+        rows.append(Deployment(run.id, run.name, run.model, approval.url, approval.finished_at, approval.decided_by,
+                               approval.requested_by, approval.id,
+                               None if counts is None else counts.get(run.id, 0)))
+    return sorted(rows, key=lambda d: -(d.since or 0))

@@ -122,6 +122,9 @@ def test_help_lists_every_subcommand():
     for usage in USAGE.values():
         assert json.dumps(usage)[1:-1] in text
     assert "logs RUN" in B.render_help("logs")["text"]
+    assert set(B.HELP_LINES) == set(USAGE)  # every subcommand has its help line, `/finetune help X` for each
+    assert "undeploy RUN" in B.render_help("undeploy")["text"] and "requests served" in B.render_help("deployments")[
+        "text"]
 
 
 def test_a_thousand_runs_still_fit_in_one_message():
@@ -158,3 +161,23 @@ def test_any_content_stays_within_limits(error, lines, name):
     for msg in (B.render_failed(run, error, lines), B.render_run_card(run), B.render_status(run),
                 B.render_notice(run, error), B.render_logs(run, lines), B.render_problem(error)):
         assert_within_limits(msg)
+
+
+def test_the_deployments_list_stays_within_block_kits_limits_and_says_what_it_cut():
+    from slack_sdk.models.blocks import Block
+
+    from jobs.deploys.deploy import Deployment
+
+    rows = [Deployment(f"ft-{i:04d}", f"bot-{i}" if i % 2 else "", "Qwen/Qwen2.5-0.5B-Instruct",
+                       f"https://infer-{i}.example", 1_764_000_000.0 + i, "U0BOSS", "U0ALICE", f"dp-{i:04d}",
+                       None if i == 3 else i) for i in range(1, 61)]
+    msg = B.render_deployments(rows)
+    assert len(msg["blocks"]) <= 50
+    for block in msg["blocks"]:
+        Block.parse(block).validate_json()
+    shown = json.dumps(msg["blocks"])
+    assert "and 20 more" in shown and "*ft-0040*" in shown and "*ft-0041*" not in shown
+    assert "*ft-0001* (bot-1)" in shown and "*ft-0002* on" in shown and "requests served: unknown" in shown
+    assert "1 request served" in shown and "2 requests served" in shown
+    empty = B.render_deployments([])
+    assert "Nothing is deployed" in empty["text"]

@@ -10,10 +10,11 @@ import json
 
 import httpx
 import pytest
+from slack_sdk.models.blocks import Block
 
 from bot.blocks import APPROVE_ACTION, DEPLOY_ACTION, REJECT_ACTION
 from jobs.backends.local import inference as serving
-from jobs.core import store
+from jobs.core import endpoints, store
 from jobs.core.procs import pid_alive
 from jobs.deploys import approval
 from jobs.runs import service
@@ -139,6 +140,17 @@ async def test_four_eyes_one_deploy_under_two_clicks_and_the_local_server_answer
         assert (await http.get(f"{second.url}/healthz")).json()["status"] == "ok"
     assert [d["id"] for d in service.get_run(bot.settings.jobs, run.id).deployments] == ["dp-0001", "dp-0002"]
 
+    # the list of deployments: the run once (its last request serving), its endpoint, who approved, requests served
+    assert await slack.until(lambda: endpoints.served_here(workspace, run.model).get(run.id) == 1, 30), \
+        "the server did not record the request it served"
+    _, _, key = await bot.command("deployments", user="U0MALLORY")  # anyone may look
+    listed = (await slack.until(lambda: slack.responses[key], 30))[-1]
+    for block in listed["blocks"]:
+        Block.parse(block).validate_json()  # slack_sdk's own Block Kit models
+    shown = json.dumps(listed)
+    assert shown.count("*ft-0001*") == 1 and f"<{req.url}|endpoint>" in shown and "`model-cache/tiny`" in shown
+    assert "approved by <@U0BOSS> for <@U0BOB>" in shown and "1 request served" in shown, shown
+
     # undeploy: refused to someone who neither approves nor asked for it; done for who asked, and the thread says so
     _, _, key = await bot.command("undeploy ft-0001", user="U0MALLORY")
     assert "only approvers, admins or <@U0BOB>" in await answer_of(slack, key)
@@ -155,6 +167,8 @@ async def test_four_eyes_one_deploy_under_two_clicks_and_the_local_server_answer
     assert {d["state"] for d in service.get_run(bot.settings.jobs, run.id).deployments} == {"undeployed"}
     _, _, key = await bot.command("undeploy ft-0001", user="U0BOSS")
     assert "ft-0001 is not deployed" in await answer_of(slack, key)
+    _, _, key = await bot.command("deployments")
+    assert "Nothing is deployed" in await answer_of(slack, key)
 
 
 @pytest.mark.parametrize("approvers", [{"TUNEOPS_APPROVAL_TTL": "3s", "PYTHONPATH": str(ROOT),

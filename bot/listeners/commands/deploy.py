@@ -1,6 +1,6 @@
 """`/finetune deploy RUN` and the Deploy button of a finished run: ask for a deploy, which an approver other than
 the person asking must approve (the card with Approve / Reject goes into the run's thread). `/finetune undeploy RUN`
-takes a deployed run's adapter off its endpoint.
+takes a deployed run's adapter off its endpoint; `/finetune deployments` lists what is live.
 
 Anyone who may use tuneops here may ask; jobs.deploys.approval refuses a run that did not succeed or already has a request.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from bot import blocks
-from bot.grammar import Deploy, Undeploy
+from bot.grammar import Deploy, Deployments, Undeploy
 from bot.listeners.support import answer, answering_errors, call
 from bot.runtime import BotRuntime
 from jobs.deploys import approval, deploy
@@ -52,3 +52,13 @@ async def handle_undeploy(ack, cmd: Undeploy, command: dict[str, Any], rt: BotRu
         after = " Nothing else was served there, so the endpoint stopped." if stopped else ""
         await answer(rt, response_url, blocks.render_info(
             f":wastebasket: {cmd.run_id} is off its endpoint ({taken.id}); the run's thread says so.{after}"))
+
+
+async def handle_deployments(ack, cmd: Deployments, command: dict[str, Any], rt: BotRuntime) -> None:
+    """`/finetune deployments`: every adapter live, with its endpoint and the requests it served (from the servers'
+    records: asking never wakes an endpoint that scaled to zero)."""
+    await ack()
+    response_url = command["response_url"]
+    async with answering_errors(rt, response_url, "listing the deployments"):
+        rows = await call(deploy.deployments, rt.settings.jobs)
+        await answer(rt, response_url, blocks.render_deployments(rows))

@@ -34,6 +34,7 @@ HANDLERS = {
     grammar.Resume: resume.handle,
     grammar.Deploy: deploy.handle,
     grammar.Undeploy: deploy.handle_undeploy,
+    grammar.Deployments: deploy.handle_deployments,
     grammar.SecretSet: secrets.handle_set,
     grammar.SecretList: secrets.handle_list,
     grammar.Provision: provision.handle,
