@@ -176,7 +176,7 @@ def render_run_card(run: Run, position: int | None = None) -> Message:
 
 # ---- thread messages ---------------------------------------------------------------------------------------------
 
-LINK_NAMES = {"job": "ACA job", "execution": "execution", "logs": "logs (Log Analytics)"}
+LINK_NAMES = {"job": "ACA job", "execution": "execution", "logs": "logs (Log Analytics)", "wandb": "W&B run"}
 
 
 def render_links(links: dict[str, str]) -> str:

@@ -21,6 +21,7 @@ REQUIRED_FIELDS: dict[str, tuple[str, ...]] = {
     "eval": ("step", "eval_loss"),
     "checkpoint": ("step", "path"),
     "done": ("adapter", "metrics"),
+    "link": ("name", "url"),           # a page about the run elsewhere, e.g. name "wandb": its W&B run
     "error": ("message",),
 }
 EVENT_TYPES = tuple(REQUIRED_FIELDS)

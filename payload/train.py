@@ -443,6 +443,23 @@ def _wandb_enabled(cfg: TrainConfig) -> bool:
     return True
 
 
+def start_wandb(cfg: TrainConfig):
+    """The run's W&B run, or None when W&B is off or would not start (the training goes on without it).
+    Started here rather than by the Trainer's WandbCallback (which adopts a run already started) so that project,
+    entity, name, the run config and the local folder (`<output_dir>/wandb`) come from the run config."""
+    if not _wandb_enabled(cfg):
+        return None
+    import wandb  # heavy and optional: the payload's container may not have it
+
+    try:
+        return wandb.init(project=cfg.wandb_project, entity=cfg.wandb_entity or None, name=cfg.run_id or None,
+                          dir=cfg.output_dir, config={"tuneops": cfg.model_dump()})
+    except Exception as e:  # noqa: BLE001 - W&B is a report of the run, never a reason to fail it
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        log.warning("W&B did not start (%s); training without it", first)
+        return None
+
+
 def run(cfg: TrainConfig, events: EventWriter, stop: StopSignal) -> dict[str, Any]:
     """Train one run end to end; returns the metrics also written to metrics.json."""
     t_start = time.monotonic()
@@ -498,6 +515,9 @@ def run(cfg: TrainConfig, events: EventWriter, stop: StopSignal) -> dict[str, An
     torch.set_num_threads(threads)
 
     # 4. Train.
+    wandb_run = start_wandb(cfg)
+    if wandb_run is not None and not wandb_run.offline and wandb_run.url:
+        events.emit("link", name="wandb", url=wandb_run.url)
     collator = make_collator(cfg, attention, tokenizer.pad_token_id)
     has_eval = bool(prepared.eval_items)
     args = TrainingArguments(
@@ -525,7 +545,7 @@ def run(cfg: TrainConfig, events: EventWriter, stop: StopSignal) -> dict[str, An
         prediction_loss_only=True,
         seed=cfg.seed,
         data_seed=cfg.seed,
-        report_to=["wandb"] if _wandb_enabled(cfg) else "none",
+        report_to=["wandb"] if wandb_run is not None else "none",
         run_name=cfg.run_id or None,
         disable_tqdm=True,
         remove_unused_columns=False,
@@ -599,6 +619,12 @@ def run(cfg: TrainConfig, events: EventWriter, stop: StopSignal) -> dict[str, An
         "adapter": str(adapter),
     }
     _write_json_atomic(out_dir / METRICS_FILE, metrics)
+    if wandb_run is not None:
+        # The held-out comparison happens after the Trainer is done, so it goes to W&B here; finishing now (not at
+        # exit) leaves the W&B run complete before the done event says the run is.
+        wandb_run.summary.update({f"final/{k}": metrics[k] for k in ("eval_loss", "base_eval_loss", "tokens_per_s")
+                                  if metrics[k] is not None})
+        wandb_run.finish()
     events.emit("done", adapter=str(adapter), metrics={k: metrics[k] for k in (
         "steps", "train_loss", "first_loss", "last_loss", "eval_loss", "base_eval_loss", "tokens_per_s",
         "duration_s", "peak_memory_mb", "padding_waste")})

@@ -92,7 +92,8 @@ class Run:
     cancelled_by: str = ""
     attempts: int = 0
     auto_resumes: int = 0
-    links: dict[str, str] = field(default_factory=dict)   # portal links of the current execution (ACA), for the card
+    # The card's links: the current execution's portal links (ACA) and the trainer's own ("wandb": its W&B run).
+    links: dict[str, str] = field(default_factory=dict)
     deployments: list[dict[str, Any]] = field(default_factory=list)  # deploy requests, decisions (jobs.deploys.approval)
 
     def to_dict(self) -> dict[str, Any]:

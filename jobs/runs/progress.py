@@ -64,6 +64,9 @@ def apply_progress(run: Run, payload_events: list[dict[str, Any]], log_lines: li
             run.adapter_path = str(ev.get("adapter") or run.adapter_path)
         elif kind == "error":
             run.error = str(ev.get("message") or "")
+        elif kind == "link" and _plain_url(ev.get("url")):
+            run.links = {**run.links, str(ev["name"]): ev["url"]}
+            pending = pending or _progress(run, {})     # the card shows the links: have it redrawn
     flush()
     if log_lines:
         data: dict[str, Any] = {"lines": log_lines[-LOG_EVENT_LINES:]}
@@ -76,6 +79,12 @@ def apply_progress(run: Run, payload_events: list[dict[str, Any]], log_lines: li
 def _progress(run: Run, ev: dict[str, Any]) -> dict[str, Any]:
     return {"step": run.step, "total_steps": run.total_steps, "loss": run.loss, "eta_s": run.eta_s,
             "epoch": _num(ev.get("epoch")), "tokens_per_s": _num(ev.get("tokens_per_s"))}
+
+
+def _plain_url(value: Any) -> bool:
+    """An http(s) address that goes into a Slack link as it is (`<url|name>`): nothing that would end it early."""
+    return isinstance(value, str) and value.startswith(("https://", "http://")) and len(value) <= 2000 \
+        and not any(c.isspace() or c in "<>|" for c in value)
 
 
 def _num(value: Any) -> float | None:

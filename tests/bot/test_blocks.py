@@ -69,6 +69,23 @@ def test_finished_card_has_no_cancel_button_and_says_the_outcome():
     assert "Cancelled by <@U0BOB>" in all_text(cancelled) and buttons(cancelled) == []
 
 
+def test_card_links_the_wandb_run_the_trainer_announced():
+    """A W&B run online: the trainer's link event (jobs.runs.progress) puts its address among the card's links."""
+    from jobs.runs.progress import apply_progress
+    from payload.events import make_event
+
+    url = "https://wandb.ai/my-team/tuneops/runs/abc123xy"
+    run = make_run(state=RunState.RUNNING, step=3, total_steps=40,
+                   links={"job": "https://portal.azure.com/#job", "execution": "https://portal.azure.com/#exec"})
+    apply_progress(run, [make_event("link", name="wandb", url=url)], [])
+    (context,) = [b for b in B.render_run_card(run)["blocks"] if b["type"] == "context" and ":link:" in all_text(b)]
+    assert context["elements"][0]["text"] == (":link: <https://portal.azure.com/#job|ACA job>  ·  "
+                                              f"<https://portal.azure.com/#exec|execution>  ·  <{url}|W&amp;B run>")
+    done = B.render_run_card(make_run(state=RunState.SUCCEEDED, links={"wandb": url}))
+    assert f"<{url}|W&amp;B run>" in all_text(done)
+    assert ":link:" not in all_text(B.render_run_card(make_run(state=RunState.RUNNING)))  # offline: no link
+
+
 def test_user_text_cannot_mention_or_link():
     card = B.render_run_card(make_run(dataset="datasets/<!channel>.jsonl", name="x"))
     assert "<!channel>" not in all_text(card) and "&lt;!channel&gt;" in all_text(card)

@@ -51,6 +51,18 @@ def test_done_and_error_go_into_the_record_without_an_event():
     assert run.error == "out of memory"
 
 
+def test_a_link_from_the_trainer_joins_the_cards_links_and_has_the_card_redrawn():
+    run = running_run()
+    run.links = {"job": "https://portal.azure.com/#job"}
+    url = "https://wandb.ai/my-team/tuneops/runs/abc123xy"
+    events = apply_progress(run, [make_event("link", name="wandb", url=url)], [])
+    assert run.links == {"job": "https://portal.azure.com/#job", "wandb": url}
+    assert [e.kind for e in events] == ["progress"]
+    for bad in ("javascript:alert(1)", "https://x/<!channel>", "https://x/a|b", "https://x/a b", None, 3):
+        assert apply_progress(run, [make_event("link", name="other", url=bad)], []) == []
+    assert "other" not in run.links
+
+
 def test_log_lines_become_one_capped_log_event():
     run = running_run()
     lines = [f"line {i}" for i in range(LOG_EVENT_LINES + 5)]
