@@ -18,7 +18,8 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import redis
@@ -475,3 +476,19 @@ def report_positions(conn: redis.Redis) -> list[RunEvent]:
 def load_op(conn: redis.Redis, op_id: str) -> Op | None:
     h = conn.hgetall(OP_KEY.format(op_id))
     return Op.from_hash(op_id, h) if h else None
+
+
+@contextmanager
+def holding(conn: redis.Redis, key: str, *, timeout_s: float, wait_s: float, busy: Exception) -> Iterator[None]:
+    """Hold the Redis lock `key` for the block (released after; it lapses by itself after `timeout_s`); `busy` is
+    raised when another holder kept it for `wait_s`."""
+    lock = conn.lock(key, timeout=timeout_s, blocking_timeout=wait_s)
+    if not lock.acquire():
+        raise busy
+    try:
+        yield
+    finally:
+        try:
+            lock.release()
+        except redis.exceptions.LockError:  # it lapsed: the next holder may already have it
+            log.warning("the lock %s had lapsed before it was released", key)

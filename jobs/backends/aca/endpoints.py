@@ -18,8 +18,7 @@ between the two finds no JSON, keeps what it has loaded and reads again at its n
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from jobs.backends.aca import share as sharefs
@@ -74,20 +73,12 @@ def app_for(clients: AzureClients, model: str) -> tuple[str, dict | None]:
     return name, get_app(clients, name)
 
 
-@contextmanager
-def manifest_lock(conn, model: str) -> Iterator[None]:
-    lock = conn.lock(store.azure_lock("manifest", endpoints.endpoint_name(model)), timeout=MANIFEST_LOCK_S,
-                     blocking_timeout=MANIFEST_LOCK_S)
-    if not lock.acquire():
-        raise BackendError(f"another deploy has held the adapter list of {model} for too long; try again later",
-                           transient=True)
-    try:
-        yield
-    finally:
-        try:
-            lock.release()
-        except Exception:  # expired: the next writer may already hold it
-            pass
+def manifest_lock(conn, model: str):
+    """One writer at a time of the base model's manifest on the share."""
+    return store.holding(conn, store.azure_lock("manifest", endpoints.endpoint_name(model)), timeout_s=MANIFEST_LOCK_S,
+                         wait_s=MANIFEST_LOCK_S, busy=BackendError(
+                             f"another deploy has held the adapter list of {model} for too long; try again later",
+                             transient=True))
 
 
 def read_manifest(clients: AzureClients, model: str) -> list[dict]:

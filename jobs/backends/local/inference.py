@@ -15,8 +15,6 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -195,19 +193,11 @@ def _port_taken(settings: JobSettings, port: int) -> bool:
                for key in conn.scan_iter(ENDPOINT_KEY.format("*")))
 
 
-@contextmanager
-def _holding(conn, name: str, model: str, timeout_s: float) -> Iterator[None]:
+def _holding(conn, name: str, model: str, timeout_s: float):
     """The endpoint's lock, for one deploy or undeploy at a time per base model."""
-    lock = conn.lock(ENDPOINT_LOCK.format(name), timeout=timeout_s + 120, blocking_timeout=timeout_s + 60)
-    if not lock.acquire():
-        raise ServeError(f"another deploy has held the endpoint of {model} for too long; try again later")
-    try:
-        yield
-    finally:
-        try:
-            lock.release()
-        except Exception:  # expired: the next deploy may already hold it
-            log.warning("the endpoint lock of %s had expired", name)
+    return store.holding(conn, ENDPOINT_LOCK.format(name), timeout_s=timeout_s + 120, wait_s=timeout_s + 60,
+                         busy=ServeError(f"another deploy has held the endpoint of {model} for too long; try again "
+                                         "later"))
 
 
 def _follow_removal(conn, server: Endpoint, left: list[dict]) -> bool:
