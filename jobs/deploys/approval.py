@@ -45,7 +45,7 @@ class ApprovalState(StrEnum):
     DEPLOYING = "deploying"
     DEPLOYED = "deployed"
     FAILED = "failed"
-    UNDEPLOYED = "undeployed"      # taken off its endpoint (`/finetune undeploy`), or served again by a later deploy
+    UNDEPLOYED = "undeployed"      # taken off its endpoint (an undeploy), or served again by a later deploy
 
     @property
     def open(self) -> bool:

@@ -217,8 +217,8 @@ def undeploy(settings: JobSettings, run_id: str, user: str, approvers: frozenset
         raise RunRejected(f"the deploy request {live[-1]} of {run.id} is gone from the store; ask an admin to take "
                           "its adapter off the endpoint")
     if user not in approvers and user not in admins and user != serving.requested_by:
-        raise RunRejected(f"only approvers, admins or <@{serving.requested_by}> (who asked for this deploy) may take "
-                          f"{run.id} off its endpoint")
+        raise RunRejected(f"only approvers, admins or whoever asked for its deploy ({serving.id}) may take {run.id} "
+                          "off its endpoint")
     stopped = get_backend(settings).undeploy(run)
     now = time.time()
 
@@ -238,7 +238,7 @@ def undeploy(settings: JobSettings, run_id: str, user: str, approvers: frozenset
 
 @dataclass(frozen=True)
 class Deployment:
-    """One adapter live on an endpoint, for `/finetune deployments`."""
+    """One adapter live on an endpoint, for the list of deployments."""
     run_id: str
     run_name: str
     base: str

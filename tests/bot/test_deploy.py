@@ -153,7 +153,7 @@ async def test_four_eyes_one_deploy_under_two_clicks_and_the_local_server_answer
 
     # undeploy: refused to someone who neither approves nor asked for it; done for who asked, and the thread says so
     _, _, key = await bot.command("undeploy ft-0001", user="U0MALLORY")
-    assert "only approvers, admins or <@U0BOB>" in await answer_of(slack, key)
+    assert "only approvers, admins or whoever asked for its deploy (dp-0002)" in await answer_of(slack, key)
     assert second.alive()
     _, _, key = await bot.command("undeploy ft-0001", user="U0BOB")
     said = await answer_of(slack, key)

@@ -90,7 +90,7 @@ def test_undeploy_takes_one_run_down_and_says_who_may(local):
     try:
         assert {r.url for r in requests} == {server.url}
         approvers, admins = frozenset({"U0BOSS"}), frozenset({"U0ADMIN"})
-        with pytest.raises(RunRejected, match="only approvers, admins or <@U0ALICE>"):
+        with pytest.raises(RunRejected, match=r"only approvers, admins or whoever asked for its deploy \(dp-0001\)"):
             deploy.undeploy(local, runs[0].id, "U0MALLORY", approvers, admins)
         with pytest.raises(RunRejected, match="there is no run ft-0099"):
             deploy.undeploy(local, "ft-0099", "U0BOSS", approvers, admins)
