@@ -115,6 +115,17 @@ def _params(run: Run) -> str:
     return ", ".join(parts) or "defaults"
 
 
+def _dataset(run: Run) -> str:
+    """The dataset's path, a link to the message it came from (when it came from chat) and its checksum's start."""
+    text = f"`{escape(run.dataset)}`"
+    more = []
+    if run.dataset_source.startswith("https://"):
+        more.append(f"<{run.dataset_source}|source message>")
+    if run.dataset_sha256:
+        more.append(f"sha256 `{escape(run.dataset_sha256[:12])}`")
+    return text + ("\n" + " · ".join(more) if more else "")
+
+
 def _state_line(run: Run) -> str:
     return f"{STATE_EMOJI.get(run.state, '')} {run.state.value.replace('_', ' ')}"
 
@@ -128,7 +139,7 @@ def render_run_card(run: Run, position: int | None = None) -> Message:
         section(title),
         fields([
             ("Model", f"`{escape(run.model)}`"),
-            ("Dataset", f"`{escape(run.dataset)}`"),
+            ("Dataset", _dataset(run)),
             ("State", _state_line(run)),
             ("Settings", escape(_params(run))),
         ]),

@@ -22,7 +22,7 @@ MAX_GREP = 200           # Log Analytics' `contains` needs no more; a longer one
 
 USAGE: dict[str, str] = {
     "help": "/finetune help",
-    "run": "/finetune run [--model M] [--dataset PATH] [--epochs N] [--lr X] [--max-steps N] [--name NAME]",
+    "run": "/finetune run [--model M] [--dataset PATH|SLACK_FILE] [--epochs N] [--lr X] [--max-steps N] [--name NAME]",
     "status": "/finetune status [RUN]",
     "list": "/finetune list",
     "logs": "/finetune logs RUN [--tail N] [--grep TEXT]",
@@ -40,6 +40,11 @@ GENERAL_USAGE = "/finetune " + " | ".join(SUBCOMMANDS)
 _QUOTES = str.maketrans({"\u201c": '"', "\u201d": '"', "\u2018": "'", "\u2019": "'"})
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _SECRET_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,126}$")
+# A Slack file: its id (F0123ABCD), or a link to it as Slack gives them: the file's permalink
+# (https://TEAM.slack.com/files/U…/F…/name) or its url_private[_download] (https://files.slack.com/files-pri/T…-F…/…).
+SLACK_FILE_ID_RE = re.compile(r"^F[A-Z0-9]{8,}$")
+_SLACK_FILE_LINK_RE = re.compile(r"^https://[A-Za-z0-9.-]*slack\.com/"
+                                 r"(?:files/[A-Z0-9]+/(F[A-Z0-9]{8,})(?:/|$)|files-pri/T[A-Z0-9]+-(F[A-Z0-9]{8,})/)")
 
 
 # The commands. Frozen dataclasses so that a parse result can be compared in tests and passed around safely.
@@ -52,6 +57,7 @@ class Help:
 class RunCommand:
     model: str | None = None
     dataset: str | None = None
+    dataset_file: str | None = None     # a Slack file id: the bot fetches it into the workspace (then sets `dataset`)
     epochs: float | None = None
     lr: float | None = None
     max_steps: int | None = None
@@ -293,7 +299,7 @@ def _help(args: list[str]) -> Help:
 
 _RUN_FLAGS = {
     "--model": "a folder in the workspace (`model-cache/tiny`) or a hub id (`microsoft/Phi-3-mini-4k-instruct`)",
-    "--dataset": "a JSONL file relative to the workspace, e.g. `datasets/train.jsonl`",
+    "--dataset": "a JSONL file relative to the workspace (`datasets/train.jsonl`), or a Slack file's link or id",
     "--epochs": "a number of epochs, e.g. `3` or `0.5`",
     "--lr": "a learning rate, e.g. `1e-4`",
     "--max-steps": "a whole number of optimizer steps, e.g. `200`",
@@ -309,9 +315,10 @@ def _run(args: list[str]) -> RunCommand:
         if any(c.isspace() for c in model):
             raise _Bad("`--model` must not contain spaces.")
         model = workspace_path("--model", model)
-    dataset = values.get("--dataset")
+    dataset, dataset_file = values.get("--dataset"), None
     if dataset is not None:
-        dataset = workspace_path("--dataset", dataset)
+        dataset_file = slack_file(dataset)
+        dataset = None if dataset_file else workspace_path("--dataset", dataset)
     epochs = _float("--epochs", values["--epochs"], 0.0, 100.0) if "--epochs" in values else None
     lr = _float("--lr", values["--lr"], 0.0, 1.0) if "--lr" in values else None
     max_steps = _int("--max-steps", values["--max-steps"], 1, 10_000_000) if "--max-steps" in values else None
@@ -319,7 +326,26 @@ def _run(args: list[str]) -> RunCommand:
     if name is not None and (len(name) > MAX_NAME or not _NAME_RE.match(name)):
         raise _Bad(f"`--name` must be 1-{MAX_NAME} letters, digits, `.`, `_` or `-`, starting with a letter or "
                    f"digit; got `{_shorten(name)}`.")
-    return RunCommand(model=model, dataset=dataset, epochs=epochs, lr=lr, max_steps=max_steps, name=name)
+    return RunCommand(model=model, dataset=dataset, dataset_file=dataset_file, epochs=epochs, lr=lr,
+                      max_steps=max_steps, name=name)
+
+
+def slack_file(value: str) -> str | None:
+    """The Slack file id that `--dataset` names (an id or a file link), None for a workspace path; _Bad for a link
+    that is no file's."""
+    link = value.strip("<>").split("|", 1)[0]  # an escaped link arrives as <url> or <url|label>
+    if SLACK_FILE_ID_RE.match(link):
+        return link
+    if not re.match(r"^[a-z]+://", link, re.I):
+        return None
+    found = _SLACK_FILE_LINK_RE.match(link)
+    if found:
+        return found.group(1) or found.group(2)
+    if "/archives/" in link:
+        raise _Bad("`--dataset` got a link to a message, not to a file. Use the file's own link (hover the file, "
+                   "⋮ > Copy link) or its id, or use the message's shortcut *Fine-tune on this file*.")
+    raise _Bad(f"`--dataset {_shorten(link)}` is neither a path in the workspace nor a Slack file link: give "
+               "`datasets/train.jsonl`, a Slack file's link (⋮ > Copy link) or its id (`F0123ABCD`).")
 
 
 def _status(args: list[str]) -> Status:

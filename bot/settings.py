@@ -29,6 +29,7 @@ class BotSettings:
     slack_api_url: str = SLACK_API_URL
     policy: AccessPolicy = AccessPolicy()
     log_interval_s: float = 20.0   # TUNEOPS_LOG_INTERVAL: at most one log excerpt per run this often in its thread
+    slack_file_max_bytes: int = 200 * 1000 * 1000   # TUNEOPS_SLACK_FILE_MAX_MB: the largest dataset fetched from Slack
 
     @property
     def socket_mode(self) -> bool:
@@ -87,6 +88,17 @@ class BotSettings:
                                           "how often a run's thread may get a log excerpt (default 20; errors go "
                                           "at once)", lo=1, hi=3600)
 
+        max_mb = env.get("TUNEOPS_SLACK_FILE_MAX_MB", "").strip()
+        slack_file_max_bytes = cls.slack_file_max_bytes
+        if max_mb:
+            try:
+                slack_file_max_bytes = int(float(max_mb) * 1000 * 1000)
+                if not 0 < slack_file_max_bytes <= 100 * 1000 ** 3:
+                    raise ValueError
+            except (ValueError, OverflowError):
+                problems.append(f"TUNEOPS_SLACK_FILE_MAX_MB={max_mb!r} is not a size in MB from 0.001 to 100000: set "
+                                "it to the largest dataset file (in MB) the bot fetches from Slack (default 200).")
+
         if problems:
             raise SettingsError(problems)
         assert jobs is not None
@@ -97,6 +109,7 @@ class BotSettings:
             slack_api_url=api_url,
             jobs=jobs,
             log_interval_s=log_interval_s,
+            slack_file_max_bytes=slack_file_max_bytes,
             policy=AccessPolicy(
                 allowed_channels=lists["TUNEOPS_ALLOWED_CHANNELS"],
                 allowed_users=lists["TUNEOPS_ALLOWED_USERS"],

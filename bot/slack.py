@@ -8,7 +8,9 @@ notifier never call the Web API directly.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -124,6 +126,26 @@ class SlackGateway:
             # files_upload_v2 makes two Web API calls in one slot: the channel rests one more slot after it.
             await self.budget.penalize(channel, self.budget.interval_s)
         return resp["file"]["id"]
+
+    async def file_info(self, file_id: str) -> dict[str, Any]:
+        """files.info's `file` object (scope files:read); SlackApiError when Slack refuses (file_not_found, ...)."""
+        resp = await self._call("files_info", None, False, file=file_id)
+        return dict(resp["file"])
+
+    async def permalink(self, channel: str, ts: str) -> str:
+        resp = await self._call("chat_getPermalink", None, False, channel=channel, message_ts=ts)
+        return str(resp["permalink"])
+
+    @contextlib.asynccontextmanager
+    async def download(self, url: str) -> AsyncIterator[aiohttp.ClientResponse]:
+        """GET a file's url_private_download with the bot token (Slack wants it as `Authorization: Bearer`), as a
+        response to stream from. Only for URLs that files.info gave: the token goes with the request."""
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30))
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=60)  # big files take their time
+        async with self._session.get(url, headers={"Authorization": f"Bearer {self.client.token}"},
+                                     timeout=timeout) as resp:
+            yield resp
 
     async def auth_test(self) -> dict[str, Any]:
         resp = await self._call("auth_test", None, False)

@@ -9,12 +9,14 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
-from bot import blocks, grammar, words
+from bot import blocks, grammar, slackfiles, words
 from bot.outage import REDIS, UNREACHABLE
 from bot.runtime import SOCKET_TIMEOUT_S, BotRuntime
 from jobs import backends
 from jobs.backends.protocol import PROVISION, SECRETS
+from jobs.core.domain import Run
 from jobs.core.errors import BackendError, RunRejected
+from jobs.runs import service
 
 log = logging.getLogger("bot.listeners")
 T = TypeVar("T")
@@ -54,6 +56,21 @@ def unsupported(rt: BotRuntime, cmd: grammar.Provision | grammar.SecretSet | gra
 async def call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """jobs.runs.service is synchronous (quick Redis calls): run it in a thread so the event loop keeps acking."""
     return await asyncio.to_thread(fn, *args, **kwargs)
+
+
+async def queue_run(rt: BotRuntime, cmd: grammar.RunCommand, *, user: str, channel: str, request_id: str | None,
+                    message_ts: str = "") -> tuple[Run, int | None]:
+    """Queue the run `cmd` asks for (fetching its dataset from Slack first when it names a Slack file, from the
+    message `message_ts` when known); the run and its place in line. Refusals raise RunRejected."""
+    dataset, source = cmd.dataset, ""
+    if cmd.dataset_file:
+        fetched = await slackfiles.fetch(rt.gateway, rt.settings.jobs.workspace, cmd.dataset_file, channel,
+                                         rt.settings.slack_file_max_bytes, message_ts=message_ts)
+        dataset, source = fetched.path, fetched.source
+    run = await call(service.submit_run, rt.settings.jobs, requester=user, channel=channel, model=cmd.model,
+                     dataset=dataset, epochs=cmd.epochs, lr=cmd.lr, max_steps=cmd.max_steps, name=cmd.name,
+                     request_id=request_id, dataset_source=source)
+    return run, await call(service.queue_position, rt.settings.jobs, run.id)
 
 
 def log_refusal(what: str, user: str, channel: str, reason: str) -> None:

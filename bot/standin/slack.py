@@ -5,8 +5,10 @@ Server: `SlackStandIn(token).start()` runs an aiohttp server on 127.0.0.1 in its
 from sync tests, async tests and scripts alike), records every call, and answers like Slack, including its limits
 (50 blocks, 3,000 characters a section, `invalid_auth` without the right bearer token, optional per-channel
 chat.postMessage rate with 429 + Retry-After). `fail_for(...)` makes it answer 429 or 5xx for a while (fault injection
-for the soak and the fault tests).
-Client: `slash_command_body`, `block_actions_body` and `signed_headers` build what Slack POSTs to the app.
+for the soak and the fault tests). `share_file(...)` posts a message with a file attached, which `files.info` and the
+file's private download (bot token required) then serve.
+Client: `slash_command_body`, `block_actions_body`, `message_action_body`, `view_submission_body` and `signed_headers`
+build what Slack POSTs to the app.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ class Message:
     thread_ts: str | None = None
     reply_broadcast: bool = False
     edits: list[dict[str, Any]] = field(default_factory=list)   # earlier versions, oldest first
+    files: list[dict[str, Any]] = field(default_factory=list)   # attached files (share_file), as file objects
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,9 @@ class SlackStandIn:
         self.ephemeral: list[dict[str, Any]] = []
         self.responses: dict[str, list[dict[str, Any]]] = defaultdict(list)  # response_url key -> payloads
         self.files: dict[str, dict[str, Any]] = {}
+        # The bot token's scopes, as manifest.yaml asks for them; a test removes one to see the missing_scope answer.
+        self.scopes: set[str] = {"commands", "chat:write", "chat:write.public", "files:read", "files:write",
+                                 "app_mentions:read", "channels:read", "groups:read", "users:read"}
         self.views: dict[str, dict[str, Any]] = {}
         self.socket_acks: dict[str, dict[str, Any]] = {}   # Socket Mode: envelope id -> the app's answer
         self._sockets: list[web.WebSocketResponse] = []
@@ -146,6 +152,7 @@ class SlackStandIn:
         app.router.add_post("/response/{key}", self._response_url)
         app.router.add_post("/upload/{file_id}", self._upload)
         app.router.add_get("/socket", self._socket)
+        app.router.add_get("/files-pri/{team_file}/download/{name}", self._download)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
@@ -335,6 +342,84 @@ class SlackStandIn:
                           {"ok": f is not None}))
         return web.Response(status=status, text=f"OK - {len(data)}" if f is not None else "not found")
 
+    # ---- files shared in channels (files.info and private downloads) -------------------------------------------
+
+    def share_file(self, name: str, content: bytes, *, channel: str = "C0TRAIN", user: str = "U0ALICE",
+                   text: str = "here is the data", visible: bool = True, size: int | None = None,
+                   cut_after: int | None = None, filetype: str = "text", timestamp: int | None = None,
+                   slow_s: float = 0.0) -> tuple[dict[str, Any], Message]:
+        """A person posts a message in `channel` with a file attached; returns the file object and the message.
+
+        `visible=False`: the bot cannot see the file (files.info answers file_not_found). `size`: what files.info
+        claims, when it should differ from the content's length. `cut_after`: the download breaks off after that many
+        bytes (a connection lost mid-way). `slow_s`: the download takes that long (a big file)."""
+        with self._cond:
+            file_id = "F" + uuid.uuid4().hex[:10].upper()
+            ts = self._next_ts()
+            created = int(time.time()) if timestamp is None else timestamp
+            # The file object as files.info returns it (https://docs.slack.dev/reference/objects/file-object):
+            # url_private_download needs the bot token; `channels`/`groups`/`ims` and `shares` say where it was
+            # shared, with the message ts of each share.
+            private = channel.startswith("G")
+            f = {
+                "id": file_id, "created": created, "timestamp": created, "name": name, "title": name,
+                "mimetype": "text/plain", "filetype": filetype, "pretty_type": "Plain Text", "user": user,
+                "editable": False, "size": len(content) if size is None else size, "mode": "hosted",
+                "is_external": False, "external_type": "", "is_public": not private, "public_url_shared": False,
+                "url_private": f"{self.base_url}/files-pri/{self.team_id}-{file_id}/{name}",
+                "url_private_download": f"{self.base_url}/files-pri/{self.team_id}-{file_id}/download/{name}",
+                "permalink": f"https://standin.slack.com/files/{user}/{file_id}/{name}",
+                "channels": [] if private else [channel], "groups": [channel] if private else [], "ims": [],
+                "shares": {"private" if private else "public": {channel: [{"ts": ts, "channel_name":
+                                                                           f"channel-{channel.lower()}",
+                                                                           "team_id": self.team_id}]}},
+            }
+            self.files[file_id] = {"id": file_id, "name": name, "length": len(content), "content": content,
+                                   "object": f, "visible": visible, "cut_after": cut_after, "slow_s": slow_s}
+            msg = Message(channel, ts, text, [], files=[f])
+            self.messages[channel][ts] = msg
+            self._cond.notify_all()
+        return f, msg
+
+    async def _download(self, request: web.Request) -> web.StreamResponse:
+        team_file = request.match_info["team_file"]
+        file_id = team_file.split("-", 1)[-1]
+        auth = request.headers.get("Authorization", "")
+        with self._cond:
+            stored = self.files.get(file_id)
+        if auth != f"Bearer {self.token}":
+            # url_private_download "requires an authorization header with a token that has the files:read scope,
+            # like Authorization: Bearer A_VALID_TOKEN" (Slack, "Important changes to files in the Web API", 2015).
+            # Without it Slack answers 200 with its HTML sign-in page, not an error status: clients must look at the
+            # content type (as reported by tool authors, e.g. tilework-tech/nori-slack-cli PR 6, "Slack's HTTP-200
+            # HTML sign-in page").
+            self._record(Call("download", {"file": file_id}, time.time(), 200, {"ok": False, "error": "sign_in"}))
+            return web.Response(status=200, content_type="text/html",
+                                text="<!DOCTYPE html><html><head><title>Slack</title></head><body>Sign in to "
+                                     "Stand-in | Slack</body></html>")
+        if stored is None or stored.get("object") is None or not stored["visible"]:
+            self._record(Call("download", {"file": file_id}, time.time(), 404, {"ok": False}))
+            return web.Response(status=404, text="File not found")
+        content: bytes = stored["content"]
+        cut = stored["cut_after"]
+        resp = web.StreamResponse(status=200, headers={"Content-Type": "application/octet-stream"})
+        resp.content_length = len(content)
+        await resp.prepare(request)
+        if stored.get("slow_s"):
+            await asyncio.sleep(stored["slow_s"])
+        if cut is not None:
+            # The connection drops part way: the client has fewer bytes than Content-Length announced.
+            await resp.write(content[:cut])
+            self._record(Call("download", {"file": file_id, "bytes": cut}, time.time(), 200, {"ok": False,
+                                                                                              "error": "cut"}))
+            request.transport.close()  # type: ignore[union-attr]
+            return resp
+        for i in range(0, len(content), 64 * 1024):
+            await resp.write(content[i:i + 64 * 1024])
+        await resp.write_eof()
+        self._record(Call("download", {"file": file_id, "bytes": len(content)}, time.time(), 200, {"ok": True}))
+        return resp
+
     # ---- Socket Mode ----------------------------------------------------------------------------------------------
 
     async def _socket(self, request: web.Request) -> web.WebSocketResponse:
@@ -424,6 +509,9 @@ class SlackStandIn:
         return {"ok": True, "message_ts": ts}
 
     def _m_views_open(self, p):
+        # views.open (https://docs.slack.dev/reference/methods/views.open): a trigger_id from an interaction (good for
+        # 3 seconds) and the view; answers the view as opened, with its id, which views.update and the view's
+        # submission (view.id) carry from then on.
         view = _json_field(p.get("view"))
         if not p.get("trigger_id") or not isinstance(view, dict):
             return {"ok": False, "error": "invalid_arguments"}
@@ -459,6 +547,28 @@ class SlackStandIn:
                           thread_ts=p.get("thread_ts"), initial_comment=p.get("initial_comment"))
             done.append({"id": stored["id"], "title": stored["title"], "name": stored["name"]})
         return {"ok": True, "files": done}
+
+    def _m_files_info(self, p):
+        # files.info (https://docs.slack.dev/reference/methods/files.info): needs files:read; a file that does not
+        # exist "or is not visible to the calling user" is file_not_found; a deleted one is file_deleted.
+        if "files:read" not in self.scopes:
+            return {"ok": False, "error": "missing_scope", "needed": "files:read",
+                    "provided": ",".join(sorted(self.scopes))}
+        stored = self.files.get(p.get("file", ""))
+        if stored is None or stored.get("object") is None or not stored["visible"]:
+            return {"ok": False, "error": "file_not_found"}
+        if stored.get("deleted"):
+            return {"ok": False, "error": "file_deleted"}
+        return {"ok": True, "file": stored["object"], "comments": [], "response_metadata": {"next_cursor": ""}}
+
+    def _m_chat_getPermalink(self, p):
+        # chat.getPermalink (https://docs.slack.dev/reference/methods/chat.getPermalink): channel + message_ts ->
+        # {"ok": true, "channel", "permalink"}; an unknown message is message_not_found.
+        channel, ts = p.get("channel", ""), p.get("message_ts", "")
+        if ts not in self.messages.get(channel, {}):
+            return {"ok": False, "error": "message_not_found"}
+        return {"ok": True, "channel": channel,
+                "permalink": f"https://standin.slack.com/archives/{channel}/p{ts.replace('.', '')}"}
 
     def _m_conversations_info(self, p):
         channel = p.get("channel")
@@ -571,6 +681,63 @@ def block_actions_body(*, action_id: str, value: str, user_id: str = "U0ALICE", 
         "response_url": response_url,
         "actions": [{"type": "button", "action_id": action_id, "block_id": block_id, "value": value,
                      "action_ts": f"{time.time():.6f}"}],
+    }
+    return urlencode({"payload": json.dumps(payload)})
+
+
+def message_action_body(*, callback_id: str, message: Message, user_id: str = "U0ALICE", response_url: str,
+                        team_id: str = "T0STANDIN") -> str:
+    """The form-encoded body of a message shortcut (payload=<json>), as Slack POSTs it: type message_action, the
+    shortcut's callback_id, a trigger_id for views.open, the whole message (with its files) and its channel
+    (https://api.slack.com/reference/interaction-payloads/shortcuts)."""
+    msg: dict[str, Any] = {"type": "message", "ts": message.ts, "text": message.text,
+                           "user": user_id, "blocks": message.blocks}
+    if message.files:
+        msg["files"] = message.files
+        msg["upload"] = True
+    payload = {
+        "type": "message_action",
+        "token": "deprecated-verification-token",
+        "action_ts": f"{time.time():.6f}",
+        "team": {"id": team_id, "domain": "standin"},
+        "user": {"id": user_id, "username": user_id.lower(), "name": user_id.lower(), "team_id": team_id},
+        "channel": {"id": message.channel, "name": f"channel-{message.channel.lower()}"},
+        "is_enterprise_install": False,
+        "enterprise": None,
+        "callback_id": callback_id,
+        "trigger_id": f"{int(time.time())}.{uuid.uuid4().int % 10**12}.{uuid.uuid4().hex}",
+        "response_url": response_url,
+        "message_ts": message.ts,
+        "message": msg,
+    }
+    return urlencode({"payload": json.dumps(payload)})
+
+
+def view_submission_body(view: dict[str, Any], view_id: str, values: dict[str, dict[str, Any]], *,
+                         user_id: str = "U0ALICE", team_id: str = "T0STANDIN") -> str:
+    """The form-encoded body of a modal submission (payload=<json>), as Slack POSTs it: the view as it was opened,
+    with what was entered in `state.values` (block_id -> action_id -> a string, which is a plain_text_input's value,
+    or the element's whole state such as {"type": "static_select", "selected_option": {...}})."""
+    state = {"values": {block: {action: ({"type": "plain_text_input", "value": v} if isinstance(v, str) else v)
+                                for action, v in actions.items()} for block, actions in values.items()}}
+    payload = {
+        "type": "view_submission",
+        "team": {"id": team_id, "domain": "standin"},
+        "user": {"id": user_id, "username": user_id.lower(), "name": user_id.lower(), "team_id": team_id},
+        "api_app_id": "A0TUNEOPS",
+        "token": "deprecated-verification-token",
+        "trigger_id": f"{int(time.time())}.{uuid.uuid4().int % 10**12}.{uuid.uuid4().hex}",
+        "view": {
+            "id": view_id, "team_id": team_id, "type": "modal", "blocks": view.get("blocks", []),
+            "private_metadata": view.get("private_metadata", ""), "callback_id": view.get("callback_id", ""),
+            "state": state, "hash": uuid.uuid4().hex[:16], "title": view.get("title"), "close": view.get("close"),
+            "submit": view.get("submit"), "clear_on_close": False, "notify_on_close": False,
+            "previous_view_id": None, "root_view_id": view_id, "app_id": "A0TUNEOPS", "external_id": "",
+            "app_installed_team_id": team_id, "bot_id": "B0TUNEOPS",
+        },
+        "response_urls": [],
+        "is_enterprise_install": False,
+        "enterprise": None,
     }
     return urlencode({"payload": json.dumps(payload)})
 

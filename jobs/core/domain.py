@@ -70,6 +70,10 @@ class Run:
     dataset: str
     params: dict[str, Any] = field(default_factory=dict)
     name: str = ""
+    # What the run trains on, whatever happens to the file later: its sha256 when queued, and where it came from
+    # (a link to the message it was attached to, for a dataset fetched from chat; "" for a file put in the workspace).
+    dataset_sha256: str = ""
+    dataset_source: str = ""
     state: RunState = RunState.QUEUED
     backend: str = "local"
     execution_id: str = ""

@@ -4,6 +4,7 @@ in a thread); slow work is enqueued for the workers. Every refusal is a RunRejec
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import re
 import time
@@ -103,6 +104,21 @@ def _validate_version(path: str, mtime_ns: int, size: int, max_seq_length: int):
     return validate_dataset(path, max_seq_length=max_seq_length)
 
 
+def checksum(path: Path) -> str:
+    """The dataset file's sha256 (hex), computed once per version of the file, like its validation."""
+    st = path.stat()
+    return _checksum_version(str(path), st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=64)
+def _checksum_version(path: str, mtime_ns: int, size: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def format_dataset_errors(rel: str, full: Path, errors: list[str]) -> str:
     shown = [e.replace(str(full), rel, 1) for e in errors[:MAX_REPORTED_ERRORS]]
     lines = [f"dataset {rel} has problems; fix them and run again:", *(f"  {e}" for e in shown)]
@@ -144,11 +160,13 @@ def _params(settings: JobSettings, model: str, dataset: str, epochs, lr, max_ste
 
 def submit_run(settings: JobSettings, *, requester: str, channel: str, model: str | None = None,
                dataset: str | None = None, epochs: float | None = None, lr: float | None = None,
-               max_steps: int | None = None, name: str | None = None, request_id: str | None = None) -> Run:
+               max_steps: int | None = None, name: str | None = None, request_id: str | None = None,
+               dataset_source: str = "") -> Run:
     """Check the request, then create the run, report it queued and ask a worker to admit it.
 
     `request_id` (an addition to the contract; e.g. the slash command's trigger_id) makes a repeated submission of the
-    same request return the first run instead of creating a second one.
+    same request return the first run instead of creating a second one. `dataset_source`: where the dataset came
+    from (a link), recorded with the dataset's checksum.
     """
     if not requester or not channel:
         raise RunRejected("a run needs a requester and a channel")
@@ -171,6 +189,10 @@ def submit_run(settings: JobSettings, *, requester: str, channel: str, model: st
         raise RunRejected(f"dataset {dataset_ref} cannot be read ({e}): check the file") from None
     if not report.ok:
         raise RunRejected(format_dataset_errors(dataset_ref, dataset_path, list(report.errors)))
+    try:
+        sha256 = checksum(dataset_path)
+    except OSError as e:
+        raise RunRejected(f"dataset {dataset_ref} cannot be read ({e}): check the file") from None
 
     # The request key names the run's id before the run exists, so that whoever creates it (this call, or a repeat of
     # the request after this process died half way) creates that one run and no other.
@@ -184,7 +206,8 @@ def submit_run(settings: JobSettings, *, requester: str, channel: str, model: st
             log.warning("request %s named run %s, which was never created: creating it now", request_id, run_id)
     try:
         run = Run(id=run_id or store.new_run_id(conn), requester=requester, channel=channel, model=model_ref,
-                  dataset=dataset_ref, params=params, name=run_name, backend=settings.backend)
+                  dataset=dataset_ref, params=params, name=run_name, backend=settings.backend,
+                  dataset_sha256=sha256, dataset_source=dataset_source)
         if request_key and store.load_run(conn, run.id) is not None:
             return store.load_run(conn, run.id)
         store.create_run(conn, run, lambda position: [RunEvent(run.id, "queued", {"position": position})])

@@ -6,47 +6,17 @@ from __future__ import annotations
 
 import json
 import os
-import time
-import uuid
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode
 
 import pytest
 
+from bot.standin.slack import view_submission_body  # noqa: F401  (used by the importing test modules)
 from tests.azure import standin_worker
 from tests.azure.conftest import aca, standin  # noqa: F401  (fixtures used by the importing test modules)
 from tests.conftest import ROOT
 
 ADMIN = "U0ALICE"
-
-
-def view_submission_body(view: dict[str, Any], view_id: str, values: dict[str, dict[str, str]], *,
-                         user_id: str = ADMIN, team_id: str = "T0STANDIN") -> str:
-    """The form-encoded body of a modal submission (payload=<json>), as Slack POSTs it: the view as it was opened,
-    with what was typed in `state.values` (block_id -> action_id -> text)."""
-    state = {"values": {block: {action: {"type": "plain_text_input", "value": text}
-                                for action, text in actions.items()} for block, actions in values.items()}}
-    payload = {
-        "type": "view_submission",
-        "team": {"id": team_id, "domain": "standin"},
-        "user": {"id": user_id, "username": user_id.lower(), "name": user_id.lower(), "team_id": team_id},
-        "api_app_id": "A0TUNEOPS",
-        "token": "deprecated-verification-token",
-        "trigger_id": f"{int(time.time())}.{uuid.uuid4().int % 10**12}.{uuid.uuid4().hex}",
-        "view": {
-            "id": view_id, "team_id": team_id, "type": "modal", "blocks": view.get("blocks", []),
-            "private_metadata": view.get("private_metadata", ""), "callback_id": view.get("callback_id", ""),
-            "state": state, "hash": uuid.uuid4().hex[:16], "title": view.get("title"), "close": view.get("close"),
-            "submit": view.get("submit"), "clear_on_close": False, "notify_on_close": False,
-            "previous_view_id": None, "root_view_id": view_id, "app_id": "A0TUNEOPS", "external_id": "",
-            "app_installed_team_id": team_id, "bot_id": "B0TUNEOPS",
-        },
-        "response_urls": [],
-        "is_enterprise_install": False,
-        "enterprise": None,
-    }
-    return urlencode({"payload": json.dumps(payload)})
 
 
 @pytest.fixture

@@ -224,3 +224,18 @@ def test_a_dataset_fixed_after_a_refusal_is_checked_again(settings):
     path.write_text("\n".join(lines) + "\n")
     run = submit(settings, dataset="datasets/fixme.jsonl")
     assert run.state is RunState.QUEUED
+
+
+def test_submit_records_the_datasets_checksum_and_source_so_the_run_outlives_the_file(settings):
+    import hashlib
+
+    path = settings.workspace / "datasets" / "train.jsonl"
+    run = submit(settings, dataset_source="https://standin.slack.com/archives/C1/p1700000000000100")
+    stored = service.get_run(settings, run.id)
+    assert stored.dataset_sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert stored.dataset_source == "https://standin.slack.com/archives/C1/p1700000000000100"
+    assert submit(settings).dataset_source == ""  # a file put in the workspace has no link
+
+    # a changed file gets its new checksum, not a cached one
+    path.write_bytes(path.read_bytes() + path.read_bytes())
+    assert submit(settings).dataset_sha256 == hashlib.sha256(path.read_bytes()).hexdigest() != stored.dataset_sha256
