@@ -267,7 +267,8 @@ def test_the_job_and_app_bodies_tuneops_builds_fit_the_spec():
     assert schema.check_request("arm", "PUT", JOB, Q, {}, private) is None
     for app in (resources.app_body(cfg(IMAGE="reg.io/tuneops-payload:1"), ENV, storage_name="envstore",
                                    secret_envs=["HF_TOKEN"], base_model="microsoft/Phi-3-mini-4k-instruct",
-                                   adapter="runs/ft-0001/adapter"),
+                                   name="tuneops-infer-1a2b3c4d",
+                                   manifest="deployments/microsoft--Phi-3-mini-4k-instruct/adapters.json"),
                 resources.app_body(cfg(), ENV, storage_name="envstore", secret_envs=[])):
         assert schema.check_request("arm", "PUT", APP, Q, {}, app) is None
 
