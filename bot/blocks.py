@@ -12,7 +12,9 @@ from bot import words
 from bot.grammar import GENERAL_USAGE, USAGE, ParseError
 from bot.words import escape
 from bot.words import person as mention
+from jobs.core import cost
 from jobs.core.domain import Run, RunState
+from jobs.deploys import approval as approvals
 from jobs.deploys.approval import when
 from jobs.runs.service import can_resume
 
@@ -108,6 +110,78 @@ def format_loss(loss: float | None) -> str:
     return "—" if loss is None else f"{loss:.4f}"
 
 
+def format_span(seconds: float | None) -> str:
+    """A duration as people say it: '1 h 20 min', '12 min', '40 s'."""
+    if seconds is None or seconds < 0:
+        return "—"
+    if seconds < 59.5:
+        return f"{int(round(seconds))} s"
+    minutes = int(round(seconds / 60))
+    h, m = divmod(minutes, 60)
+    if not h:
+        return f"{m} min"
+    return f"{h} h {m} min" if m else f"{h} h"
+
+
+def format_usd(usd: float | None) -> str:
+    if usd is None:
+        return "price unknown"
+    if 0 < usd < 0.01:
+        return "<$0.01"
+    return f"${usd:,.2f}"
+
+
+def format_estimate(estimate: dict[str, Any]) -> str:
+    """'~1 h 20 min, ~$4.90'; a local run costs nothing, a profile with no price says so."""
+    usd = estimate.get("usd")
+    if estimate.get("profile") == "local" and not usd:
+        money = "no GPU bill (local)"
+    elif usd is None:
+        money = f"no price for {estimate.get('profile', '?')} (TUNEOPS_GPU_PRICES)"
+    else:
+        money = "~" + format_usd(usd)
+    return f"~{format_span(estimate.get('seconds'))}, {money}"
+
+
+def format_actual(run: Run) -> str:
+    """'1 h 32 min, $5.60 (15% over the estimate)'."""
+    spent = run.actual
+    money = "no GPU bill" if run.estimate.get("profile") == "local" and not spent.get("usd") else \
+        format_usd(spent.get("usd"))
+    error = spent.get("error")
+    versus = ""
+    if error is not None:
+        versus = " (as estimated)" if abs(error) < 0.005 else \
+            f" ({abs(error):.0%} {'over' if error > 0 else 'under'} the estimate)"
+    return f"{format_span(spent.get('gpu_s'))}, {money}{versus}"
+
+
+def why_held(run: Run) -> str:
+    """Which budget a held run is over, in words."""
+    est = run.estimate
+    if run.budget_approval.get("reason") == cost.MONTHLY_BUDGET:
+        return (f"this month's GPU spend ({format_usd(est.get('month_spent_usd'))}) is past the monthly budget "
+                f"of {format_usd(est.get('monthly_budget_usd'))} (TUNEOPS_MONTHLY_BUDGET_USD)")
+    return (f"its estimate ({format_estimate(est)}) is above the run budget of "
+            f"{format_usd(est.get('run_budget_usd'))} (TUNEOPS_RUN_BUDGET_USD)")
+
+
+def budget_lines(run: Run) -> list[str]:
+    """What the card says about budgets: the run waits for an approver, or the month's spend is past WARN_SHARE of
+    the monthly budget (as it was when the run was queued)."""
+    est = run.estimate
+    out = []
+    if run.held and run.state is RunState.QUEUED:
+        out.append(f":shield: Waiting for an approver: {why_held(run)}. The approval card is in the thread.")
+    share = cost.month_share(float(est.get("month_spent_usd") or 0), est.get("monthly_budget_usd"))
+    held_for_month = run.held and run.budget_approval.get("reason") == cost.MONTHLY_BUDGET  # said above already
+    if share is not None and share >= cost.WARN_SHARE and not held_for_month:
+        out.append(f":warning: This month's GPU spend was {format_usd(est.get('month_spent_usd'))} of the "
+                   f"{format_usd(est.get('monthly_budget_usd'))} monthly budget ({share:.0%}) when this run was "
+                   "queued" + ("; past it, new runs need an approver." if share >= 1 else "."))
+    return out
+
+
 def _params(run: Run) -> str:
     names = {"epochs": "epochs", "lr": "lr", "max_steps": "max steps"}
     parts = [f"{names.get(k, k)} {v:g}" if isinstance(v, float) else f"{names.get(k, k)} {v}"
@@ -142,9 +216,13 @@ def render_run_card(run: Run, position: int | None = None) -> Message:
             ("Dataset", _dataset(run)),
             ("State", _state_line(run)),
             ("Settings", escape(_params(run))),
+            *([("Estimate", format_estimate(run.estimate))] if run.estimate else []),
+            *([("GPU time", format_actual(run))] if run.state.terminal and run.actual else []),
         ]),
     ]
-    if run.state is RunState.QUEUED:
+    for line in budget_lines(run) if run.estimate else []:
+        blocks.append(context(line))
+    if run.state is RunState.QUEUED and not run.held:
         place = f"number {position} in line" if position else "waiting for a free GPU slot"
         blocks.append(context(f":busts_in_silhouette: Queued: {place}."))
     if run.total_steps or run.step:
@@ -352,6 +430,7 @@ HELP_LINES = {
     "deploy": "deploy a finished run's adapter to its base model's inference endpoint (after approval)",
     "undeploy": "take a run's adapter off its endpoint (approvers, admins, or who asked for that deploy)",
     "deployments": "what is deployed: adapter, base model, endpoint, since when, approved by, requests served",
+    "cost": "the GPU spend of this month by person and by model, the biggest runs, how good the estimates are",
     "secret": "store a secret for the training job in Key Vault (admins)",
     "provision": "create the Azure fine-tuning job and/or the inference app, or `check` the set-up with one short CPU run "
                  "(admins)",
@@ -388,8 +467,14 @@ def render_info(text: str) -> Message:
 
 
 def render_queued_reply(run: Run, position: int | None) -> Message:
+    estimate = f" Estimate: {format_estimate(run.estimate)}." if run.estimate else ""
+    if run.held:
+        text = (f":shield: *{run.id}* waits for an approver before it joins the line: {why_held(run)}. Its card is in "
+                "the channel, the approval card in its thread.")
+        return message(text, [section(text)])
     place = f", number {position} in line" if position else ""
-    text = (f":inbox_tray: Queued *{run.id}*{place}. Its card is in the channel; progress goes into its thread.")
+    text = (f":inbox_tray: Queued *{run.id}*{place}. Its card is in the channel; progress goes into its thread."
+            f"{estimate}")
     return message(text, [section(text)])
 
 
@@ -513,7 +598,10 @@ def _endpoint_links(approval) -> str:
 
 def render_approval_card(approval, run: Run) -> Message:
     """The deploy request in the run's thread: what would be deployed where, the evidence, and the decision (with
-    Approve / Reject while it is pending). `approval` is a jobs.deploys.approval.Approval."""
+    Approve / Reject while it is pending). `approval` is a jobs.deploys.approval.Approval; a run's budget approval
+    has a card of its own (`render_budget_card`)."""
+    if approval.kind == approvals.RUN_KIND:
+        return render_budget_card(approval, run)
     metrics = run.metrics or {}
     head = (f":shield: *Deploy request {escape(approval.id)}*: {mention(approval.requested_by)} asks to deploy "
             f"*{escape(run.display_name)}* (requested by {mention(run.requester)}).")
@@ -573,6 +661,109 @@ def render_deployments(rows: list, limit: int = DEPLOYMENTS_SHOWN) -> Message:
                           "`/finetune undeploy RUN` takes one off."))
     text = "Deployed: " + ", ".join(f"{d.run_id} on {d.base}" for d in rows[:limit]) + (
         f" and {more} more" if more > 0 else "")
+    return message(text, blocks)
+
+
+def _budget_decision_line(approval) -> str:
+    state = str(approval.state)
+    by = f" by {mention(approval.decided_by)}" if approval.decided_by else ""
+    at = f" {slack_date(approval.decided_at)}" if approval.decided_at else ""
+    if state == "pending":
+        return (f":hourglass_flowing_sand: Waiting for an approver other than {mention(approval.requested_by)} "
+                f"(TUNEOPS_APPROVERS); expires {slack_date(approval.expires_at)}.")
+    if state == "rejected":
+        return f":no_entry: Rejected{by}{at}. The run was cancelled without running."
+    if state == "expired":
+        return (f":hourglass: Expired {slack_date(approval.finished_at or approval.expires_at)} with no decision; the "
+                "run did not run. Start it again to ask anew.")
+    return f":white_check_mark: Approved{by}{at}. The run joined the line."
+
+
+def render_budget_card(approval, run: Run) -> Message:
+    """A run over budget, in its thread: what it is estimated to cost, the budget it is over, and the decision (with
+    Approve / Reject while it is pending, the same buttons as a deploy request's)."""
+    est = run.estimate
+    over = ("the monthly budget" if approval.reason == cost.MONTHLY_BUDGET else "the run budget")
+    head = (f":shield: *Budget approval {escape(approval.id)}*: *{escape(run.display_name)}*, requested by "
+            f"{mention(run.requester)}, is over {over} and waits for an approver's click before it joins the line.")
+    throughput = (f"{est.get('tokens_per_s', 0):,.0f} tokens/s, " +
+                  (f"the median of this team's {est.get('team_runs')} finished runs"
+                   if est.get("throughput_from") == "team" else "a shipped default") +
+                  f" for a {est.get('size', '?')} model on {est.get('profile', '?')}")
+    price = est.get("usd_per_gpu_hour")
+    pairs = [
+        ("Estimate", format_estimate(est)),
+        ("Run budget", format_usd(est.get("run_budget_usd")) if est.get("run_budget_usd") is not None else "none"),
+        ("Spent this month", format_usd(est.get("month_spent_usd") or 0.0) +
+         (f" of {format_usd(est.get('monthly_budget_usd'))}" if est.get("monthly_budget_usd") is not None else "")),
+        ("Model", f"`{escape(run.model)}`"),
+        ("Dataset", f"`{escape(run.dataset)}`, about {int(est.get('tokens') or 0):,} tokens to train on"),
+        ("How", f"{throughput}; " + (f"${price:g} per GPU-hour x {est.get('gpus', 1)} GPU"
+                                      if price is not None else "no price known")),
+    ]
+    blocks = [section(head), fields(pairs), section(_budget_decision_line(approval))]
+    if str(approval.state) == "pending":
+        confirm = {
+            "title": {"type": "plain_text", "text": f"Let {run.id} run?"},
+            "text": {"type": "mrkdwn", "text": f"It is estimated at {format_estimate(est)}."},
+            "confirm": {"type": "plain_text", "text": "Approve the run"},
+            "deny": {"type": "plain_text", "text": "Not yet"},
+        }
+        blocks.append({"type": "actions", "block_id": f"approval:{approval.id}", "elements": [
+            button("Approve", APPROVE_ACTION, approval.id, style="primary", confirm=confirm),
+            button("Reject", REJECT_ACTION, approval.id, style="danger"),
+        ]})
+    text = f"Budget approval {approval.id} for {run.id}: {approval.state} (asked by {mention(approval.requested_by)})"
+    return message(text, blocks)
+
+
+def render_overrun(run: Run, data: dict[str, Any]) -> Message:
+    """Once a run: it has run twice as long as estimated. Mentions the requester, who may want to look or cancel."""
+    ran = format_span(_num(data.get("running_s")))
+    estimated = format_span(_num(data.get("estimate_s")))
+    text = (f"{mention(run.requester)} {run.id} has been running for {ran}, more than "
+            f"{_num(data.get('factor')) or cost.OVERRUN_FACTOR:g}x its estimate of ~{estimated}.")
+    spent = cost.cost_usd(_num(data.get("running_s")) or 0.0, run.estimate.get("usd_per_gpu_hour"),
+                          int(run.estimate.get("gpus") or 1))
+    so_far = f" So far about {format_usd(spent)} of GPU time." if spent else ""
+    blocks = [section(f":hourglass: {text}"), context(f"{so_far} `/finetune logs {run.id}` shows what it is doing; "
+                                     f"`/finetune cancel {run.id}` stops it (checkpoints stay).".strip())]
+    return message(text, blocks)
+
+
+def render_cost_report(report: cost.MonthReport) -> Message:
+    """`/finetune cost`: the month so far by person and by model, the three biggest runs, the estimates' error."""
+    budget = ""
+    share = cost.month_share(report.total_usd, report.monthly_budget_usd)
+    if share is not None:
+        budget = f" of the {format_usd(report.monthly_budget_usd)} monthly budget ({share:.0%})"
+    head = (f":moneybag: *GPU spend in {report.month}* (UTC) so far: {format_usd(report.total_usd)}{budget}, "
+            f"{format_span(report.total_gpu_s)} of GPU time over {report.runs} run{'s' if report.runs != 1 else ''}.")
+    if not report.runs:
+        text = f"No GPU time spent in {report.month} yet. `/finetune run` starts a run; its card shows the estimate."
+        return message(text, [section(text)])
+
+    def table(title: str, rows: list[tuple[str, float, float]], name) -> str:
+        lines = [f"• {name(who)}: {format_usd(usd)} ({format_span(secs)})" for who, usd, secs in rows[:15]]
+        more = f"\n…and {len(rows) - 15} more" if len(rows) > 15 else ""
+        return f"*{title}*\n" + "\n".join(lines) + more
+
+    blocks = [section(head),
+              section(table("By person", report.by_person, mention)),
+              section(table("By model", report.by_model, lambda m: f"`{escape(m)}`"))]
+    biggest = [f"• *{escape(r['run'])}* ({mention(str(r.get('requester', '')))}, "
+               f"`{escape(str(r.get('model', '')))}`): {format_usd(float(r.get('usd') or 0))}, "
+               f"{format_span(float(r.get('gpu_s') or 0))}" + (" (still running)" if r.get("running") else "")
+               for r in report.biggest]
+    blocks.append(section("*The biggest runs*\n" + "\n".join(biggest)))
+    if report.median_error is None:
+        blocks.append(context("No run of this month has both an estimate and an end yet, so there is no estimate "
+                              "error to show."))
+    else:
+        e = report.median_error
+        blocks.append(context(f"Estimates vs actual GPU time: median error {e:+.0%} over {report.errors_counted} "
+                              f"run{'s' if report.errors_counted != 1 else ''} (+ took longer than estimated)."))
+    text = f"GPU spend in {report.month}: {format_usd(report.total_usd)}{budget}"
     return message(text, blocks)
 
 

@@ -31,6 +31,7 @@ USAGE: dict[str, str] = {
     "deploy": "/finetune deploy RUN",
     "undeploy": "/finetune undeploy RUN",
     "deployments": "/finetune deployments",
+    "cost": "/finetune cost",
     "secret": "/finetune secret set NAME | /finetune secret list",
     "provision": "/finetune provision [finetune|inference|check]",
 }
@@ -107,6 +108,11 @@ class Deployments:
 
 
 @dataclass(frozen=True)
+class Cost:
+    pass
+
+
+@dataclass(frozen=True)
 class SecretSet:
     name: str
 
@@ -121,8 +127,8 @@ class Provision:
     target: Literal["finetune", "inference", "check"] | None = None   # None: both; check: the smoke check
 
 
-Command = Union[Help, RunCommand, Status, ListRuns, Logs, Cancel, Resume, Deploy, Undeploy, Deployments, SecretSet,
-                SecretList, Provision]
+Command = Union[Help, RunCommand, Status, ListRuns, Logs, Cancel, Resume, Deploy, Undeploy, Deployments, Cost,
+                SecretSet, SecretList, Provision]
 
 
 @dataclass(frozen=True)
@@ -144,7 +150,7 @@ def subcommand_of(command: Command) -> str:
     """The subcommand word a command came from, e.g. "run" for RunCommand (for authorization and logging)."""
     return {
         Help: "help", RunCommand: "run", Status: "status", ListRuns: "list", Logs: "logs", Cancel: "cancel",
-        Resume: "resume", Deploy: "deploy", Undeploy: "undeploy", Deployments: "deployments",
+        Resume: "resume", Deploy: "deploy", Undeploy: "undeploy", Deployments: "deployments", Cost: "cost",
         SecretSet: "secret", SecretList: "secret",
         Provision: "provision",
     }[type(command)]
@@ -394,6 +400,11 @@ def _deployments(args: list[str]) -> Deployments:
     return Deployments()
 
 
+def _cost(args: list[str]) -> Cost:
+    _no_extra(args, "`cost` takes no arguments")
+    return Cost()
+
+
 def _secret(args: list[str]) -> SecretSet | SecretList:
     if not args:
         raise _Bad("`secret` needs `set NAME` or `list`.")
@@ -427,6 +438,6 @@ def _provision(args: list[str]) -> Provision:
 
 _PARSERS = {
     "help": _help, "run": _run, "status": _status, "list": _list, "logs": _logs, "cancel": _cancel,
-    "resume": _resume, "deploy": _deploy, "undeploy": _undeploy, "deployments": _deployments,
+    "resume": _resume, "deploy": _deploy, "undeploy": _undeploy, "deployments": _deployments, "cost": _cost,
     "secret": _secret, "provision": _provision,
 }

@@ -91,7 +91,7 @@ async def load_scripts(r) -> None:
 # Subcommands that change nothing and answer in their ack: their deliveries are not claimed. Slack retries a command
 # only when the ack did not reach it in time, and the ack held the answer, so a retry is answered again rather than
 # dropped; running one twice is harmless; and each spares two Redis round trips (the claim, its end).
-UNCLAIMED_SUBCOMMANDS = frozenset({"help", "list", "status"})
+UNCLAIMED_SUBCOMMANDS = frozenset({"help", "list", "status", "cost"})
 
 
 def delivery_key(body: dict[str, Any]) -> str | None:

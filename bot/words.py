@@ -62,21 +62,24 @@ def with_hint(reason: str, h: Hint | dict[str, Any] | None) -> str:
 def decision_refused(e: approvals.DecisionRefused) -> str:
     """Why an approve or reject click changed nothing, naming the people who can act."""
     a = e.approval
+    budget = a.kind == approvals.RUN_KIND
+    what = "budget approval" if budget else "deploy request"
     if e.why == approvals.NOT_APPROVER:
         who = people(e.approvers) if e.approvers else "nobody: TUNEOPS_APPROVERS is empty"
-        return f"Only approvers may approve or reject a deploy (TUNEOPS_APPROVERS): {who}."
+        return (f"Only approvers may approve or reject a {'run over budget' if budget else 'deploy'} "
+                f"(TUNEOPS_APPROVERS): {who}.")
     if e.why == approvals.EXPIRED:
-        return (f"This deploy request of {a.run_id} expired at {approvals.when(a.expires_at)} with no decision "
-                f"(requests wait {describe_duration(a.expires_at - a.created_at)}, TUNEOPS_APPROVAL_TTL). Ask again "
-                f"with {command('deploy ' + a.run_id)}.")
+        again = ("Start the run again to ask anew" if budget else f"Ask again with {command('deploy ' + a.run_id)}")
+        return (f"This {what} of {a.run_id} expired at {approvals.when(a.expires_at)} with no decision "
+                f"(requests wait {describe_duration(a.expires_at - a.created_at)}, TUNEOPS_APPROVAL_TTL). {again}.")
     if e.why == approvals.DECIDED:
         by = f" by {person(a.decided_by)}" if a.decided_by else ""
         at = f" at {approvals.when(a.decided_at or a.finished_at)}"
-        return f"This deploy request of {a.run_id} was already {a.state}{by}{at}; nothing was changed."
+        return f"This {what} of {a.run_id} was already {a.state}{by}{at}; nothing was changed."
     others = e.approvers - {a.requested_by}
     ask = (f"Ask another approver: {people(others)}." if others else
            "No other approver is configured: an admin must add one to TUNEOPS_APPROVERS.")
-    return f"You asked for this deploy, so someone else has to approve it (four eyes). {ask}"
+    return f"You asked for this {'run' if budget else 'deploy'}, so someone else has to approve it (four eyes). {ask}"
 
 
 def refusal(e: Refusal | Exception) -> str:

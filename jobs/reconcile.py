@@ -19,6 +19,7 @@ from jobs.core import queue, snapshots, store
 from jobs.core.domain import Run, RunEvent, RunState
 from jobs.core.errors import BackendError, Hint
 from jobs.core.settings import JobSettings, current_settings
+from jobs.deploys import approval
 from jobs.deploys.deploy import recover_deploys, restore_approvals
 from jobs.runs import transitions
 from jobs.runs.progress import move
@@ -120,9 +121,22 @@ def reconcile_once(settings: JobSettings) -> dict[str, list[str]]:
     if store.queued_ids(conn) and len(active) < settings.max_running:
         transitions.enqueue_admit(settings)
     done.update(recover_deploys(settings))
+    done["asked"] = ask_for_lost_budget_approvals(settings, now)
     if any(done.values()):
         log.info("reconcile: %s", done)
     return done
+
+
+def ask_for_lost_budget_approvals(settings: JobSettings, now: float) -> list[str]:
+    """A run held for its budget whose approval was never asked for (the bot stopped between queueing it and asking):
+    ask now, so that its card reaches an approver."""
+    conn = store.connect(settings)
+    asked = []
+    for run in store.load_runs(conn, sorted(store.held_ids(conn))):
+        if run.held and not run.budget_approval.get("id") and now - run.created_at > START_STALE_S:
+            if approval.request_budget_approval(settings, run.id) is not None:
+                asked.append(run.id)
+    return asked
 
 
 def reconcile(chain: str | None = None) -> str:

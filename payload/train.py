@@ -16,6 +16,7 @@ import math
 import os
 import shutil
 import signal
+import statistics
 import sys
 import time
 import traceback
@@ -300,9 +301,14 @@ def make_callback(cfg: TrainConfig, events: EventWriter, stop: StopSignal, total
             self.tokens0 = 0
             self.losses: list[tuple[int, float]] = []
             self.evals: list[tuple[int, float]] = []
+            # tokens/s of each logging interval: their median is the run's throughput for cost estimates (warm-up,
+            # evals and checkpoint saves between two logs do not drag it the way they drag the mean)
+            self.rates: list[float] = []
+            self.last_log: tuple[float, int] = (0.0, 0)
 
         def on_train_begin(self, args, state, control, **kw):
             self.t0, self.step0, self.tokens0 = time.monotonic(), state.global_step, state.num_input_tokens_seen
+            self.last_log = (self.t0, self.tokens0)
             if state.max_steps != total_steps:
                 log.warning("the Trainer plans %d steps, %d were announced", state.max_steps, total_steps)
 
@@ -329,8 +335,13 @@ def make_callback(cfg: TrainConfig, events: EventWriter, stop: StopSignal, total
         def on_log(self, args, state, control, logs=None, **kw):
             if not logs or "loss" not in logs:
                 return
-            elapsed = max(time.monotonic() - self.t0, 1e-9)
+            now = time.monotonic()
+            elapsed = max(now - self.t0, 1e-9)
             done = max(state.global_step - self.step0, 1)
+            since, tokens_then = self.last_log
+            if now > since and state.num_input_tokens_seen > tokens_then:
+                self.rates.append((state.num_input_tokens_seen - tokens_then) / (now - since))
+            self.last_log = (now, state.num_input_tokens_seen)
             loss = float(logs["loss"])
             self.losses.append((state.global_step, loss))
             events.emit(
@@ -608,6 +619,7 @@ def run(cfg: TrainConfig, events: EventWriter, stop: StopSignal) -> dict[str, An
         "tokens_this_run": tokens_this_run,
         "train_runtime_s": round(train_runtime, 3),
         "tokens_per_s": round(tokens_this_run / train_runtime, 1) if train_runtime > 0 else None,
+        "tokens_per_s_median": round(statistics.median(callback.rates), 1) if callback.rates else None,
         "duration_s": round(time.monotonic() - t_start, 3),
         "peak_memory_mb": round(peak, 1),
         "peak_memory_kind": peak_kind,
@@ -627,6 +639,7 @@ def run(cfg: TrainConfig, events: EventWriter, stop: StopSignal) -> dict[str, An
         wandb_run.finish()
     events.emit("done", adapter=str(adapter), metrics={k: metrics[k] for k in (
         "steps", "train_loss", "first_loss", "last_loss", "eval_loss", "base_eval_loss", "tokens_per_s",
+        "tokens_per_s_median",
         "duration_s", "peak_memory_mb", "padding_waste")})
     return metrics
 

@@ -16,6 +16,7 @@ from jobs import backends
 from jobs.backends.protocol import PROVISION, SECRETS
 from jobs.core.domain import Run
 from jobs.core.errors import BackendError, RunRejected
+from jobs.deploys import approval
 from jobs.runs import service
 
 log = logging.getLogger("bot.listeners")
@@ -70,6 +71,8 @@ async def queue_run(rt: BotRuntime, cmd: grammar.RunCommand, *, user: str, chann
     run = await call(service.submit_run, rt.settings.jobs, requester=user, channel=channel, model=cmd.model,
                      dataset=dataset, epochs=cmd.epochs, lr=cmd.lr, max_steps=cmd.max_steps, name=cmd.name,
                      request_id=request_id, dataset_source=source)
+    if run.held:  # over a budget: its approval card goes into its thread (idempotent, as the run is)
+        await call(approval.request_budget_approval, rt.settings.jobs, run.id)
     return run, await call(service.queue_position, rt.settings.jobs, run.id)
 
 

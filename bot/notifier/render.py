@@ -183,6 +183,8 @@ class Renderer:
             message = blocks.render_resumed(run, data)
         elif kind == "notice":
             message = blocks.render_notice(run, str(data.get("text", "")))
+        elif kind == "overrun":
+            message = blocks.render_overrun(run, data)
         elif kind == "approval":
             posts.append(("approval card", lambda: self.show_approval(run, str(data.get("approval", "")))))
         elif kind == "deploy":

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol
 
+from jobs.core.cost import GpuProfile
 from jobs.core.domain import Run
 from jobs.core.errors import Hint
 
@@ -153,6 +154,10 @@ class Backend(Executor, Protocol):
 
     def describe_target(self) -> str:
         """Where a deploy goes, in words for the approval card."""
+
+    def gpu_profile(self) -> GpuProfile:
+        """Where a run trains, for its cost: the profile (priced in jobs.core.cost.PRICES), its GPUs and GPU model.
+        Quick and offline: it reads the configuration only."""
 
     def deploy(self, run: Run, approval_id: str, requester: str) -> DeployStarted:
         """Serve the run's adapter, or start an operation that will (DeployStarted.op_id, an Op record in the store,

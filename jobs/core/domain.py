@@ -11,6 +11,8 @@ from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from jobs.core import cost
+
 RUN_ID_RE = re.compile(r"^ft-\d{4,}$")
 
 
@@ -99,6 +101,13 @@ class Run:
     # The card's links: the current execution's portal links (ACA) and the trainer's own ("wandb": its W&B run).
     links: dict[str, str] = field(default_factory=dict)
     deployments: list[dict[str, Any]] = field(default_factory=list)  # deploy requests, decisions (jobs.deploys.approval)
+    # Cost (jobs.core.cost): the estimate made before it was queued, the [start, end] of each attempt's running time,
+    # what it cost once it ended, whether it was told it ran past its estimate, and the budget approval it needed.
+    estimate: dict[str, Any] = field(default_factory=dict)
+    gpu_periods: list[list[float | None]] = field(default_factory=list)
+    actual: dict[str, Any] = field(default_factory=dict)
+    overrun_warned: bool = False
+    budget_approval: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -122,12 +131,26 @@ class Run:
             self.attempts += 1
             self.finished_at = None
             self.error = ""
-        elif dst is RunState.RUNNING and self.started_at is None:
-            self.started_at = now
+        elif dst is RunState.RUNNING:
+            self.started_at = now if self.started_at is None else self.started_at
+            self.gpu_periods.append([now, None])
         elif dst is RunState.QUEUED:
             self.finished_at = None
         elif dst.terminal:
             self.finished_at = now
+            for period in self.gpu_periods:
+                period[1] = now if period[1] is None else period[1]
+            if self.gpu_periods:  # a run that never ran (cancelled in line, say) spent nothing to report
+                self.actual = cost.actual(self.estimate, self.gpu_periods)
+
+    @property
+    def held(self) -> bool:
+        """Waiting for an approver's click on its budget approval before it may join the line."""
+        return self.budget_approval.get("state") == "pending"
+
+    def running_s(self, now: float | None = None) -> float:
+        """GPU time so far: every attempt's running time, the current one up to `now`."""
+        return cost.gpu_seconds(self.gpu_periods, time.time() if now is None else now)
 
     @property
     def display_name(self) -> str:
@@ -136,7 +159,7 @@ class Run:
 
 # Run events: the facts jobs/ appends for the bot to render. `kind` names the fact; the rest is data.
 EVENT_KINDS = (
-    "queued",        # position
+    "queued",        # position (0 and held: the budget it is over, while it waits for an approver)
     "state",         # state, previous
     "progress",      # step, total_steps, loss, eta_s, epoch, tokens_per_s
     "eval",          # step, eval_loss
@@ -152,6 +175,7 @@ EVENT_KINDS = (
     "notice",        # text: anything else worth a thread line (plain words, no chat markup)
     "approval",      # approval (id), state: a deploy request was made or decided (jobs.deploys.approval)
     "deploy",        # approval (id), state, url, api_url, endpoint, error: a deploy's progress (jobs.deploys.deploy)
+    "overrun",       # running_s, estimate_s: the run went past twice its estimated time (told once a run)
 )
 
 

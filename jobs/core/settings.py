@@ -17,6 +17,7 @@ from urllib.parse import urlparse
 
 from pydantic import ValidationError
 
+from jobs.core.cost import parse_price_overrides
 from jobs.core.durations import describe_duration, parse_duration
 from payload.config import TrainConfig
 
@@ -54,6 +55,12 @@ class JobSettings:
     approval_ttl_s: float = 86400.0
     serve_port: int = 0
     serve_host: str = "127.0.0.1"
+    # Cost (jobs.core.cost): a run estimated above `run_budget_usd` waits for an approver, and so does every run once
+    # the month's spend is past `monthly_budget_usd` (None: no such budget); prices per GPU-hour that replace the
+    # shipped table's, by GPU profile.
+    run_budget_usd: float | None = None
+    monthly_budget_usd: float | None = None
+    gpu_prices: Mapping[str, float] = field(default_factory=lambda: MappingProxyType({}))
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> JobSettings:
@@ -119,6 +126,18 @@ class JobSettings:
         serve_port = _whole(env, "TUNEOPS_SERVE_PORT", cls.serve_port, 0, 65535, problems,
                             "the port of the local inference server (default 0: a free port)")
         serve_host = text("TUNEOPS_SERVE_HOST", cls.serve_host)
+        run_budget_usd = _number(env, "TUNEOPS_RUN_BUDGET_USD", None, _usd, 0, float("inf"), problems,
+                                 "is not an amount of US dollars: set it to the most one run may be estimated to cost "
+                                 "without an approver's click, like 25 or 12.50 (unset: no limit)")
+        monthly_budget_usd = _number(env, "TUNEOPS_MONTHLY_BUDGET_USD", None, _usd, 0, float("inf"), problems,
+                                     "is not an amount of US dollars: set it to the team's GPU budget for a calendar "
+                                     "month, like 1000 (unset: no limit)")
+        gpu_prices: dict[str, float] = {}
+        try:
+            gpu_prices = parse_price_overrides(env.get("TUNEOPS_GPU_PRICES", ""))
+        except ValueError as e:
+            problems.append(f"TUNEOPS_GPU_PRICES {e}: give a JSON object like '{{\"Consumption-GPU-NC24-A100\": 3.4}}' "
+                            "(USD per GPU-hour by workload profile type) or the path of a JSON file holding one")
 
         if problems:
             raise SettingsError(problems)
@@ -137,6 +156,9 @@ class JobSettings:
             approval_ttl_s=approval_ttl_s,
             serve_port=serve_port,
             serve_host=serve_host,
+            run_budget_usd=run_budget_usd,
+            monthly_budget_usd=monthly_budget_usd,
+            gpu_prices=MappingProxyType(gpu_prices),
         )
 
 
@@ -163,6 +185,14 @@ def _number(env: Mapping[str, str], name: str, default, kind, lo: float, hi: flo
         pass
     problems.append(f"{name}={raw!r} {problem}")
     return default
+
+
+def _usd(raw: str) -> float:
+    """'25', '12.50' or '$1,000' as a number of dollars."""
+    value = float(raw.strip().lstrip("$").replace(",", ""))
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ValueError(raw)
+    return value
 
 
 def _whole(env: Mapping[str, str], name: str, default: int, lo: int, hi: int, problems: list[str], what: str) -> int:

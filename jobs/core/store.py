@@ -26,7 +26,7 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from jobs.core import snapshots
+from jobs.core import cost, snapshots
 from jobs.core.domain import Op, Run, RunEvent, RunState
 from jobs.core.settings import JobSettings
 
@@ -39,6 +39,7 @@ RUN_SEQ = f"{PREFIX}:run_seq"
 ALL_RUNS = f"{PREFIX}:runs"            # zset: run id -> sequence number (newest has the highest)
 QUEUED = f"{PREFIX}:queued"            # zset: run id -> time it joined the line (oldest first)
 ACTIVE = f"{PREFIX}:active"            # set: runs that hold a GPU slot (preparing or running)
+HELD = f"{PREFIX}:held"                # set: runs over budget waiting for an approver (Run.held), not yet in line
 POSITIONS = f"{PREFIX}:positions"      # hash: run id -> the queue position last reported in a "queued" event
 REQUEST_KEY = PREFIX + ":request:{}"   # submit idempotency: request key -> run id
 DELIVERY_KEY = PREFIX + ":delivery:{}"  # hash: one Slack delivery's claim (bot.middleware)
@@ -51,6 +52,10 @@ CANCELLING = PREFIX + ":cancelling:{}"  # a cancel task was enqueued recently
 # Deploy requests (jobs.deploys.approval)
 APPROVAL_KEY = PREFIX + ":approval:{}"
 APPROVAL_SEQ = f"{PREFIX}:approval_seq"
+# Cost (jobs.core.cost): the month's ledger (hash: run id -> what it spent that month, JSON) and the measured training
+# throughput of finished runs (hash per model size class and GPU profile: run id -> median tokens/s)
+COST_MONTH = PREFIX + ":cost:{}"
+THROUGHPUT = PREFIX + ":throughput:{}|{}"
 # Backend operations (jobs.backends.*.ops) and the backends' own locks and records
 OP_SEQ = f"{PREFIX}:op_seq"
 OP_KEY = PREFIX + ":op:{}"
@@ -325,7 +330,7 @@ def write_run(pipe: redis.client.Pipeline, run: Run, *, queued_at: float | None 
     transaction is done, `snapshot_run` leaves its durable copy)."""
     pipe.set(run_key(run.id), json.dumps(run.to_dict(), default=str))
     pipe.zadd(ALL_RUNS, {run.id: _seq(run.id)})
-    if run.state is RunState.QUEUED:
+    if run.state is RunState.QUEUED and not run.held:
         # nx: saving a queued run again (e.g. the bot recording its card) keeps its place in line.
         pipe.zadd(QUEUED, {run.id: queued_at if queued_at is not None else time.time()}, nx=True)
     else:
@@ -335,6 +340,18 @@ def write_run(pipe: redis.client.Pipeline, run: Run, *, queued_at: float | None 
         pipe.sadd(ACTIVE, run.id)
     else:
         pipe.srem(ACTIVE, run.id)
+    if run.held and run.state is RunState.QUEUED:
+        pipe.sadd(HELD, run.id)
+    else:
+        pipe.srem(HELD, run.id)
+    if run.state.terminal and run.gpu_periods:
+        entries = cost.ledger_entries(run.id, run.requester, run.model, run.estimate, run.gpu_periods,
+                                      run.finished_at)
+        for month, entry in entries.items():
+            pipe.hset(COST_MONTH.format(month), run.id, json.dumps(entry))
+    rate = run.metrics.get("tokens_per_s_median") or run.metrics.get("tokens_per_s")
+    if run.state is RunState.SUCCEEDED and rate and run.estimate.get("size") and run.estimate.get("profile"):
+        pipe.hset(THROUGHPUT.format(run.estimate["size"], run.estimate["profile"]), run.id, float(rate))
 
 
 def create_run(conn: redis.Redis, run: Run, events_for: Callable[[int], list[RunEvent]]) -> int:
@@ -353,7 +370,8 @@ def create_run(conn: redis.Redis, run: Run, events_for: Callable[[int], list[Run
                 queued_at = max(now, last[0][1] + 1e-3) if last else now
                 pipe.multi()
                 write_run(pipe, run, queued_at=queued_at)
-                pipe.hset(POSITIONS, run.id, position)
+                if not run.held:  # a held run joins the line (and gets its place reported) once approved
+                    pipe.hset(POSITIONS, run.id, position)
                 for event in events_for(position):
                     append_event(pipe, event)
                 pipe.execute()
@@ -438,6 +456,10 @@ def active_ids(conn: redis.Redis) -> set[str]:
     return conn.smembers(ACTIVE)
 
 
+def held_ids(conn: redis.Redis) -> set[str]:
+    return conn.smembers(HELD)
+
+
 def queue_position(conn: redis.Redis, run_id: str) -> int | None:
     rank = conn.zrank(QUEUED, run_id)
     return None if rank is None else rank + 1
@@ -471,6 +493,16 @@ def report_positions(conn: redis.Redis) -> list[RunEvent]:
                 return events
             except redis.WatchError:
                 continue
+
+
+def month_ledger(conn: redis.Redis, month: str) -> list[dict]:
+    """What ended runs spent in a month ('2026-11'): one entry per run (jobs.core.cost.ledger_entries)."""
+    return [json.loads(raw) for raw in conn.hvals(COST_MONTH.format(month))]
+
+
+def team_throughputs(conn: redis.Redis, size: str, profile: str) -> list[float]:
+    """The measured tokens/s of this team's finished runs of a model size class on a GPU profile."""
+    return [float(v) for v in conn.hvals(THROUGHPUT.format(size, profile))]
 
 
 def load_op(conn: redis.Redis, op_id: str) -> Op | None:

@@ -1,4 +1,6 @@
 """Deploy requests and their four-eyes approval: who asked, who decided and when, expiry, and exactly one deploy.
+The same approval holds back a run over budget (kind "run", see `request_budget_approval`): approved, it joins the line;
+rejected or expired, it ends without having run.
 
 A request (`dp-0001`) belongs to a succeeded run. Approving or rejecting is a transaction on the request and its run
 record together (WATCH/MULTI), so two clicks at once decide once and only the winner enqueues the deploy. Each change
@@ -23,6 +25,7 @@ import redis
 from jobs.backends import get_backend
 from jobs.core import queue, store
 from jobs.core.domain import Run, RunEvent, RunState
+from jobs.core.durations import describe_duration
 from jobs.core.errors import BackendError, Hint, RunRejected
 from jobs.core.settings import JobSettings, current_settings
 
@@ -33,6 +36,9 @@ APPROVAL_SEQ = store.APPROVAL_SEQ
 APPROVAL_ID_RE = re.compile(r"^dp-\d{4,}$")
 # How long one deploy task may take: a local deploy waits for the inference server to load and answer.
 DEPLOY_TIMEOUT_S = 900
+# What an approval is for: a deploy of a succeeded run, or letting a run over budget join the line.
+DEPLOY_KIND = "deploy"
+RUN_KIND = "run"
 # An expiry job that runs this much early (clocks of two hosts) looks again later rather than expiring too soon.
 EXPIRY_SLACK_S = 1.0
 
@@ -87,6 +93,8 @@ class Approval:
     finished_at: float | None = None
     undeployed_by: str = ""
     undeployed_at: float | None = None
+    kind: str = DEPLOY_KIND
+    reason: str = ""                 # RUN_KIND: which budget the run is over (jobs.core.cost.RUN_BUDGET, ...)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -111,6 +119,9 @@ class Approval:
         """What the run record keeps of the request (Run.deployments)."""
         keep = ("id", "requested_by", "created_at", "expires_at", "state", "decided_by", "decided_at", "target",
                 "url", "api_url", "op_id", "error", "error_hint", "finished_at", "undeployed_by", "undeployed_at")
+        if self.kind == RUN_KIND:
+            keep = ("id", "kind", "requested_by", "created_at", "expires_at", "state", "decided_by", "decided_at",
+                    "target", "reason", "finished_at")
         d = self.to_dict()
         return {k: d[k] for k in keep}
 
@@ -140,8 +151,9 @@ class DecisionRefused(RunRejected):
     str(e) is a plain fallback."""
 
     def __init__(self, why: str, approval: Approval, approvers: frozenset[str]):
+        asks_again = why == EXPIRED and approval.kind == DEPLOY_KIND
         super().__init__(f"the decision on {approval.id} was refused ({why.replace('_', ' ')})",
-                         hint=Hint(f"deploy {approval.run_id}", "asks again") if why == EXPIRED else None)
+                         hint=Hint(f"deploy {approval.run_id}", "asks again") if asks_again else None)
         self.why, self.approval, self.approvers = why, approval, approvers
 
 
@@ -214,6 +226,9 @@ def update_approval(conn: redis.Redis, approval_id: str, step: Step,
 
 def _keep_in_run(run: Run, approval: Approval) -> None:
     entry = approval.record()
+    if approval.kind == RUN_KIND:
+        run.budget_approval = entry
+        return
     for i, d in enumerate(run.deployments):
         if d.get("id") == approval.id:
             run.deployments[i] = entry
@@ -223,6 +238,25 @@ def _keep_in_run(run: Run, approval: Approval) -> None:
 
 def approval_event(approval: Approval) -> RunEvent:
     return RunEvent(approval.run_id, "approval", {"approval": approval.id, "state": str(approval.state)})
+
+
+def _end_held_run(approval: Approval, run: Run, by: str) -> list[RunEvent]:
+    """A run over budget whose approval was rejected (cancelled by the approver) or expired (failed, saying so);
+    nothing when the run is no longer waiting (cancelled by its requester meanwhile)."""
+    if approval.kind != RUN_KIND or run.state is not RunState.QUEUED:
+        return []
+    previous = run.state
+    if by:
+        run.cancelled_by = by
+        run.transition(RunState.CANCELLED)
+        ended = RunEvent(run.id, "cancelled", {"by": by})
+    else:
+        run.error = (f"its budget approval {approval.id} expired with no decision after "
+                     f"{describe_duration(approval.expires_at - approval.created_at)} (TUNEOPS_APPROVAL_TTL); "
+                     "start the run again to ask anew")
+        run.transition(RunState.FAILED)
+        ended = RunEvent(run.id, "failed", {"error": run.error, "hint": run.error_hint, "log_tail": []})
+    return [RunEvent(run.id, "state", {"state": str(run.state), "previous": str(previous)}), ended]
 
 
 # What the bot calls --------------------------------------------------------------------------------------------------
@@ -263,6 +297,41 @@ def request_deploy(settings: JobSettings, run_id: str, requested_by: str, channe
     return approval
 
 
+def request_budget_approval(settings: JobSettings, run_id: str) -> Approval | None:
+    """Ask for an approver's click on a run held for its budget (jobs.runs.service.submit_run holds it): creates the
+    request, whose card the bot posts in the run's thread, and schedules its expiry. Idempotent: a run that has its
+    request gets that one; a run not held gets None."""
+    conn = store.connect(settings)
+    run = store.load_run(conn, run_id)
+    if run is None or not run.held:
+        return None
+    if run.budget_approval.get("id"):
+        return get_approval(settings, run.budget_approval["id"])
+    now = time.time()
+    estimate = run.estimate.get("usd")
+    target = (f"a run estimated at ${estimate:,.2f} on {run.estimate.get('profile', settings.backend)}"
+              if estimate is not None else f"a run on {run.estimate.get('profile', settings.backend)}")
+    approval = Approval(id=f"dp-{conn.incr(APPROVAL_SEQ):04d}", run_id=run.id, requested_by=run.requester,
+                        channel=run.channel, target=target, backend=settings.backend, created_at=now,
+                        expires_at=now + settings.approval_ttl_s, kind=RUN_KIND,
+                        reason=str(run.budget_approval.get("reason", "")))
+    key = approval_key(approval.id)
+
+    def step(r: Run) -> list[RunEvent] | None:
+        if not r.held or r.budget_approval.get("id"):
+            return None  # decided, cancelled, or another request got in first
+        _keep_in_run(r, approval)
+        return [approval_event(approval)]
+
+    conn.set(key, json.dumps(approval.to_dict()))  # written before the run points at it
+    if store.update_run(conn, run.id, step) is None:
+        conn.delete(key)
+        current = store.load_run(conn, run.id)
+        return get_approval(settings, current.budget_approval.get("id", "")) if current else None
+    schedule_expiry(settings, approval.id, settings.approval_ttl_s)
+    return approval
+
+
 def _describe_target(settings: JobSettings) -> str:
     try:
         return get_backend(settings).describe_target()
@@ -290,11 +359,11 @@ def decide(settings: JobSettings, approval_id: str, user: str, approve: bool,
             refusal.append(DecisionRefused(why, approval, approvers))
             if approval.state is ApprovalState.PENDING and now >= approval.expires_at:
                 approval.move(ApprovalState.EXPIRED, now)  # found expired: record it, and the card says so
-                return [approval_event(approval)]
+                return [approval_event(approval)] + _end_held_run(approval, run, "")
             return None
         approval.move(ApprovalState.APPROVED if approve else ApprovalState.REJECTED, now)
         approval.decided_by, approval.decided_at = user, now
-        return [approval_event(approval)]
+        return [approval_event(approval)] + ([] if approve else _end_held_run(approval, run, user))
 
     if not APPROVAL_ID_RE.match(approval_id or ""):
         raise RunRejected(f"{approval_id!r} is not a deploy request id (they look like dp-0001)")
@@ -303,7 +372,11 @@ def decide(settings: JobSettings, approval_id: str, user: str, approve: bool,
         raise refusal[0]
     assert changed is not None
     approval = changed[0]
-    if approval.state is ApprovalState.APPROVED:
+    if approval.state is ApprovalState.APPROVED and approval.kind == RUN_KIND:
+        # In line now (the store indexes it once its approval is no longer pending): report places, admit.
+        store.report_positions(conn)
+        queue.enqueue(settings, queue.ADMIT_RUNS)
+    elif approval.state is ApprovalState.APPROVED:
         enqueue_deploy(settings, approval.id)
     return approval
 
@@ -336,7 +409,7 @@ def expire_approval(approval_id: str) -> str:
             left.append(approval.expires_at - now)
             return None
         approval.move(ApprovalState.EXPIRED, now)
-        return [approval_event(approval)]
+        return [approval_event(approval)] + _end_held_run(approval, run, "")
 
     try:
         changed = update_approval(store.connect(settings), approval_id, step)

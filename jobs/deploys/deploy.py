@@ -21,6 +21,8 @@ from jobs.core.domain import Run, RunEvent
 from jobs.core.errors import BackendError, Hint, RunRejected
 from jobs.core.settings import JobSettings, current_settings
 from jobs.deploys.approval import (
+    DEPLOY_KIND,
+    RUN_KIND,
     Approval,
     ApprovalState,
     approval_key,
@@ -76,8 +78,8 @@ def recover_deploys(settings: JobSettings) -> dict[str, list[str]]:
     done: dict[str, list[str]] = {"redeployed": [], "failed": []}
     for key in conn.scan_iter(store.APPROVAL_KEY.format("dp-*"), count=200):
         approval = get_approval(settings, key.rsplit(":", 1)[-1])
-        if approval is None or queue.job_pending(settings, f"deploy-{approval.id}"):
-            continue
+        if approval is None or approval.kind != DEPLOY_KIND or queue.job_pending(settings, f"deploy-{approval.id}"):
+            continue  # a run's budget approval deploys nothing
         if approval.state is ApprovalState.APPROVED and time.time() - (approval.decided_at or 0) > APPROVED_STALE_S:
             enqueue_deploy(settings, approval.id)
             done["redeployed"].append(approval.id)
@@ -102,13 +104,14 @@ def restore_approvals(settings: JobSettings, runs: list[Run]) -> dict[str, list[
     done: dict[str, list[str]] = {"requests put back": [], "deploys lost": []}
     highest = 0
     for run in runs:
-        for entry in run.deployments:
+        budget = [{**run.budget_approval, "kind": RUN_KIND}] if run.budget_approval.get("id") else []
+        for entry in [*run.deployments, *budget]:
             approval_id = str(entry.get("id", ""))
             seq = approval_id.removeprefix("dp-")
             if not seq.isdigit():
                 continue
             highest = max(highest, int(seq))
-            approval = Approval.from_dict({**entry, "run_id": run.id, "channel": run.channel,
+            approval = Approval.from_dict({"target": "", **entry, "run_id": run.id, "channel": run.channel,
                                            "backend": settings.backend})
             if not conn.set(approval_key(approval.id), json.dumps(approval.to_dict()), nx=True):
                 continue  # already there: someone put it back first
@@ -129,7 +132,7 @@ def deploy_approved(approval_id: str) -> str:
     settings = current_settings()
 
     def begin(approval: Approval, run: Run) -> list[RunEvent] | None:
-        if approval.state is not ApprovalState.APPROVED:
+        if approval.state is not ApprovalState.APPROVED or approval.kind != DEPLOY_KIND:
             return None
         approval.move(ApprovalState.DEPLOYING)
         return [deploy_event(approval)]

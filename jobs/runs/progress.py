@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 from jobs.backends.protocol import ExecStatus, ExecutionInfo
+from jobs.core import cost
 from jobs.core.domain import Run, RunEvent, RunState
 
 # A log event carries the lines of one tick (at most 256 KB read); beyond this many only the newest are kept and
@@ -92,6 +93,16 @@ def _num(value: Any) -> float | None:
         return None if value is None else float(value)
     except (TypeError, ValueError):
         return None
+
+
+def overrun(run: Run, now: float) -> list[RunEvent]:
+    """The one "overrun" event of a running run that went past OVERRUN_FACTOR times its estimated time."""
+    estimated = run.estimate.get("seconds")
+    if run.overrun_warned or run.state is not RunState.RUNNING or not cost.overran(estimated, run.running_s(now)):
+        return []
+    run.overrun_warned = True
+    return [RunEvent(run.id, "overrun", {"running_s": round(run.running_s(now), 1), "estimate_s": estimated,
+                                         "factor": cost.OVERRUN_FACTOR})]
 
 
 def finish(run: Run, info: ExecutionInfo, outputs: Callable[[], dict[str, Any]],

@@ -14,13 +14,13 @@ from pydantic import ValidationError
 
 from jobs.backends import get_backend
 from jobs.backends.protocol import LogsAnswer
-from jobs.core import store
+from jobs.core import cost, store
 from jobs.core.domain import RUN_ID_RE, Run, RunEvent, RunState
 from jobs.core.errors import Hint, RunRejected
 from jobs.core.masking import environment_secrets, mask_lines
 from jobs.core.runconfig import build_train_config, params_from_command
 from jobs.core.settings import JobSettings
-from jobs.runs import transitions
+from jobs.runs import costs, transitions
 from jobs.runs.transitions import can_resume  # noqa: F401  (the bot offers Resume by the same rule)
 from payload.config import TrainConfig
 from payload.validate import validate_dataset
@@ -193,6 +193,9 @@ def submit_run(settings: JobSettings, *, requester: str, channel: str, model: st
         sha256 = checksum(dataset_path)
     except OSError as e:
         raise RunRejected(f"dataset {dataset_ref} cannot be read ({e}): check the file") from None
+    estimate = costs.estimate_run(settings, conn, model_ref, config, report)
+    needs = cost.approval_reason(estimate.usd, estimate.month_spent_usd, settings.run_budget_usd,
+                                 settings.monthly_budget_usd)
 
     # The request key names the run's id before the run exists, so that whoever creates it (this call, or a repeat of
     # the request after this process died half way) creates that one run and no other.
@@ -207,14 +210,19 @@ def submit_run(settings: JobSettings, *, requester: str, channel: str, model: st
     try:
         run = Run(id=run_id or store.new_run_id(conn), requester=requester, channel=channel, model=model_ref,
                   dataset=dataset_ref, params=params, name=run_name, backend=settings.backend,
-                  dataset_sha256=sha256, dataset_source=dataset_source)
+                  dataset_sha256=sha256, dataset_source=dataset_source, estimate=estimate.to_dict(),
+                  # held until an approver clicks (jobs.deploys.approval.request_budget_approval makes the request)
+                  budget_approval={"state": "pending", "reason": needs} if needs else {})
         if request_key and store.load_run(conn, run.id) is not None:
             return store.load_run(conn, run.id)
-        store.create_run(conn, run, lambda position: [RunEvent(run.id, "queued", {"position": position})])
+        store.create_run(conn, run, lambda position: [
+            RunEvent(run.id, "queued", {"position": 0, "held": needs} if needs else {"position": position})])
     except BaseException:
         if request_key:
             conn.delete(request_key)
         raise
+    if run.held:
+        return run  # the caller asks for the approval (jobs.deploys.approval.request_budget_approval)
     # If this enqueue is lost, the workers' reconcile pass admits the run.
     transitions.enqueue_admit(settings)
     return run

@@ -9,6 +9,7 @@ tick that is not the current one does nothing, so a chain restarted by `reconcil
 from __future__ import annotations
 
 import logging
+import time
 
 import redis
 
@@ -21,7 +22,7 @@ from jobs.core.masking import environment_secrets, mask, mask_lines
 from jobs.core.runconfig import build_train_config
 from jobs.core.settings import JobSettings, current_settings
 from jobs.runs import transitions
-from jobs.runs.progress import apply_progress, finish, move
+from jobs.runs.progress import apply_progress, finish, move, overrun
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ def admit_runs() -> list[str]:
             run_id = queued[0]
 
             def step(run: Run) -> list[RunEvent] | None:
-                if run.state is not RunState.QUEUED:
+                if run.state is not RunState.QUEUED or run.held:
                     return None
                 event = move(run, RunState.PREPARING)
                 run.execution_id, run.pid = "", 0  # a new attempt gets a new execution
@@ -178,6 +179,8 @@ def advance(settings: JobSettings, run_id: str) -> tuple[Run | None, ExecutionIn
         if info.status.finished:
             events += finish(run, info, lambda: executor.outputs(run),
                              lambda n: mask_lines(executor.tail_logs(run, n), secrets))
+        else:
+            events += overrun(run, time.time())
         return events if events or moved else None
 
     try:

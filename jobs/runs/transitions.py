@@ -13,7 +13,7 @@ import redis
 from jobs.backends import start_timeout_s
 from jobs.core import metrics, queue, store
 from jobs.core.domain import Run, RunEvent, RunState
-from jobs.core.errors import RunRejected
+from jobs.core.errors import Hint, RunRejected
 from jobs.core.settings import JobSettings
 from jobs.runs.progress import move
 
@@ -23,8 +23,9 @@ RESUMABLE = (RunState.FAILED, RunState.TIMED_OUT, RunState.CANCELLED)
 
 
 def can_resume(run: Run) -> bool:
-    """The one rule for resuming: the service enforces it, the bot shows a Resume button by it."""
-    return run.state in RESUMABLE
+    """The one rule for resuming: the service enforces it, the bot shows a Resume button by it. A run whose budget
+    approval was rejected or expired never ran, and a resume would slip past the approval: it is started anew."""
+    return run.state in RESUMABLE and run.budget_approval.get("state") not in ("rejected", "expired")
 
 
 def enqueue_admit(settings: JobSettings):
@@ -91,6 +92,10 @@ def resume(settings: JobSettings, run: Run, by: str, *, auto_resume_limit: int |
     changed = store.update_run(conn, run.id, step)
     if changed is None:
         current = store.load_run(conn, run.id) or run
+        if current.state in RESUMABLE:
+            raise RunRejected(f"{run.id} never ran: its budget approval was {current.budget_approval.get('state')}. "
+                              "Start it again as a new run to ask for an approval anew",
+                              hint=Hint("run", "starts a new run"))
         raise RunRejected(f"{run.id} is {current.state}: only a failed, timed-out or cancelled run can be resumed")
     store.report_positions(conn)  # its "queued" event, with its place in line
     enqueue_admit(settings)

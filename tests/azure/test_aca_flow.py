@@ -40,6 +40,10 @@ def test_a_run_through_the_worker_on_the_aca_backend(aca, settings, worker):
     assert done.state is RunState.SUCCEEDED, log.read_text()[-3000:]
     assert done.backend == "aca" and done.execution_id.startswith("tuneops-ft-")
     assert done.adapter_path == f"runs/{run.id}/adapter"
+    # the estimate priced the job's GPU profile; the actual prices its GPU time the same way
+    assert run.estimate["profile"] == "Consumption-GPU-NC24-A100" and run.estimate["usd"] > 0
+    assert done.actual["gpu_s"] > 0 and done.actual["usd"] == pytest.approx(
+        done.actual["gpu_s"] / 3600 * run.estimate["usd_per_gpu_hour"], abs=1e-3)
     events = store.run_events(conn, run.id)
     kinds = [e.kind for e in events]
     assert "started" in kinds and "progress" in kinds and "succeeded" in kinds

@@ -122,6 +122,7 @@ def test_4bit_run_writes_adapter_metrics_and_lowers_the_loss(finished_run):
     assert all(g["prompt"] and g["reference"] and "base" in g and "fine_tuned" in g for g in m["generations"])
     assert m["padding_waste"] == 0.0 and m["pack_fill"] > 0.85
     assert m["tokens_per_s"] > 0 and m["peak_memory_mb"] > 0 and m["duration_s"] > m["train_runtime_s"] > 0
+    assert m["tokens_per_s_median"] > 0  # of the logging intervals: the throughput cost estimates learn from
     assert m["tokens_seen"] == m["tokens_this_run"] == m["tokens_per_epoch"] * 8
 
 

@@ -82,7 +82,7 @@ def main() -> int:
         "eval_history": [[total, 2.5]], "eval_loss": 2.5, "base_eval_loss": 3.9, "eval_examples": 8,
         "generations": [{"line": 3, "prompt": "What is QLoRA?", "reference": "A way to fine-tune",
                          "base": "QLoRA QLoRA QLoRA", "fine_tuned": "A way to fine-tune a 4-bit model"}],
-        "tokens_per_s": 1000.0, "duration_s": total * step_s,
+        "tokens_per_s": 1000.0, "tokens_per_s_median": 1000.0, "duration_s": total * step_s,
     }
     (out / "metrics.json").write_text(json.dumps(metrics))
     events.emit("done", adapter=str(out / "adapter"), metrics={k: metrics[k] for k in ("steps", "last_loss")})

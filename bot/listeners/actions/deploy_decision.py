@@ -1,6 +1,7 @@
-"""Approve and Reject on a deploy request's card. Only approvers (TUNEOPS_APPROVERS) decide, never the person who
-asked for the deploy (four eyes); everyone else gets the reason privately. The decision itself is one transaction in
-jobs.deploys.approval (two clicks at once deploy once); the card is edited by the notifier when the decision is recorded."""
+"""Approve and Reject on a deploy request's card, and on a run's budget approval card. Only approvers
+(TUNEOPS_APPROVERS) decide, never the person who asked for the deploy or the run (four eyes); everyone else gets the
+reason privately. The decision itself is one transaction in jobs.deploys.approval (two clicks at once deploy once);
+the card is edited by the notifier when the decision is recorded."""
 
 from __future__ import annotations
 
@@ -42,7 +43,10 @@ async def decide(rt: BotRuntime, click: Click) -> None:
             log_refusal(f"{'approve' if approve else 'reject'} {click.value}", click.user, click.channel, said)
             await answer(rt, click.response_url, blocks.render_refusal(said))
             return
-        if approve:
+        if decided.kind == approval.RUN_KIND:
+            text = (f":white_check_mark: You approved {decided.id}: {decided.run_id} joins the line now." if approve
+                    else f":no_entry: You rejected {decided.id}; {decided.run_id} is cancelled without running.")
+        elif approve:
             text = (f":white_check_mark: You approved {decided.id}: deploying {decided.run_id} now. The card and the "
                     "run's thread say when it serves.")
         else:

@@ -1,7 +1,7 @@
 """`/finetune`: parse, authorize, then hand over to the subcommand's handler, which acks first and works after.
 
 Parse errors, refusals and help are answered in the ack itself (pure and instant); nothing else happens for them.
-`list` and `status` only read: they answer in the ack too when the store answers in time
+`list`, `status` and `cost` only read: they answer in the ack too when the store answers in time
 (bot.listeners.support.answer_quickly), else on response_url after an empty ack.
 """
 
@@ -13,6 +13,7 @@ from bot import blocks, grammar
 from bot.auth import authorize
 from bot.listeners.commands import (
     cancel,
+    cost,
     deploy,
     list_runs,
     logs,
@@ -35,6 +36,7 @@ HANDLERS = {
     grammar.Deploy: deploy.handle,
     grammar.Undeploy: deploy.handle_undeploy,
     grammar.Deployments: deploy.handle_deployments,
+    grammar.Cost: cost.handle,
     grammar.SecretSet: secrets.handle_set,
     grammar.SecretList: secrets.handle_list,
     grammar.Provision: provision.handle,

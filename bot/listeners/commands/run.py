@@ -1,5 +1,6 @@
-"""`/finetune run`: check the request and the dataset (jobs.runs.service), queue the run, say where it is in line.
-A dataset given as a Slack file (link or id) is fetched into the workspace first (bot.slackfiles).
+"""`/finetune run`: check the request and the dataset (jobs.runs.service), queue the run, say where it is in line
+and what it is estimated to cost; a run over budget waits for an approver (jobs.deploys.approval). A dataset given
+as a Slack file (link or id) is fetched into the workspace first (bot.slackfiles).
 
 The card itself is posted by the notifier when the run's "queued" event arrives.
 """

@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import redis
 
-from jobs.backends.aca import endpoints, ops, secrets, smoke
+from jobs.backends.aca import endpoints, ops, profiles, secrets, smoke
 from jobs.backends.aca.errors import azure_call
 from jobs.backends.aca.executor import AcaExecutor
 from jobs.backends.aca.logs import run_logs
@@ -30,6 +30,7 @@ from jobs.backends.protocol import (
     SmokeStep,
 )
 from jobs.core import store
+from jobs.core.cost import GpuProfile
 from jobs.core.domain import Run
 from jobs.core.endpoints import ManifestDamaged
 from jobs.core.errors import BackendError, Hint
@@ -46,6 +47,10 @@ class AcaBackend(AcaExecutor):
     def describe_target(self) -> str:
         name = self.cfg.app_name or "(ACA_APP_NAME not set)"
         return f"the ACA inference app {name}" + (f" at {self.cfg.app_endpoint}" if self.cfg.app_endpoint else "")
+
+    def gpu_profile(self) -> GpuProfile:
+        p = profiles.profile(self.cfg.workload_profile_type)
+        return GpuProfile(p.type_name, max(p.gpu_count, 1), p.gpu_model or "cpu")
 
     def deploy(self, run: Run, approval_id: str, requester: str) -> DeployStarted:
         return DeployStarted(op_id=ops.enqueue_deploy_op(self.settings, run.id, requester, run.channel))

@@ -23,6 +23,7 @@ from jobs.backends.protocol import (
     SmokeStep,
 )
 from jobs.core import endpoints
+from jobs.core.cost import LOCAL_PROFILE, GpuProfile
 from jobs.core.domain import Run
 from jobs.core.errors import BackendError
 from jobs.core.settings import JobSettings
@@ -55,6 +56,9 @@ class LocalBackend(LocalExecutor):
         where = f"at {host}:{port}" if port else f"on {host} (a free port)"
         return (f"the local inference endpoint of the run's base model (payload.serve) {where}, beside the adapters "
                 "it already serves")
+
+    def gpu_profile(self) -> GpuProfile:
+        return LOCAL_PROFILE
 
     def deploy(self, run: Run, approval_id: str, requester: str) -> DeployStarted:
         try:
