@@ -739,7 +739,7 @@ def render_cost_report(report: cost.MonthReport) -> Message:
         budget = f" of the {format_usd(report.monthly_budget_usd)} monthly budget ({share:.0%})"
     head = (f":moneybag: *GPU spend in {report.month}* (UTC) so far: {format_usd(report.total_usd)}{budget}, "
             f"{format_span(report.total_gpu_s)} of GPU time over {report.runs} run{'s' if report.runs != 1 else ''}.")
-    if not report.runs:
+    if not report.runs and not report.total_gpu_s:
         text = f"No GPU time spent in {report.month} yet. `/finetune run` starts a run; its card shows the estimate."
         return message(text, [section(text)])
 
@@ -755,7 +755,8 @@ def render_cost_report(report: cost.MonthReport) -> Message:
                f"`{escape(str(r.get('model', '')))}`): {format_usd(float(r.get('usd') or 0))}, "
                f"{format_span(float(r.get('gpu_s') or 0))}" + (" (still running)" if r.get("running") else "")
                for r in report.biggest]
-    blocks.append(section("*The biggest runs*\n" + "\n".join(biggest)))
+    if biggest:
+        blocks.append(section("*The biggest runs*\n" + "\n".join(biggest)))
     if report.median_error is None:
         blocks.append(context("No run of this month has both an estimate and an end yet, so there is no estimate "
                               "error to show."))

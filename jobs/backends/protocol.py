@@ -170,6 +170,10 @@ class Backend(Executor, Protocol):
         """Take the run's adapter off its base model's endpoint; True when the endpoint stopped as nothing was left
         on it. Raises BackendError."""
 
+    def inference_usage(self) -> tuple[GpuProfile, list[list[float]]]:
+        """The inference endpoints' GPU profile and each server process's [started, last seen] so far, for the
+        month's spend (read from the servers' records: no endpoint is woken). Raises BackendError."""
+
     def requests_served(self, model: str) -> dict[str, int]:
         """Requests served per model id (adapter name, or the base's id) by the base model's endpoint, over every
         server process it has had; {} when it has served none. Never wakes an endpoint. Raises BackendError."""

@@ -326,7 +326,8 @@ def month_report(month: str, entries: Iterable[Mapping[str, Any]], monthly_budge
                  biggest: int = 3) -> MonthReport:
     """The month so far from its ledger entries (and those of runs still running, with their time so far)."""
     rows = list(entries)
-    report = MonthReport(month=month, monthly_budget_usd=monthly_budget, runs=len({r["run"] for r in rows}))
+    runs = [r for r in rows if not r.get("inference")]  # the endpoints' replicas count in the totals, not as a run
+    report = MonthReport(month=month, monthly_budget_usd=monthly_budget, runs=len({r["run"] for r in runs}))
     people: dict[str, list[float]] = {}
     models: dict[str, list[float]] = {}
     for r in rows:
@@ -342,7 +343,7 @@ def month_report(month: str, entries: Iterable[Mapping[str, Any]], monthly_budge
         return sorted(((k, round(v[0], 2), v[1]) for k, v in table.items()), key=lambda t: (-t[1], -t[2], t[0]))
 
     report.by_person, report.by_model = ranked(people), ranked(models)
-    report.biggest = sorted(rows, key=lambda r: (-float(r.get("usd") or 0), -float(r.get("gpu_s") or 0),
+    report.biggest = sorted(runs, key=lambda r: (-float(r.get("usd") or 0), -float(r.get("gpu_s") or 0),
                                                  str(r.get("run"))))[:biggest]
     errors = [float(r["error"]) for r in rows if r.get("error") is not None]
     if errors:

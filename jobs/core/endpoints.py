@@ -170,12 +170,33 @@ def sum_served(records: Iterable[Any]) -> dict[str, int]:
     return total
 
 
-def served_here(workspace: Path, model: str) -> dict[str, int]:
-    """Requests served per model id by every server process this base model's endpoint has had in the workspace."""
+def uptime_periods(records: Iterable[Any]) -> list[list[float]]:
+    """Each server process's [started, last written] from its record: how long it ran, give or take a heartbeat."""
+    out = []
+    for r in records:
+        start, end = (r.get("started"), r.get("updated")) if isinstance(r, dict) else (None, None)
+        if isinstance(start, (int, float)) and isinstance(end, (int, float)) and end > start:
+            out.append([float(start), float(end)])
+    return out
+
+
+def _records(folder: Path) -> list[Any]:
     records = []
-    for f in sorted((manifest_path(workspace, model).parent / SERVED).glob("*.json")):
+    for f in sorted(folder.glob("*.json")):
         try:
             records.append(json.loads(f.read_text(encoding="utf-8")))
         except (OSError, ValueError):
             continue  # a record being replaced, or damaged: the others still count
-    return sum_served(records)
+    return records
+
+
+def served_here(workspace: Path, model: str) -> dict[str, int]:
+    """Requests served per model id by every server process this base model's endpoint has had in the workspace."""
+    return sum_served(_records(manifest_path(workspace, model).parent / SERVED))
+
+
+def uptime_here(workspace: Path) -> list[list[float]]:
+    """How long each server process of every endpoint in the workspace ran ([started, last written])."""
+    root = Path(workspace) / ROOT
+    folders = sorted(p / SERVED for p in root.iterdir() if (p / SERVED).is_dir()) if root.is_dir() else []
+    return [period for folder in folders for period in uptime_periods(_records(folder))]

@@ -58,7 +58,7 @@ def estimate_run(settings: JobSettings, conn: redis.Redis, model_ref: str, confi
     team = store.team_throughputs(conn, size, profile.name)
     est = cost.estimate(tokens, size, profile, team, cost.price_of(profile.name, settings.gpu_prices), now)
     est.run_budget_usd, est.monthly_budget_usd = settings.run_budget_usd, settings.monthly_budget_usd
-    est.month_spent_usd = round(month_spent(conn, now), 2)
+    est.month_spent_usd = round(month_spent(conn, now, settings), 2)
     return est
 
 
@@ -81,8 +81,36 @@ def _running_entries(conn: redis.Redis, now: float) -> list[dict[str, Any]]:
     return out
 
 
-def month_entries(conn: redis.Redis, now: float) -> list[dict[str, Any]]:
-    """This month's spend, one entry a run: the ledger of ended attempts plus the running ones' time so far."""
+INFERENCE = "inference endpoints"   # the "person" and "run" of the endpoints' entry in the month's spend
+_inference_cache: dict[str, tuple[float, dict[str, Any] | None]] = {}
+INFERENCE_CACHE_S = 60.0
+
+
+def inference_entry(settings: JobSettings, now: float) -> dict[str, Any] | None:
+    """What the inference endpoints' server processes cost this month (their uptime from the servers' records,
+    priced at the app's profile), as one entry of the month's spend; None when they ran none. Read at most once a
+    minute per process (it lists the share on ACA); a backend that cannot say counts nothing, with a warning."""
+    cached = _inference_cache.get(settings.backend)
+    if cached is not None and now - cached[0] < INFERENCE_CACHE_S:
+        return cached[1]
+    try:
+        profile, periods = get_backend(settings).inference_usage()
+    except (BackendError, ValueError) as e:
+        log.warning("the inference endpoints' GPU time is left out of the month's spend: %s", e)
+        return None
+    since = _month_start(now)
+    seconds = cost.gpu_seconds([[max(start, since), min(end, now)] for start, end in periods])
+    price = cost.price_of(profile.name, settings.gpu_prices)
+    entry = None if seconds <= 0 else {
+        "run": INFERENCE, "requester": INFERENCE, "model": INFERENCE, "gpu_s": round(seconds, 1), "inference": True,
+        "usd": cost.cost_usd(seconds, price.usd_per_gpu_hour if price else None, profile.gpus) or 0.0}
+    _inference_cache[settings.backend] = (now, entry)
+    return entry
+
+
+def month_entries(conn: redis.Redis, now: float, settings: JobSettings | None = None) -> list[dict[str, Any]]:
+    """This month's spend, one entry a run: the ledger of ended attempts plus the running ones' time so far; with
+    `settings`, one more for the inference endpoints' replicas."""
     merged: dict[str, dict[str, Any]] = {e["run"]: dict(e) for e in store.month_ledger(conn, cost.month_of(now))}
     for entry in _running_entries(conn, now):
         known = merged.get(entry["run"])
@@ -92,18 +120,20 @@ def month_entries(conn: redis.Redis, now: float) -> list[dict[str, Any]]:
             known["gpu_s"] = round(known["gpu_s"] + entry["gpu_s"], 1)
             known["usd"] = round(float(known.get("usd") or 0) + entry["usd"], 4)
             known["running"] = True
-    return list(merged.values())
+    inference = inference_entry(settings, now) if settings is not None else None
+    return list(merged.values()) + ([inference] if inference else [])
 
 
-def month_spent(conn: redis.Redis, now: float | None = None) -> float:
-    """The team's spend this calendar month (UTC), in USD, from the actual GPU time of its runs."""
+def month_spent(conn: redis.Redis, now: float | None = None, settings: JobSettings | None = None) -> float:
+    """The team's spend this calendar month (UTC), in USD, from the actual GPU time of its runs (and, with
+    `settings`, of its inference endpoints' replicas)."""
     now = time.time() if now is None else now
-    return sum(float(e.get("usd") or 0.0) for e in month_entries(conn, now))
+    return sum(float(e.get("usd") or 0.0) for e in month_entries(conn, now, settings))
 
 
 def month_report(settings: JobSettings, now: float | None = None) -> cost.MonthReport:
     """The month so far by person and by model, its biggest runs, the estimates' median error."""
     now = time.time() if now is None else now
     conn = store.connect(settings)
-    return cost.month_report(cost.month_of(now), month_entries(conn, now), settings.monthly_budget_usd)
+    return cost.month_report(cost.month_of(now), month_entries(conn, now, settings), settings.monthly_budget_usd)
 

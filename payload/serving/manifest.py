@@ -13,7 +13,9 @@ An entry that cannot be served (missing folder, unreadable weights, trained for 
 one-line reason in `GET /admin/adapters`; it never disturbs the adapters already loaded.
 
 Requests served: each server process keeps `served/<host>-<pid>-<start>.json` beside the manifest up to date (the
-requests it accepted per model id, written when they changed, at most every SERVED_EVERY_S). The bot sums the
+requests it accepted per model id, written when they changed, at most every SERVED_EVERY_S, and at least every
+SERVED_HEARTBEAT_S with the time, so that `started` to `updated` is how long the process ran: the inference part of
+the team's GPU spend). The bot sums the
 folder for `/finetune deployments`: a file per process, so replicas never write the same file, and the counts outlive
 a replica that scaled to zero without anyone waking the endpoint to ask.
 """
@@ -37,6 +39,7 @@ log = logging.getLogger("payload.serve")  # the server's one logger name, as its
 POLL_S = 2.0
 SERVED_DIR = "served"
 SERVED_EVERY_S = 10.0
+SERVED_HEARTBEAT_S = 60.0  # written at least this often while the process lives: its uptime, for the GPU bill
 
 
 class ManifestError(ValueError):
@@ -136,11 +139,13 @@ class AdapterManifest:
             self.write_served()
 
     def write_served(self, force: bool = False) -> bool:
-        """Record the requests accepted per model id when they changed (and SERVED_EVERY_S passed); True if written.
-        A failed write is logged and tried again later: counting must never stop serving."""
+        """Record the requests accepted per model id when they changed (and SERVED_EVERY_S passed, unless `force`),
+        and the time at least every SERVED_HEARTBEAT_S; True if written. A failed write is logged and tried again
+        later: counting must never stop serving."""
         counts = dict(self.engine.served_total)
         now = time.monotonic()
-        if counts == self._served["requests"] or not force and now - self._served_at < SERVED_EVERY_S:
+        beat = now - self._served_at >= SERVED_HEARTBEAT_S
+        if not beat and (counts == self._served["requests"] or not force and now - self._served_at < SERVED_EVERY_S):
             return False
         record = {**self._served, "requests": counts, "updated": time.time()}
         try:

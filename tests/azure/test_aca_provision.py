@@ -212,10 +212,14 @@ def test_deploys_add_adapters_to_their_base_models_app_by_manifest_without_resta
     # Requests served, summed over every replica's record beside the manifest; nothing wakes the app.
     folder = manifest.parent / core_endpoints.SERVED
     folder.mkdir()
-    (folder / "tuneops-infer--abc-1-100.json").write_text(json.dumps({"requests": {"ft-0001": 4, "ft-0002": 1}}))
+    (folder / "tuneops-infer--abc-1-100.json").write_text(json.dumps({"requests": {"ft-0001": 4, "ft-0002": 1},
+                                                                       "started": 100.0, "updated": 700.0}))
     (folder / "tuneops-infer--def-1-200.json").write_text(json.dumps({"requests": {"ft-0002": 2}}))
     assert backend.requests_served("model-cache/tiny") == {"ft-0001": 4, "ft-0002": 3}
     assert backend.requests_served(other.model) == {}
+    # and how long each replica ran, for the month's GPU spend, priced at the inference app's profile
+    profile, periods = backend.inference_usage()
+    assert periods == [[100.0, 700.0]] and profile.name == "Consumption-GPU-NC24-A100" and profile.gpus == 1
 
 
 def test_a_deploy_of_an_adapter_that_is_not_there_or_for_another_base_is_refused(aca, settings):

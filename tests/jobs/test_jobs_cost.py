@@ -397,3 +397,32 @@ def test_the_aca_backend_names_its_gpu_profile_from_the_job_config(type_name, ex
     backend = SimpleNamespace(cfg=SimpleNamespace(workload_profile_type=type_name))
     assert AcaBackend.gpu_profile(backend) == expected
     assert cost.price_of(expected.name) is not None
+
+
+def test_the_inference_endpoints_replicas_count_in_the_months_spend_from_their_uptime(settings):
+    """Each server process records [started, last written] beside its endpoint's manifest (a heartbeat a minute);
+    the month's spend adds what falls in the month, priced at the endpoints' profile (here `local`, overridden)."""
+    from dataclasses import replace
+
+    from jobs.core import endpoints
+
+    priced = replace(settings, gpu_prices={"local": 2.0})
+    folder = endpoints.manifest_path(settings.workspace, "model-cache/tiny").parent / endpoints.SERVED
+    folder.mkdir(parents=True)
+    for name, start, end in (("a-1-1", "2026-11-15T10:00:00", "2026-11-15T11:00:00"),   # an hour this month
+                             ("b-2-2", "2026-10-31T23:00:00", "2026-11-01T01:00:00"),   # an hour of it this month
+                             ("c-3-3", "2026-10-10T10:00:00", "2026-10-11T10:00:00")):  # last month: nothing
+        (folder / f"{name}.json").write_text(json.dumps({"started": ts(start), "updated": ts(end), "requests": {}}))
+    (folder / "d-4-4.json").write_text("{not a record")
+    now = ts("2026-11-15T12:00:00")
+    costs._inference_cache.clear()
+    entry = costs.inference_entry(priced, now)
+    assert entry["gpu_s"] == 7200 and entry["usd"] == pytest.approx(4.0) and entry["inference"]
+    conn = store.connect(settings)
+    report = cost.month_report("2026-11", costs.month_entries(conn, now, priced))
+    assert report.total_usd == pytest.approx(4.0) and report.runs == 0 and report.biggest == []
+    assert ("inference endpoints", 4.0, 7200.0) in report.by_person
+    assert costs.month_spent(conn, now, priced) == pytest.approx(4.0)
+    costs._inference_cache.clear()
+    assert costs.inference_entry(settings, now)["usd"] == 0.0  # local, not overridden: no bill, the time still shown
+    costs._inference_cache.clear()

@@ -36,6 +36,12 @@ from jobs.core.endpoints import ManifestDamaged
 from jobs.core.errors import BackendError, Hint
 
 
+def _billed(profile_type: str) -> GpuProfile:
+    """A workload profile type as the cost arithmetic sees it: its name, GPUs a replica and GPU model."""
+    p = profiles.profile(profile_type)
+    return GpuProfile(p.type_name, max(p.gpu_count, 1), p.gpu_model or "cpu")
+
+
 class AcaBackend(AcaExecutor):
     # Logs ---------------------------------------------------------------------------------------------------------
 
@@ -49,8 +55,7 @@ class AcaBackend(AcaExecutor):
         return f"the ACA inference app {name}" + (f" at {self.cfg.app_endpoint}" if self.cfg.app_endpoint else "")
 
     def gpu_profile(self) -> GpuProfile:
-        p = profiles.profile(self.cfg.workload_profile_type)
-        return GpuProfile(p.type_name, max(p.gpu_count, 1), p.gpu_model or "cpu")
+        return _billed(self.cfg.workload_profile_type)
 
     def deploy(self, run: Run, approval_id: str, requester: str) -> DeployStarted:
         return DeployStarted(op_id=ops.enqueue_deploy_op(self.settings, run.id, requester, run.channel))
@@ -69,6 +74,9 @@ class AcaBackend(AcaExecutor):
 
     def requests_served(self, model: str) -> dict[str, int]:
         return endpoints.served_counts(self.clients, model)
+
+    def inference_usage(self) -> tuple[GpuProfile, list[list[float]]]:
+        return _billed(self.cfg.app_workload_profile_type), endpoints.uptime(self.clients)
 
     # Doctor -------------------------------------------------------------------------------------------------------
 

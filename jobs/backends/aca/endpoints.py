@@ -158,10 +158,21 @@ def remove_adapter(clients: AzureClients, conn, run: Run) -> dict | None:
     return removed
 
 
+def _served_records(clients: AzureClients, folder: str) -> list:
+    with azure_call(f"read {folder} on the share"):
+        return [sharefs.read_json(clients.share, f"{folder}/{f}") for f in sharefs.list_files(clients.share, folder)
+                if f.endswith(".json")]
+
+
 def served_counts(clients: AzureClients, model: str) -> dict[str, int]:
     """Requests served per model id on the base model's endpoint, from every replica's record on the share."""
-    folder = f"{endpoints.ROOT}/{endpoints.endpoint_name(model)}/{endpoints.SERVED}"
-    with azure_call(f"read {folder} on the share"):
-        records = [sharefs.read_json(clients.share, f"{folder}/{f}") for f in sharefs.list_files(clients.share, folder)
-                   if f.endswith(".json")]
-    return endpoints.sum_served(records)
+    return endpoints.sum_served(_served_records(
+        clients, f"{endpoints.ROOT}/{endpoints.endpoint_name(model)}/{endpoints.SERVED}"))
+
+
+def uptime(clients: AzureClients) -> list[list[float]]:
+    """How long each replica of every endpoint on the share ran ([started, last written])."""
+    with azure_call(f"list {endpoints.ROOT} on the share"):
+        folders = sharefs.list_dirs(clients.share, endpoints.ROOT)
+    return [period for name in folders for period in endpoints.uptime_periods(
+        _served_records(clients, f"{endpoints.ROOT}/{name}/{endpoints.SERVED}"))]

@@ -113,6 +113,15 @@ def dir_exists(share, path: str) -> bool:
         return False
 
 
+def list_dirs(share, path: str) -> list[str]:
+    """Names of the directories directly in `path`; [] when it does not exist."""
+    try:
+        return sorted(e["name"] for e in share.get_directory_client(path).list_directories_and_files()
+                      if e.get("is_directory"))
+    except ResourceNotFoundError:
+        return []
+
+
 def list_files(share, path: str) -> list[str]:
     """Names of the files (not directories) directly in `path`; [] when it does not exist."""
     try:

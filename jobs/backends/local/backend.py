@@ -81,6 +81,9 @@ class LocalBackend(LocalExecutor):
     def requests_served(self, model: str) -> dict[str, int]:
         return endpoints.served_here(Path(self.settings.workspace), model)
 
+    def inference_usage(self) -> tuple[GpuProfile, list[list[float]]]:
+        return LOCAL_PROFILE, endpoints.uptime_here(Path(self.settings.workspace))
+
     # Doctor -------------------------------------------------------------------------------------------------------
 
     def doctor(self) -> list[Check]:
