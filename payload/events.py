@@ -31,7 +31,7 @@ EVENT_TYPES = tuple(REQUIRED_FIELDS)
 # with the base model.
 OPTIONAL_FIELDS: dict[str, tuple[str, ...]] = {
     "start": ("run_id", "base_model", "device", "examples", "train_examples", "eval_examples", "sequences",
-              "tokens_per_epoch", "resumed_from_step", "resumed_from", "skipped_checkpoints"),
+              "tokens_per_epoch", "resumed_from_step", "resumed_from", "skipped_checkpoints", "world_size"),
     "eval": ("base_eval_loss", "final"),
 }
 

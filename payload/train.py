@@ -3,6 +3,7 @@
 Reads the run config and the dataset, checks the data before any model is loaded, trains a LoRA adapter on a
 4-bit NF4 base with the transformers Trainer, resumes by itself from the newest complete checkpoint, and writes
 `<output_dir>/adapter/`, `metrics.json` and the progress events (stdout and `events.jsonl`).
+Under `torchrun --nproc_per_node N -m payload.train ...` it trains on N GPUs with DDP; rank 0 writes the run folder.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from payload import checkpoints as ckpts
-from payload import data
+from payload import data, distributed
 from payload.config import ConfigError, TrainConfig, load_config
 from payload.events import PREFIX, EventWriter, encode, make_event
 from payload.modelpath import ModelNotFound, hub_failure, resolve_model
@@ -43,6 +44,11 @@ METRICS_FILE = "metrics.json"
 ERROR_LOG = "error.log"
 OOM_HINT = "out of memory: lower micro_batch_size or max_seq_length (or turn gradient_checkpointing on) and resume"
 
+# Under torchrun the Trainer (its DDP model, and so the gloo process group) is kept here until the process leaves
+# with os._exit: freeing the group can deadlock (its worker thread waits for the GIL that the thread freeing it
+# holds; seen here with torch 2.13 when run() returned on rank 1).
+_KEPT_UNTIL_EXIT: list = []
+
 
 class TrainError(Exception):
     """A failure the run's owner can fix; its message is the one line shown to them."""
@@ -54,13 +60,31 @@ class Interrupted(Exception):
         self.signum = signum
 
 
+class PeerDied(Exception):
+    """Another rank's process exited mid-run; `writes` when this rank is the lowest one alive, which then writes
+    the error event (rank 0, unless it is the one that died)."""
+
+    def __init__(self, message: str, writes: bool):
+        super().__init__(message)
+        self.writes = writes
+
+
+class NoEvents:
+    """The event writer of ranks other than 0: rank 0 tells the story for all of them."""
+
+    def emit(self, type_: str, **fields: Any) -> dict[str, Any]:
+        return make_event(type_, **fields)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Small pure helpers
 # ---------------------------------------------------------------------------------------------------------------
 
-def plan_steps(n_items: int, micro_batch_size: int, grad_accum: int, num_epochs: float, max_steps: int) -> int:
-    """Optimizer steps the run will take, computed as the Trainer does (batches are not dropped)."""
-    batches = math.ceil(n_items / micro_batch_size)
+def plan_steps(n_items: int, micro_batch_size: int, grad_accum: int, num_epochs: float, max_steps: int,
+               world_size: int = 1) -> int:
+    """Optimizer steps the run will take, computed as the Trainer does (batches are not dropped; with several ranks
+    each gets every world_size-th batch, the last ones topped up from the start)."""
+    batches = math.ceil(math.ceil(n_items / micro_batch_size) / world_size)
     per_epoch = max(batches // grad_accum + int(batches % grad_accum > 0), 1)
     return max_steps if max_steps > 0 else math.ceil(num_epochs * per_epoch)
 
@@ -93,6 +117,7 @@ class StopSignal:
         self.signum: int | None = None
         self.in_training = False
         self.phase = "before training"
+        self.quiet = False      # set once the run is ending for another reason that its error event must say
 
     def install(self) -> None:
         for s in (signal.SIGTERM, signal.SIGINT):
@@ -100,7 +125,7 @@ class StopSignal:
 
     def _handle(self, signum, frame):
         self.signum = signum
-        if not self.in_training:
+        if not self.in_training and not self.quiet:
             raise Interrupted(signum, f"stopped by {signal.Signals(signum).name} {self.phase}; "
                                       "start the run again to continue")
 
@@ -219,11 +244,13 @@ def make_collator(cfg: TrainConfig, attention: str, pad_token_id: int | None):
     return data.PackedRowsCollator(pad_token_id)
 
 
-def load_model(cfg: TrainConfig, model_ref: str, local: bool, device: str, dtype, attention: str = "sdpa"):
-    """The base model (4-bit NF4 with double quantization unless turned off), ready for k-bit training."""
+def load_model(cfg: TrainConfig, model_ref: str, local: bool, device: str, dtype, attention: str = "sdpa",
+               gpu: int = 0):
+    """The base model (4-bit NF4 with double quantization unless turned off), ready for k-bit training, whole on
+    `gpu` (each DDP rank loads its own copy on its own GPU)."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig  # heavy
 
-    kwargs: dict[str, Any] = {"dtype": dtype, "device_map": {"": 0} if device == "cuda" else "cpu",
+    kwargs: dict[str, Any] = {"dtype": dtype, "device_map": {"": gpu} if device == "cuda" else "cpu",
                               "attn_implementation": attention}
     if cfg.load_in_4bit:
         kwargs["quantization_config"] = BitsAndBytesConfig(
@@ -287,8 +314,12 @@ def quantization_summary(model, cfg: TrainConfig, dtype_name: str) -> dict[str, 
     return summary
 
 
-def make_callback(cfg: TrainConfig, events: EventWriter, stop: StopSignal, total_steps: int):
+def make_callback(cfg: TrainConfig, events: EventWriter | NoEvents, stop: StopSignal, total_steps: int,
+                  ranks: distributed.Ranks | None = None, device: str = "cpu", evaluate=None):
+    """`evaluate`: with several ranks, rank 0 computes the held-out loss itself at each save (see `run`)."""
     from transformers import TrainerCallback  # heavy; the callback class below derives from it
+
+    ranks = ranks or distributed.Ranks()
 
     ckpt_root = Path(cfg.output_dir) / CHECKPOINTS_DIR
 
@@ -305,6 +336,7 @@ def make_callback(cfg: TrainConfig, events: EventWriter, stop: StopSignal, total
             # evals and checkpoint saves between two logs do not drag it the way they drag the mean)
             self.rates: list[float] = []
             self.last_log: tuple[float, int] = (0.0, 0)
+            self.stopped = False
 
         def on_train_begin(self, args, state, control, **kw):
             self.t0, self.step0, self.tokens0 = time.monotonic(), state.global_step, state.num_input_tokens_seen
@@ -313,7 +345,12 @@ def make_callback(cfg: TrainConfig, events: EventWriter, stop: StopSignal, total
                 log.warning("the Trainer plans %d steps, %d were announced", state.max_steps, total_steps)
 
         def on_step_end(self, args, state, control, **kw):
-            if stop.signum is not None:
+            stopping = stop.signum is not None
+            if ranks.multi:
+                # Every rank stops after the same step, or the others would wait for it in the next one.
+                stopping = distributed.any_rank(stopping, device)
+            if stopping:
+                self.stopped = True
                 control.should_save = True
                 control.should_training_stop = True
             if state.global_step >= state.max_steps:
@@ -321,10 +358,18 @@ def make_callback(cfg: TrainConfig, events: EventWriter, stop: StopSignal, total
             if control.should_save:
                 target = ckpt_root / f"{ckpts.PREFIX}{state.global_step}"
                 # A leftover of an interrupted save at this step is useless and must not mix with the new files.
-                if ckpts.discard_incomplete(target):
+                if ranks.main and ckpts.discard_incomplete(target):
                     log.warning("removed the incomplete %s before saving over it", target.name)
+                if evaluate is not None and ranks.main:
+                    self.on_evaluate(args, state, control, metrics={"eval_loss": evaluate()})
+                if ranks.multi:
+                    distributed.barrier()    # no rank writes its files into the folder before it is cleared
 
         def on_save(self, args, state, control, **kw):
+            if ranks.multi:
+                distributed.barrier()        # every rank's files (its RNG state) are there before the marker lists them
+            if not ranks.main:
+                return
             path = ckpt_root / f"{ckpts.PREFIX}{state.global_step}"
             ckpts.mark_complete(path, state.global_step)
             # Rotation is routine (the checkpoint event says what was saved): it stays out of the run's log excerpts.
@@ -352,7 +397,7 @@ def make_callback(cfg: TrainConfig, events: EventWriter, stop: StopSignal, total
             )
 
         def on_evaluate(self, args, state, control, metrics=None, **kw):
-            if metrics and "eval_loss" in metrics:
+            if metrics and metrics.get("eval_loss") is not None:
                 self.evals.append((state.global_step, float(metrics["eval_loss"])))
                 events.emit("eval", step=state.global_step, eval_loss=round(float(metrics["eval_loss"]), 5))
 
@@ -393,17 +438,21 @@ def final_evaluation(cfg: TrainConfig, model, tokenizer, prepared: PreparedData,
                      dtype_name: str = "fp32") -> dict[str, Any]:
     """Eval loss of the base model against the fine-tuned one on the held-out split, and both generations for a
     few held-out prompts: the evidence an approver looks at before a deploy."""
-    import torch  # heavy
-
     items = prepared.eval_items
     result: dict[str, Any] = {"eval_examples": len(prepared.eval_examples)}
     if not items:
         return result
-    # The same mixed precision the Trainer trained under (it autocasts when bf16/fp16 is on).
-    amp = torch.autocast("cuda", dtype=torch.bfloat16 if dtype_name == "bf16" else torch.float16) \
-        if device == "cuda" and dtype_name in ("bf16", "fp16") else contextlib.nullcontext()
-    with amp:
+    with _autocast(device, dtype_name):
         return _evaluate(cfg, model, tokenizer, prepared, collator, device, result)
+
+
+def _autocast(device: str, dtype_name: str):
+    """The same mixed precision the Trainer trains under (it autocasts when bf16/fp16 is on)."""
+    import torch  # heavy
+
+    if device == "cuda" and dtype_name in ("bf16", "fp16"):
+        return torch.autocast("cuda", dtype=torch.bfloat16 if dtype_name == "bf16" else torch.float16)
+    return contextlib.nullcontext()
 
 
 def _evaluate(cfg, model, tokenizer, prepared, collator, device, result):
@@ -471,8 +520,22 @@ def start_wandb(cfg: TrainConfig):
         return None
 
 
-def run(cfg: TrainConfig, events: EventWriter, stop: StopSignal) -> dict[str, Any]:
-    """Train one run end to end; returns the metrics also written to metrics.json."""
+def _peer_died(ranks: distributed.Ranks, step: int, ckpt_root: Path) -> PeerDied | None:
+    """When another rank has exited: the error that says which and what to resume from, else None."""
+    # A failed collective is the usual first sign; the peer's process may show as gone a moment later.
+    dead = distributed.dead_peers(ranks, wait_s=3.0)
+    if not dead:
+        return None
+    newest, _ = ckpts.newest_complete(ckpt_root)
+    alive = [r for r in range(ranks.world_size) if r not in dead]
+    return PeerDied(distributed.peer_death_message(dead, ranks, step, newest.step if newest else None),
+                    writes=bool(alive) and ranks.rank == min(alive))
+
+
+def run(cfg: TrainConfig, events: EventWriter | NoEvents, stop: StopSignal,
+        ranks: distributed.Ranks | None = None) -> dict[str, Any]:
+    """Train one run end to end; returns the metrics also written to metrics.json (by rank 0; {} on the others)."""
+    ranks = ranks or distributed.Ranks()
     t_start = time.monotonic()
     out_dir = Path(cfg.output_dir)
     ckpt_root = out_dir / CHECKPOINTS_DIR
@@ -496,7 +559,7 @@ def run(cfg: TrainConfig, events: EventWriter, stop: StopSignal) -> dict[str, An
     attention = pick_attention(device)
     prepared = prepare_data(cfg, records, tokenizer, flatten=attention == "flash_attention_2")
     total_steps = plan_steps(len(prepared.train_items), cfg.micro_batch_size, cfg.gradient_accumulation_steps,
-                             cfg.num_epochs, cfg.max_steps)
+                             cfg.num_epochs, cfg.max_steps, ranks.world_size)
 
     # 2. Where to resume from: the newest complete checkpoint; incomplete newer ones are skipped, not deleted.
     resume, skipped = ckpts.newest_complete(ckpt_root)
@@ -510,13 +573,13 @@ def run(cfg: TrainConfig, events: EventWriter, stop: StopSignal) -> dict[str, An
                 train_examples=len(prepared.train_examples), eval_examples=len(prepared.eval_examples),
                 sequences=len(prepared.train_items), tokens_per_epoch=prepared.tokens_per_epoch,
                 resumed_from_step=resumed_from, resumed_from=str(resume.path) if resume else None,
-                skipped_checkpoints=[f"{c.path.name}: {c.reason}" for c in skipped])
+                skipped_checkpoints=[f"{c.path.name}: {c.reason}" for c in skipped], world_size=ranks.world_size)
 
     # 3. Model: 4-bit base + LoRA adapter.
     from transformers import PrinterCallback, Trainer, TrainingArguments, set_seed  # heavy
 
     set_seed(cfg.seed)
-    model = load_model(cfg, model_ref, local, device, dtype, attention)
+    model = load_model(cfg, model_ref, local, device, dtype, attention, gpu=ranks.local_rank)
     model = add_lora(cfg, model)
     quant = quantization_summary(model, cfg, dtype_name)
     if cfg.load_in_4bit and not quant.get("linear4bit_layers"):
@@ -525,12 +588,24 @@ def run(cfg: TrainConfig, events: EventWriter, stop: StopSignal) -> dict[str, An
     threads = pick_threads(total_params, cpu_budget(), configured_threads)
     torch.set_num_threads(threads)
 
-    # 4. Train.
-    wandb_run = start_wandb(cfg)
+    # 4. Train (under torchrun: once every rank has its model, so that slow loading counts against no timeout).
+    if ranks.multi:
+        distributed.init(ranks, device)
+    wandb_run = start_wandb(cfg) if ranks.main else None
     if wandb_run is not None and not wandb_run.offline and wandb_run.url:
         events.emit("link", name="wandb", url=wandb_run.url)
     collator = make_collator(cfg, attention, tokenizer.pad_token_id)
-    has_eval = bool(prepared.eval_items)
+    # With several ranks the Trainer's evaluation is wrong on a held-out set that does not split evenly (transformers
+    # 5.24 divides each batch by the answer tokens of the topped-up one, then drops the top-up: 3.8 for a true 4.6,
+    # measured), so rank 0 evaluates alone, token-weighted as the final evaluation, at the same steps.
+    has_eval = bool(prepared.eval_items) and not ranks.multi
+
+    def evaluate_alone() -> float | None:
+        with _autocast(device, dtype_name):
+            loss = eval_loss(model, prepared.eval_items, collator, cfg.micro_batch_size, device)
+        model.train()
+        return loss
+
     args = TrainingArguments(
         output_dir=str(ckpt_root),
         per_device_train_batch_size=cfg.micro_batch_size,
@@ -563,23 +638,38 @@ def run(cfg: TrainConfig, events: EventWriter, stop: StopSignal) -> dict[str, An
         label_names=["labels"],
         include_num_input_tokens_seen="all",
         dataloader_num_workers=0,
+        # Every LoRA weight takes part in every step: DDP need not search the graph for unused ones.
+        ddp_find_unused_parameters=False if ranks.multi else None,
+        ddp_timeout=distributed.PROCESS_GROUP_TIMEOUT_S,
     )
-    callback = make_callback(cfg, events, stop, total_steps)
+    callback = make_callback(cfg, events, stop, total_steps, ranks, device,
+                             evaluate=evaluate_alone if ranks.multi and prepared.eval_items else None)
     trainer = Trainer(model=model, args=args, train_dataset=prepared.train_items,
                       eval_dataset=prepared.eval_items if has_eval else None,
                       data_collator=collator, callbacks=[callback])
     trainer.remove_callback(PrinterCallback)       # our events are the log; its dict lines would repeat them
+    if ranks.multi:
+        _KEPT_UNTIL_EXIT.append(trainer)
     stop.in_training = True
     try:
         output = trainer.train(resume_from_checkpoint=str(resume.path) if resume else None)
+    except Exception:
+        # A dead peer shows here as a failed collective (or torchrun's SIGTERM turns into one): say which died.
+        died = _peer_died(ranks, trainer.state.global_step, ckpt_root) if ranks.multi else None
+        if died is not None:
+            stop.quiet = True   # torchrun's SIGTERM to the survivors must not cut short the error event
+            raise died from None
+        raise
     finally:
         stop.in_training = False
         stop.phase = "after training, before the adapter and metrics were written"
-    if stop.signum is not None:
-        name = signal.Signals(stop.signum).name
-        raise Interrupted(stop.signum, f"stopped by {name} at step {trainer.state.global_step} "
-                                       f"(checkpoint-{trainer.state.global_step} saved); start the run again "
-                                       "to resume")
+    if callback.stopped:
+        signum = stop.signum or signal.SIGTERM      # the signal may have reached another rank only
+        name = signal.Signals(signum).name
+        raise Interrupted(signum, f"stopped by {name} at step {trainer.state.global_step} "
+                                  f"(checkpoint-{trainer.state.global_step} saved); start the run again to resume")
+    if not ranks.main:
+        return {}
     train_runtime = float(output.metrics.get("train_runtime", 0.0))
     tokens_this_run = trainer.state.num_input_tokens_seen - callback.tokens0
 
@@ -594,6 +684,7 @@ def run(cfg: TrainConfig, events: EventWriter, stop: StopSignal) -> dict[str, An
         "run_id": cfg.run_id,
         "base_model": cfg.base_model,
         "device": device,
+        "world_size": ranks.world_size,
         "torch_threads": threads if device == "cpu" else None,
         "quantization": quant,
         "lora": {"r": cfg.lora_r, "alpha": cfg.lora_alpha, "dropout": cfg.lora_dropout,
@@ -678,8 +769,14 @@ def _fallback_output_dir(config_path: str) -> str | None:
     return out if isinstance(out, str) and out.strip() else None
 
 
-def _fail(message: str, events: EventWriter | None, code: int = 1) -> int:
+def _fail(message: str, events: EventWriter | None, code: int = 1, rank: int = 0) -> int:
     one_line = " ".join(message.split())
+    if rank:
+        # Not rank 0: rank 0 writes the event; this rank's line goes only to the log (which rank said it, too).
+        if events is not None:
+            events.emit("error", message=one_line)
+        print(f"error (rank {rank}): {one_line}", file=sys.stderr, flush=True)
+        return code
     if events is not None:
         try:
             events.emit("error", message=one_line)
@@ -708,47 +805,66 @@ def main(argv: list[str] | None = None) -> int:
     stop = StopSignal()
     stop.install()
 
+    ranks = distributed.from_env()
     events: EventWriter | None = None
     try:
         cfg = load_config(args.config)
     except ConfigError as e:
-        out = _fallback_output_dir(args.config)
+        out = _fallback_output_dir(args.config) if ranks.main else None
         try:
             events = EventWriter(out) if out else None
         except OSError:
             events = None
-        return _fail(str(e), events)
-    try:
-        events = EventWriter(cfg.output_dir)
-    except OSError as e:
-        return _fail(f"output_dir '{cfg.output_dir}': cannot write there: {e.strerror}", None)
+        return _fail(str(e), events, rank=ranks.rank)
+    if ranks.main:
+        try:
+            events = EventWriter(cfg.output_dir)
+        except OSError as e:
+            return _fail(f"output_dir '{cfg.output_dir}': cannot write there: {e.strerror}", None)
 
     try:
         import transformers  # heavy, and only once the config is known to be good
 
         transformers.logging.set_verbosity_error()
         transformers.logging.disable_progress_bar()
-        run(cfg, events, stop)
+        run(cfg, events or NoEvents(), stop, ranks)
         return 0
     except TrainError as e:
-        return _fail(str(e), events)
+        return _fail(str(e), events, rank=ranks.rank)
+    except PeerDied as e:
+        if e.writes and events is None:
+            with contextlib.suppress(OSError):
+                events = EventWriter(cfg.output_dir)
+        return _fail(str(e), events if e.writes else None, rank=ranks.rank)
     except Interrupted as e:
-        return _fail(str(e), events, 128 + e.signum)
+        message = str(e)
+        if ranks.multi and e.signum == signal.SIGTERM and "before training" in message:
+            message += " (torchrun stops every rank when one fails: the log says which)"
+        return _fail(message, events, 128 + e.signum, rank=ranks.rank)
     except BaseException as e:  # noqa: BLE001 - the boundary: one line for people, the traceback in a file
         if isinstance(e, KeyboardInterrupt):
-            return _fail("interrupted", events, 130)
+            return _fail("interrupted", events, 130, rank=ranks.rank)
         if isinstance(e, SystemExit):
             raise
         if _is_oom(e):
-            return _fail(OOM_HINT, events)
+            return _fail(OOM_HINT, events, rank=ranks.rank)
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+        if not ranks.main:                      # only rank 0 writes into the run folder
+            traceback.print_exc()
+            return _fail(f"internal error: {type(e).__name__}: {first}", None, rank=ranks.rank)
         path = Path(cfg.output_dir) / ERROR_LOG
         try:
             path.write_text(traceback.format_exc(), encoding="utf-8")
         except OSError:
             traceback.print_exc()
-        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
         return _fail(f"internal error: {type(e).__name__}: {first} (details in {path})", events)
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    code = main()
+    if distributed.from_env().multi:
+        # Everything is written and flushed; skipping the interpreter's teardown skips the deadlock (see above).
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    raise SystemExit(code)

@@ -162,6 +162,30 @@ def test_a_t4_without_cpu_and_memory_gets_what_a_t4_allows(tmp_path):
     assert (cfg.workload_profile_type, cfg.cpu, cfg.memory) == ("Consumption-GPU-NC8as-T4", 4.0, "56Gi")
 
 
+@pytest.mark.parametrize("profile_type, env, gpus", [
+    (None, {}, 1), ("Consumption-GPU-NC8as-T4", {}, 1), ("Consumption", {}, 1), ("NC48-A100", {}, 2),
+    ("NC96-A100", {}, 4), ("NC96-A100", {"TUNEOPS_GPUS": "2"}, 2), ("NC48-A100", {"TUNEOPS_GPUS": " 1 "}, 1),
+])
+def test_a_run_trains_on_every_gpu_of_the_profile_type_or_on_tuneops_gpus(tmp_path, profile_type, env, gpus):
+    finetuning = dict(SEED, WORKLOAD_PROFILE_TYPE=profile_type) if profile_type else SEED
+    if profile_type == "Consumption":
+        finetuning = dict(finetuning, WORKLOAD_PROFILE_NAME="Consumption")
+    assert parse_aca_config(finetuning, None, env, tmp_path).gpus == gpus
+
+
+@pytest.mark.parametrize("value, message", [
+    ("4", "TUNEOPS_GPUS=4 asks for more GPUs than the workload profile type NC48-A100 has (2); lower it, unset it, "
+          "or set WORKLOAD_PROFILE_TYPE to a larger type"),
+    ("two", "TUNEOPS_GPUS must be a whole number of 1 or more (the GPUs a run trains on), not 'two'; unset it to use "
+            "all 2 of NC48-A100"),
+    ("0", "TUNEOPS_GPUS must be a whole number of 1 or more"),
+])
+def test_tuneops_gpus_that_the_profile_cannot_give_is_refused(tmp_path, value, message):
+    with pytest.raises(AcaConfigError) as e:
+        parse_aca_config(dict(SEED, WORKLOAD_PROFILE_TYPE="NC48-A100"), None, {"TUNEOPS_GPUS": value}, tmp_path)
+    assert str(e.value).startswith(message)
+
+
 def test_a_t4_asked_for_24_cpus_is_refused_with_the_limit_and_what_to_do(tmp_path):
     infra = write(tmp_path / "infra", dict(SEED, WORKLOAD_PROFILE_TYPE="Consumption-GPU-NC8as-T4", CPU=24))
     with pytest.raises(AcaConfigError) as e:

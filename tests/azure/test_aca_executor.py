@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 
@@ -45,6 +46,15 @@ def start(executor, run):
 
 def wait_finished(executor, run, timeout=20):
     return wait_for(lambda: (i := executor.status(run)).status.finished and i, timeout, f"{run.id} to finish")
+
+
+def test_a_run_on_a_profile_with_two_gpus_starts_torchrun_with_two_processes(aca, settings, workspace):
+    provision_finetune(aca.clients)
+    cfg = dataclasses.replace(aca.cfg, workload_profile_type="NC48-A100", gpus=2)  # as parse_aca_config makes it
+    run = start(AcaExecutor(settings, cfg=cfg, clients=aca.clients), new_run())
+    container = aca.standin.execution("tuneops-ft", run.execution_id)["properties"]["template"]["containers"][0]
+    assert ("PYTHONSAFEPATH=1 torchrun --standalone --nproc_per_node 2 -m payload.train --config "
+            "runs/ft-0001/run.json") in container["command"][2]
 
 
 def test_a_whole_run_sync_start_progress_from_the_share_and_the_adapter(aca, executor, workspace):

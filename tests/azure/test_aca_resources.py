@@ -291,3 +291,30 @@ def test_portal_links_point_at_the_job_its_executions_and_a_log_query():
     query = gzip.decompress(base64.b64decode(unquote(packed))).decode()
     assert 'let execution = "ft-job-abc";' in query
     assert "execution" not in portal_links(c, Run(id="ft-0002", requester="U", channel="C", model="m", dataset="d"))
+
+
+@pytest.mark.parametrize("profile_type, gpus", [("Consumption-GPU-NC24-A100", 1), ("NC24-A100", 1),
+                                                ("NC48-A100", 2), ("NC96-A100", 4)])
+def test_the_run_script_starts_one_process_per_gpu_of_the_profile(tmp_path, profile_type, gpus):
+    """One GPU: the plain trainer. Several: torchrun with one DDP process per GPU of the profile type, with `-P`'s
+    safe path for torchrun and every process it starts."""
+    config = cfg(WORKLOAD_PROFILE_TYPE=profile_type)
+    assert config.gpus == gpus
+    script = run_script("ft-0009", "runs/ft-0009/run.json", gpus=config.gpus)
+    assert subprocess.run(["bash", "-n", "-c", script]).returncode == 0
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    for name in ("python", "torchrun"):
+        (fake / name).write_text(f"#!/bin/sh\necho \"PYTHONSAFEPATH=$PYTHONSAFEPATH {name} $*\" >> calls.txt\n")
+        (fake / name).chmod(0o755)
+    mount = tmp_path / "mount"
+    mount.mkdir()
+    subprocess.run(["bash", "-c", script.replace("/mount", str(mount))], check=True,
+                   env={"PATH": f"{fake}:/usr/bin:/bin", "TMPDIR": str(tmp_path)})
+    calls = (mount / "calls.txt").read_text().splitlines()
+    if gpus == 1:
+        assert calls == ["PYTHONSAFEPATH= python -P -m payload.train --config runs/ft-0009/run.json"]
+    else:
+        assert calls == [f"PYTHONSAFEPATH=1 torchrun --standalone --nproc_per_node {gpus} -m payload.train "
+                         f"--config runs/ft-0009/run.json"]
+    assert (mount / "runs" / "ft-0009" / "exit_code").read_text().strip() == "0"

@@ -56,6 +56,7 @@ ENV_ARM_ENDPOINT = "TUNEOPS_ARM_ENDPOINT"
 ENV_FILES_ENDPOINT = "TUNEOPS_FILES_ENDPOINT"
 ENV_LOGS_ENDPOINT = "TUNEOPS_LOGS_ENDPOINT"
 ENV_KEY_VAULT_URL = "TUNEOPS_KEY_VAULT_URL"
+ENV_GPUS = "TUNEOPS_GPUS"
 ENV_CA_BUNDLE = "TUNEOPS_AZURE_CA_BUNDLE"
 ENV_STORAGE_KEY = "TUNEOPS_STORAGE_KEY"
 
@@ -106,6 +107,7 @@ class AcaConfig:
     app_memory: str = DEFAULT_MEMORY
     app_workload_profile: str = DEFAULT_WORKLOAD_PROFILE
     app_workload_profile_type: str = DEFAULT_WORKLOAD_PROFILE_TYPE
+    gpus: int = 1  # training processes a run starts (torchrun DDP when more than 1): the profile's GPUs
 
     @property
     def files_account_url(self) -> str:
@@ -330,7 +332,23 @@ def parse_aca_config(finetuning: Mapping[str, Any], inference: Mapping[str, Any]
         app_memory=app_memory,
         app_workload_profile=app_profile,
         app_workload_profile_type=app_type,
+        gpus=gpu_processes(job_type, env),
     )
+
+
+def gpu_processes(type_name: str, env: Mapping[str, str]) -> int:
+    """How many training processes (one per GPU) a run on the profile type starts: its GPUs, or TUNEOPS_GPUS."""
+    have = profiles.profile(type_name).gpu_count
+    value = (env.get(ENV_GPUS) or "").strip()
+    if not value:
+        return max(have, 1)
+    if not value.isdigit() or int(value) < 1:
+        raise AcaConfigError(f"{ENV_GPUS} must be a whole number of 1 or more (the GPUs a run trains on), "
+                             f"not {value!r}; unset it to use all {max(have, 1)} of {type_name}")
+    if have and int(value) > have:
+        raise AcaConfigError(f"{ENV_GPUS}={value} asks for more GPUs than the workload profile type {type_name} has "
+                             f"({have}); lower it, unset it, or set WORKLOAD_PROFILE_TYPE to a larger type")
+    return int(value)
 
 
 def _default_type(profile_name: str) -> str:

@@ -180,7 +180,7 @@ class AcaExecutor:
             sharefs.write_bytes(self.clients.share, config_rel, (json.dumps(data, indent=2) + "\n").encode())
         image = ((job["properties"]["template"].get("containers") or [{}])[0]).get("image") or self.cfg.job_image
         script = run_script(run.id, config_rel, download_model=download,
-                            install=payload_requirements() if needs_install(image) else ())
+                            install=payload_requirements() if needs_install(image) else (), gpus=self.cfg.gpus)
         name = self._start_staged(run, script, run_env(run.id, run.attempts, config_rel))
         log.info("%s: started execution %s", run.id, name)
         self._started[run.id] = name

@@ -96,7 +96,18 @@ CODE_PATH = (f'code="${{TMPDIR:-/tmp}}/tuneops-code" && mkdir -p "$code" && ln -
 PYTHON = "python -P"
 
 
-def run_script(run_id: str, config_rel: str, *, download_model: str = "", install: Sequence[str] = ()) -> str:
+def train_command(config_rel: str, gpus: int = 1) -> str:
+    """The trainer's command: one process, or with several GPUs one per GPU under torchrun (DDP; rank 0 writes the
+    run folder). PYTHONSAFEPATH is `-P` for torchrun and every process it starts; `--standalone` keeps the
+    rendezvous on the replica, and torchrun stops every rank when one fails."""
+    train = f"-m payload.train --config {shlex.quote(config_rel)}"
+    if gpus <= 1:
+        return f"{PYTHON} {train}"
+    return f"PYTHONSAFEPATH=1 torchrun --standalone --nproc_per_node {int(gpus)} {train}"
+
+
+def run_script(run_id: str, config_rel: str, *, download_model: str = "", install: Sequence[str] = (),
+               gpus: int = 1) -> str:
     """The bash script a run's container runs in /mount. Everything it prints goes to the console log (Log
     Analytics) and is appended to `runs/<id>/train.log` on the share, from which live progress is read."""
     log = f"runs/{run_id}/train.log"
@@ -112,7 +123,7 @@ def run_script(run_id: str, config_rel: str, *, download_model: str = "", instal
         inner.append(
             f"if [ ! -f {shlex.quote(target + '/config.json')} ]; then echo 'downloading {download_model} to {target}'; "
             f"{PYTHON} -c {shlex.quote(code)}; fi")
-    inner.append(f"{PYTHON} -m payload.train --config {shlex.quote(config_rel)}")
+    inner.append(train_command(config_rel, gpus))
     steps.append("{ " + " && ".join(inner) + "; } 2>&1 | tee -a " + shlex.quote(log))
     # An execution says Failed but not how (JobExecution has status, start and end only: Jobs.json 2025-01-01), so
     # the script leaves its exit code next to the log.
