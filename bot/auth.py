@@ -36,6 +36,11 @@ def check_place(user: str, channel: str, policy: AccessPolicy) -> Refusal | None
         places = ", ".join(f"<#{c}>" for c in sorted(policy.allowed_channels))
         return Refusal(f"tuneops is not enabled in this channel. Use it in {places}, or ask an admin to add this "
                        "channel to TUNEOPS_ALLOWED_CHANNELS.")
+    return check_person(user, policy)
+
+
+def check_person(user: str, policy: AccessPolicy) -> Refusal | None:
+    """May this person use tuneops at all? The whole check where there is no channel: the bot's Home tab."""
     if policy.allowed_users and user not in policy.allowed_users and user not in policy.admins:
         return Refusal("You are not on the list of people who may use tuneops. Ask an admin to add you to "
                        "TUNEOPS_ALLOWED_USERS.")

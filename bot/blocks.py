@@ -622,18 +622,24 @@ def render_approval_card(approval, run: Run) -> Message:
     blocks += render_samples(metrics.get("generations"))
     blocks.append(section(_decision_line(approval)))
     if str(approval.state) == "pending":
-        confirm = {
-            "title": {"type": "plain_text", "text": f"Deploy {run.id}?"},
-            "text": {"type": "mrkdwn", "text": f"It will serve on {escape(truncate(approval.target, 200))}."},
-            "confirm": {"type": "plain_text", "text": "Approve and deploy"},
-            "deny": {"type": "plain_text", "text": "Not yet"},
-        }
-        blocks.append({"type": "actions", "block_id": f"approval:{approval.id}", "elements": [
-            button("Approve", APPROVE_ACTION, approval.id, style="primary", confirm=confirm),
-            button("Reject", REJECT_ACTION, approval.id, style="danger"),
-        ]})
+        blocks.append(approval_buttons(approval, run))
     text = f"Deploy request {approval.id} for {run.id}: {approval.state} (asked by {mention(approval.requested_by)})"
     return message(text, blocks)
+
+
+def approval_buttons(approval, run: Run) -> dict[str, Any]:
+    """Approve (with its confirmation) and Reject of a pending deploy request: on its card in the run's thread and on
+    approvers' Home tabs alike, so that both go to the same listener (bot.listeners.actions.deploy_decision)."""
+    confirm = {
+        "title": {"type": "plain_text", "text": f"Deploy {run.id}?"},
+        "text": {"type": "mrkdwn", "text": f"It will serve on {escape(truncate(approval.target, 200))}."},
+        "confirm": {"type": "plain_text", "text": "Approve and deploy"},
+        "deny": {"type": "plain_text", "text": "Not yet"},
+    }
+    return {"type": "actions", "block_id": f"approval:{approval.id}", "elements": [
+        button("Approve", APPROVE_ACTION, approval.id, style="primary", confirm=confirm),
+        button("Reject", REJECT_ACTION, approval.id, style="danger"),
+    ]}
 
 
 DEPLOYMENTS_SHOWN = 40  # a line each; with the title, well inside 50 blocks even one line a section
@@ -644,15 +650,7 @@ def render_deployments(rows: list, limit: int = DEPLOYMENTS_SHOWN) -> Message:
     if not rows:
         text = "Nothing is deployed. `/finetune deploy RUN` asks to deploy a finished run."
         return message(text, [section(text)])
-    lines = []
-    for d in rows[:limit]:
-        name = f" ({escape(d.run_name)})" if d.run_name and d.run_name != d.run_id else ""
-        where = f"<{d.endpoint}|endpoint>" if d.endpoint else "endpoint not recorded"
-        served = ("requests served: unknown" if d.requests is None else
-                  f"{d.requests} request{'s' if d.requests != 1 else ''} served")
-        lines.append(f"• *{escape(d.run_id)}*{name} on `{escape(d.base)}` · {where} · since "
-                     f"{slack_date(d.since)} · approved by {mention(d.approved_by)} for {mention(d.requested_by)} · "
-                     f"{served}")
+    lines = [deployment_line(d) for d in rows[:limit]]
     more = len(rows) - limit
     blocks = [section(f"*Deployed* ({len(rows)})")] + line_sections(lines)
     if more > 0:
@@ -766,6 +764,16 @@ def render_cost_report(report: cost.MonthReport) -> Message:
                               f"run{'s' if report.errors_counted != 1 else ''} (+ took longer than estimated)."))
     text = f"GPU spend in {report.month}: {format_usd(report.total_usd)}{budget}"
     return message(text, blocks)
+
+
+def deployment_line(d) -> str:
+    """One live adapter (a jobs.deploys.deploy.Deployment): where, since when, who approved it for whom, its use."""
+    name = f" ({escape(d.run_name)})" if d.run_name and d.run_name != d.run_id else ""
+    where = f"<{d.endpoint}|endpoint>" if d.endpoint else "endpoint not recorded"
+    served = ("requests served: unknown" if d.requests is None else
+              f"{d.requests} request{'s' if d.requests != 1 else ''} served")
+    return (f"• *{escape(d.run_id)}*{name} on `{escape(d.base)}` · {where} · since {slack_date(d.since)} · "
+            f"approved by {mention(d.approved_by)} for {mention(d.requested_by)} · {served}")
 
 
 def render_deploy_result(approval, run: Run) -> Message:

@@ -89,6 +89,10 @@ MAX_PENALTY_S = 3600.0
 # a few tens of ms closer on a busy machine (network and scheduling jitter), which a strict limiter answers with 429s:
 # the 5% margin (52 ms) covers that jitter between the gate and Slack.
 SLACK_RATE_PER_S = 0.95
+# Methods whose limit is per app and workspace rather than per channel are budgeted the same way, keyed by the method's
+# name. views.publish (the Home tab) is Tier 4 in Slack's rate-limit tiers (https://api.slack.com/apis/rate-limits,
+# "Tier 4: 100+ per minute"), with the same 5% margin.
+TIER4_PER_S = 100 / 60 * 0.95
 # A routine waiter looks again at most this often, and adds up to this share of an interval at random, so that the
 # routine waiters of several lanes and processes do not all ask at the same instant.
 ROUTINE_POLL_S = 0.5

@@ -1,11 +1,12 @@
-"""What every listener and the notifier share in one bot process: settings, the async Redis client, the gateway.
+"""What every listener and the notifier share in one bot process: settings, the async Redis client, the gateway, the
+Home tab's publisher.
 
 Listeners find it in Bolt's `context` (put there by `bot.middleware.DeliveryMiddleware`) via `runtime_of(context)`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -14,7 +15,8 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError
 from slack_sdk.web.async_client import AsyncWebClient
 
-from bot.ratelimit import ChannelBudget
+from bot.home import HomeTab
+from bot.ratelimit import TIER4_PER_S, ChannelBudget
 from bot.settings import BotSettings
 from bot.slack import SlackGateway
 
@@ -43,13 +45,20 @@ class BotRuntime:
     settings: BotSettings
     redis: aioredis.Redis
     gateway: SlackGateway
+    home: HomeTab = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.home = HomeTab(self.settings, self.redis, self.gateway)
 
     @classmethod
     def create(cls, settings: BotSettings, client: AsyncWebClient) -> BotRuntime:
         r = redis_client(settings.jobs.redis_url)
-        return cls(settings=settings, redis=r, gateway=SlackGateway(client, ChannelBudget(r)))
+        # Channel messages share a budget per channel; views.publish one per app (its key is the method's name).
+        gateway = SlackGateway(client, ChannelBudget(r), app_budget=ChannelBudget(r, TIER4_PER_S))
+        return cls(settings=settings, redis=r, gateway=gateway)
 
     async def close(self) -> None:
+        await self.home.stop()
         await self.gateway.close()
         await self.redis.aclose()
 

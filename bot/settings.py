@@ -30,6 +30,7 @@ class BotSettings:
     policy: AccessPolicy = AccessPolicy()
     log_interval_s: float = 20.0   # TUNEOPS_LOG_INTERVAL: at most one log excerpt per run this often in its thread
     slack_file_max_bytes: int = 200 * 1000 * 1000   # TUNEOPS_SLACK_FILE_MAX_MB: the largest dataset fetched from Slack
+    home_refresh_s: float = 30.0   # TUNEOPS_HOME_REFRESH: a person's Home tab is refreshed at most this often
 
     @property
     def socket_mode(self) -> bool:
@@ -87,6 +88,9 @@ class BotSettings:
         log_interval_s = duration_setting(env, "TUNEOPS_LOG_INTERVAL", cls.log_interval_s, problems,
                                           "how often a run's thread may get a log excerpt (default 20; errors go "
                                           "at once)", lo=1, hi=3600)
+        home_refresh_s = duration_setting(env, "TUNEOPS_HOME_REFRESH", cls.home_refresh_s, problems,
+                                          "how often an open Home tab may be refreshed while runs change "
+                                          "(default 30)", lo=1, hi=3600)
 
         max_mb = env.get("TUNEOPS_SLACK_FILE_MAX_MB", "").strip()
         slack_file_max_bytes = cls.slack_file_max_bytes
@@ -110,6 +114,7 @@ class BotSettings:
             jobs=jobs,
             log_interval_s=log_interval_s,
             slack_file_max_bytes=slack_file_max_bytes,
+            home_refresh_s=home_refresh_s,
             policy=AccessPolicy(
                 allowed_channels=lists["TUNEOPS_ALLOWED_CHANNELS"],
                 allowed_users=lists["TUNEOPS_ALLOWED_USERS"],

@@ -30,9 +30,11 @@ MAX_RATE_LIMIT_RETRIES = 5
 
 class SlackGateway:
     def __init__(self, client: AsyncWebClient, budget: ChannelBudget | None = None,
-                 redactor: Redactor = default_redactor, max_retries: int = MAX_RATE_LIMIT_RETRIES):
+                 redactor: Redactor = default_redactor, max_retries: int = MAX_RATE_LIMIT_RETRIES,
+                 app_budget: ChannelBudget | None = None):
         self.client = client
         self.budget = budget
+        self.app_budget = app_budget  # per-method limits of the whole app (views.publish), keyed by the method
         self.redactor = redactor
         self.max_retries = max_retries
         self._session: aiohttp.ClientSession | None = None  # keep-alive connections for response_url answers
@@ -47,13 +49,15 @@ class SlackGateway:
         return self.redactor.redact_obj(message)
 
     async def _call(self, method: str, channel: str | None, budgeted: bool, /, urgent: bool = True,
-                    **kwargs: Any) -> Any:
+                    budget: ChannelBudget | None = None, **kwargs: Any) -> Any:
         """Call `method` with kwargs; `channel` is the one whose posting budget applies when `budgeted`, in the
-        urgent or the routine class (bot.ratelimit)."""
+        urgent or the routine class (bot.ratelimit). `budget`: another budget than the channels' one, where
+        `channel` is the key within it."""
         api = getattr(self.client, method)
+        budget = budget or self.budget
         for attempt in range(self.max_retries + 1):
-            if budgeted and channel and self.budget is not None:
-                await self.budget.acquire(channel, urgent=urgent)
+            if budgeted and channel and budget is not None:
+                await budget.acquire(channel, urgent=urgent)
             metrics.SLACK_CALLS.labels(method).inc()
             try:
                 return await api(**kwargs)
@@ -64,10 +68,10 @@ class SlackGateway:
                     raise
                 retry_after = _retry_after(e.response.headers)
                 log.info("Slack rate-limited %s in %s; waiting %.1fs", method, channel or "-", retry_after)
-                if channel and self.budget is not None:
+                if channel and budget is not None:
                     # Every process sharing the budget now holds back from this channel, not just this caller.
-                    await self.budget.penalize(channel, retry_after)
-                if not (budgeted and channel and self.budget is not None):
+                    await budget.penalize(channel, retry_after)
+                if not (budgeted and channel and budget is not None):
                     await asyncio.sleep(retry_after)
         raise AssertionError("unreachable")
 
@@ -111,6 +115,12 @@ class SlackGateway:
 
     async def update_view(self, view_id: str, view: dict[str, Any]) -> None:
         await self._call("views_update", None, False, view_id=view_id, view=self.clean(view))
+
+    async def publish_home(self, user: str, view: dict[str, Any], *, urgent: bool = True) -> None:
+        """Publish a person's Home tab (views.publish), within the app's Tier 4 budget for the method; a refresh
+        nobody waits for is routine (`urgent=False`)."""
+        await self._call("views_publish", "views.publish", True, urgent=urgent, budget=self.app_budget,
+                         user_id=user, view=self.clean(view))
 
     async def upload_file(self, channel: str, content: bytes, filename: str, *, title: str = "",
                           thread_ts: str | None = None, initial_comment: str = "") -> str:

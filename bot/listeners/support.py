@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 from bot import blocks, grammar, slackfiles, words
+from bot.home import home_user
 from bot.outage import REDIS, UNREACHABLE
 from bot.runtime import SOCKET_TIMEOUT_S, BotRuntime
 from jobs import backends
@@ -81,6 +82,11 @@ def log_refusal(what: str, user: str, channel: str, reason: str) -> None:
 
 
 async def answer(rt: BotRuntime, response_url: str, message: dict[str, Any]) -> None:
+    """Answer privately: on response_url, or on the person's Home view for a click there (bot.home.home_address)."""
+    user = home_user(response_url)
+    if user is not None:
+        await rt.home.answer(user, message)
+        return
     await rt.gateway.respond(response_url, message)
 
 

@@ -7,8 +7,8 @@ from sync tests, async tests and scripts alike), records every call, and answers
 chat.postMessage rate with 429 + Retry-After). `fail_for(...)` makes it answer 429 or 5xx for a while (fault injection
 for the soak and the fault tests). `share_file(...)` posts a message with a file attached, which `files.info` and the
 file's private download (bot token required) then serve.
-Client: `slash_command_body`, `block_actions_body`, `message_action_body`, `view_submission_body` and `signed_headers`
-build what Slack POSTs to the app.
+Client: `slash_command_body`, `block_actions_body`, `message_action_body`, `view_submission_body`,
+`app_home_opened_body`, `home_block_actions_body` and `signed_headers` build what Slack POSTs to the app.
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ from aiohttp import web
 from slack_sdk.signature import SignatureVerifier
 
 MAX_BLOCKS = 50
+MAX_HOME_BLOCKS = 100
+MAX_VIEW_BYTES = 250_000
 MAX_SECTION = 3000
 MAX_TEXT = 40000
 SERVER_ERRORS = frozenset({500, 503})
@@ -90,6 +92,7 @@ class SlackStandIn:
         self.scopes: set[str] = {"commands", "chat:write", "chat:write.public", "files:read", "files:write",
                                  "app_mentions:read", "channels:read", "groups:read", "users:read"}
         self.views: dict[str, dict[str, Any]] = {}
+        self.home: dict[str, dict[str, Any]] = {}          # views.publish: user id -> their Home view (as published)
         self.socket_acks: dict[str, dict[str, Any]] = {}   # Socket Mode: envelope id -> the app's answer
         self._sockets: list[web.WebSocketResponse] = []
         self._sent: dict[str, deque[float]] = defaultdict(deque)
@@ -527,6 +530,25 @@ class SlackStandIn:
         self.views[view_id] = view
         return {"ok": True, "view": {"id": view_id, **view}}
 
+    def _m_views_publish(self, p):
+        # https://api.slack.com/methods/views.publish: user_id and view (JSON) required, "invalid_arguments" else;
+        # "view_too_large" past 250 kB; a home view holds at most 100 blocks
+        # (https://docs.slack.dev/reference/views/home-tab-views). The answer carries the view with its id and hash.
+        user, view = p.get("user_id"), _json_field(p.get("view"))
+        if not user or not isinstance(view, dict) or view.get("type") != "home":
+            return {"ok": False, "error": "invalid_arguments"}
+        if len(json.dumps(view)) > MAX_VIEW_BYTES:
+            return {"ok": False, "error": "view_too_large"}
+        problem = _check_blocks(view.get("blocks"), MAX_HOME_BLOCKS)
+        if problem:
+            return {"ok": False, "error": "invalid_arguments", "response_metadata": {"messages": [problem]}}
+        known = self.home.get(user)
+        view_id = known["id"] if known else "V" + uuid.uuid4().hex[:10].upper()
+        published = {**view, "id": view_id, "team_id": self.team_id, "hash": f"{time.time():.7f}",
+                     "app_id": "A0TUNEOPS", "bot_id": self.bot_id}
+        self.home[user] = published
+        return {"ok": True, "view": published}
+
     def _m_files_getUploadURLExternal(self, p):
         if not p.get("filename") or not str(p.get("length", "")).isdigit():
             return {"ok": False, "error": "invalid_arguments"}
@@ -619,6 +641,21 @@ def _blocks(p: dict[str, Any]) -> list[dict[str, Any]]:
 
 def _flag(value: Any) -> bool:
     return value in (True, "true", "1", 1)
+
+
+def _check_blocks(blocks: Any, limit: int) -> str | None:
+    """What Slack says of a view's blocks that break its limits: too many, a section text over 3,000 characters."""
+    if not isinstance(blocks, list):
+        return "[ERROR] missing required field: blocks"
+    if len(blocks) > limit:
+        return f"[ERROR] no more than {limit} items allowed [json-pointer:/view/blocks]"
+    for i, b in enumerate(blocks):
+        if not isinstance(b, dict) or "type" not in b:
+            return f"[ERROR] missing required field: type [json-pointer:/view/blocks/{i}]"
+        text = b.get("text")
+        if isinstance(text, dict) and len(text.get("text", "")) > MAX_SECTION:
+            return f"[ERROR] must be less than {MAX_SECTION + 1} characters [json-pointer:/view/blocks/{i}/text]"
+    return None
 
 
 def _check_message(p: dict[str, Any]) -> str | None:
@@ -738,6 +775,39 @@ def view_submission_body(view: dict[str, Any], view_id: str, values: dict[str, d
         "response_urls": [],
         "is_enterprise_install": False,
         "enterprise": None,
+    }
+    return urlencode({"payload": json.dumps(payload)})
+
+
+def app_home_opened_body(*, user_id: str = "U0ALICE", event_id: str | None = None, tab: str = "home",
+                         view: dict[str, Any] | None = None, team_id: str = "T0STANDIN") -> str:
+    """The JSON body of an app_home_opened event (https://api.slack.com/events/app_home_opened), as Slack POSTs it to
+    the Events API request URL: the person, their DM with the app, which tab, and the Home view last published."""
+    event: dict[str, Any] = {"type": "app_home_opened", "user": user_id, "channel": "D0" + user_id[-6:],
+                             "tab": tab, "event_ts": f"{time.time():.6f}"}
+    if view is not None:  # only once a view was published to this person
+        event["view"] = view
+    return json.dumps({"token": "deprecated-verification-token", "team_id": team_id, "api_app_id": "A0TUNEOPS",
+                       "event": event, "type": "event_callback",
+                       "event_id": event_id or f"Ev{uuid.uuid4().hex[:10].upper()}",
+                       "event_time": int(time.time())})
+
+
+def home_block_actions_body(*, action_id: str, value: str, user_id: str = "U0ALICE", view: dict[str, Any],
+                            team_id: str = "T0STANDIN", block_id: str = "actions") -> str:
+    """A button click on the app's Home tab (https://api.slack.com/reference/interaction-payloads/block-actions): the
+    container is the view, the payload carries the view, and there is neither a channel nor a response_url."""
+    payload = {
+        "type": "block_actions",
+        "team": {"id": team_id, "domain": "standin"},
+        "user": {"id": user_id, "username": user_id.lower(), "team_id": team_id},
+        "api_app_id": "A0TUNEOPS",
+        "token": "deprecated-verification-token",
+        "container": {"type": "view", "view_id": view.get("id", "")},
+        "trigger_id": f"{int(time.time())}.{uuid.uuid4().int % 10**12}.{uuid.uuid4().hex}",
+        "view": view,
+        "actions": [{"type": "button", "action_id": action_id, "block_id": block_id, "value": value,
+                     "action_ts": f"{time.time():.6f}"}],
     }
     return urlencode({"payload": json.dumps(payload)})
 

@@ -70,6 +70,11 @@ STORE_MARKER = f"{PREFIX}:store"
 # bot.threads' record of where a run's card (the root of its thread) was posted. jobs/ never reads it; the store
 # carries it in the run's snapshot so that a run found again after Redis lost everything is told in the same thread.
 THREAD_KEY = PREFIX + ":slack:run:{}"
+# bot.home's Home tab: who opened it lately (zset: user id -> when), and per person the throttle of its refreshes, the
+# digest of the view last published and a notice shown on it (a hash). jobs/ never reads them.
+HOME_VIEWERS = f"{PREFIX}:slack:home:viewers"
+HOME_KEY = PREFIX + ":slack:home:{}"
+HOME_NEXT = PREFIX + ":slack:home:{}:next"
 # The stream is a log of facts for the bot; it is capped so that it cannot grow without bound.
 STREAM_MAXLEN = 100_000
 

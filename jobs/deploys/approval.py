@@ -182,6 +182,21 @@ def get_approval(settings: JobSettings, approval_id: str) -> Approval | None:
     return Approval.from_dict(json.loads(raw)) if raw else None
 
 
+def pending_requests(settings: JobSettings) -> list[tuple[Approval, Run]]:
+    """Deploy requests still waiting for a decision and not past their expiry, oldest first, each with its run (the
+    Home tab's "waiting for you"; `decide` checks again when someone clicks)."""
+    conn = store.connect(settings)
+    now = time.time()
+    waiting = []
+    for key in conn.scan_iter(approval_key("*"), count=500):
+        raw = conn.get(key)
+        approval = Approval.from_dict(json.loads(raw)) if raw else None
+        if approval is not None and approval.state is ApprovalState.PENDING and now < approval.expires_at:
+            waiting.append(approval)
+    runs = {run.id: run for run in store.load_runs(conn, {a.run_id for a in waiting})}
+    return sorted(((a, runs[a.run_id]) for a in waiting if a.run_id in runs), key=lambda pair: pair[0].created_at)
+
+
 Step = Callable[[Approval, Run], list[RunEvent] | None]
 
 

@@ -1,6 +1,10 @@
 """What every button handler reads from a click (who, where, which value, where to answer), the check every button
 makes before it acts (the value names something of the right kind, and the person may use tuneops in that channel),
-and `button_listener`, which builds the Bolt listener of a button from what it does."""
+and `button_listener`, which builds the Bolt listener of a button from what it does.
+
+A click on the bot's Home tab has neither a channel nor a response_url (https://api.slack.com/reference/
+interaction-payloads/block-actions: its container is the view): the person is checked without a channel, and the
+answer goes on their Home view (bot.home.home_address); the handler is the same."""
 
 from __future__ import annotations
 
@@ -10,7 +14,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from bot import blocks
-from bot.auth import check_place
+from bot.auth import check_person, check_place
+from bot.home import home_address
 from bot.listeners.support import answer, log_refusal
 from bot.runtime import BotRuntime, runtime_of
 
@@ -22,15 +27,19 @@ class Click:
     response_url: str
     value: str
     action_id: str = ""
+    on_home: bool = False   # clicked on the Home tab: no channel, answers go on the person's Home view
 
 
 def read_click(body: dict[str, Any], action: dict[str, Any]) -> Click:
+    user = body.get("user", {}).get("id", "")
+    on_home = (body.get("container") or {}).get("type") == "view" and (body.get("view") or {}).get("type") == "home"
     return Click(
-        user=body.get("user", {}).get("id", ""),
+        user=user,
         channel=(body.get("channel") or {}).get("id") or body.get("container", {}).get("channel_id", ""),
-        response_url=body.get("response_url", ""),
+        response_url=home_address(user) if on_home else body.get("response_url", ""),
         value=str(action.get("value", "")),
         action_id=str(action.get("action_id", "")),
+        on_home=on_home,
     )
 
 
@@ -41,7 +50,8 @@ async def allowed(rt: BotRuntime, click: Click, what: str, pattern: re.Pattern[s
         await answer(rt, click.response_url, blocks.render_problem(f"That button names nothing tuneops knows; "
                                                                     f"use `{usage}`."))
         return False
-    refusal = check_place(click.user, click.channel, rt.settings.policy)
+    policy = rt.settings.policy
+    refusal = check_person(click.user, policy) if click.on_home else check_place(click.user, click.channel, policy)
     if refusal is not None:
         log_refusal(f"{what} button {click.value}", click.user, click.channel, refusal.reason)
         await answer(rt, click.response_url, blocks.render_refusal(refusal.reason))
