@@ -628,14 +628,23 @@ def render_approval_card(approval, run: Run) -> Message:
 
 
 def approval_buttons(approval, run: Run) -> dict[str, Any]:
-    """Approve (with its confirmation) and Reject of a pending deploy request: on its card in the run's thread and on
-    approvers' Home tabs alike, so that both go to the same listener (bot.listeners.actions.deploy_decision)."""
-    confirm = {
-        "title": {"type": "plain_text", "text": f"Deploy {run.id}?"},
-        "text": {"type": "mrkdwn", "text": f"It will serve on {escape(truncate(approval.target, 200))}."},
-        "confirm": {"type": "plain_text", "text": "Approve and deploy"},
-        "deny": {"type": "plain_text", "text": "Not yet"},
-    }
+    """Approve (with its confirmation) and Reject of a pending deploy or budget request: on its card in the run's
+    thread and on approvers' Home tabs alike, so that all go to the same listener
+    (bot.listeners.actions.deploy_decision)."""
+    if getattr(approval, "kind", "deploy") == "run":  # a run over budget (jobs.deploys.approval.RUN_KIND)
+        confirm = {
+            "title": {"type": "plain_text", "text": f"Let {run.id} run?"},
+            "text": {"type": "mrkdwn", "text": f"It is estimated at {format_estimate(run.estimate)}."},
+            "confirm": {"type": "plain_text", "text": "Approve the run"},
+            "deny": {"type": "plain_text", "text": "Not yet"},
+        }
+    else:
+        confirm = {
+            "title": {"type": "plain_text", "text": f"Deploy {run.id}?"},
+            "text": {"type": "mrkdwn", "text": f"It will serve on {escape(truncate(approval.target, 200))}."},
+            "confirm": {"type": "plain_text", "text": "Approve and deploy"},
+            "deny": {"type": "plain_text", "text": "Not yet"},
+        }
     return {"type": "actions", "block_id": f"approval:{approval.id}", "elements": [
         button("Approve", APPROVE_ACTION, approval.id, style="primary", confirm=confirm),
         button("Reject", REJECT_ACTION, approval.id, style="danger"),
@@ -701,16 +710,7 @@ def render_budget_card(approval, run: Run) -> Message:
     ]
     blocks = [section(head), fields(pairs), section(_budget_decision_line(approval))]
     if str(approval.state) == "pending":
-        confirm = {
-            "title": {"type": "plain_text", "text": f"Let {run.id} run?"},
-            "text": {"type": "mrkdwn", "text": f"It is estimated at {format_estimate(est)}."},
-            "confirm": {"type": "plain_text", "text": "Approve the run"},
-            "deny": {"type": "plain_text", "text": "Not yet"},
-        }
-        blocks.append({"type": "actions", "block_id": f"approval:{approval.id}", "elements": [
-            button("Approve", APPROVE_ACTION, approval.id, style="primary", confirm=confirm),
-            button("Reject", REJECT_ACTION, approval.id, style="danger"),
-        ]})
+        blocks.append(approval_buttons(approval, run))
     text = f"Budget approval {approval.id} for {run.id}: {approval.state} (asked by {mention(approval.requested_by)})"
     return message(text, blocks)
 

@@ -16,6 +16,7 @@ from bot.blocks import (
     format_actual,
     format_duration,
     format_estimate,
+    why_held,
     format_loss,
     line_sections,
     progress_bar,
@@ -107,6 +108,10 @@ def running_line(run: Run) -> str:
 def request_line(approval, run: Run) -> str:
     eval_loss = (run.metrics or {}).get("eval_loss")
     loss = f" · eval loss {format_loss(float(eval_loss))}" if isinstance(eval_loss, (int, float)) else ""
+    if getattr(approval, "kind", "deploy") == "run":  # a run over budget (jobs.deploys.approval.RUN_KIND)
+        return (f":shield: *{escape(approval.id)}*: {mention(approval.requested_by)}'s run "
+                f"*{escape(run.display_name)}* is over budget ({why_held(run)}) · `{escape(run.model)}` · "
+                f"{format_estimate(run.estimate)} · expires {slack_date(approval.expires_at)}")
     return (f":shield: *{escape(approval.id)}*: {mention(approval.requested_by)} asks to deploy "
             f"*{escape(run.display_name)}* ({mention(run.requester)}'s run) · `{escape(run.model)}`{loss} · "
             f"expires {slack_date(approval.expires_at)}")
@@ -138,7 +143,7 @@ def _group(title: str, lines: list[str], shown: int, empty: str, more: str = "")
 
 
 def _requests(requests: list[tuple[Any, Run]]) -> list[dict[str, Any]]:
-    title = "Deploy requests waiting for you"
+    title = "Deploy and budget requests waiting for you"
     if not requests:
         return [{"type": "divider"}, section(f"*{title}*"), context("None: nothing waits for an approver.")]
     out = [{"type": "divider"}, section(f"*{title}* ({len(requests)})")]

@@ -123,13 +123,13 @@ async def test_the_home_view_on_open_for_an_approver_and_for_others(bot, slack):
     # Carol approves: dp-0001 waits for her, with the very buttons of the thread's card
     await open_home(bot, "U0CAROL")
     carol = await home_of(slack, "U0CAROL")
-    assert "*Deploy requests waiting for you* (1)" in text_of(carol)
+    assert "*Deploy and budget requests waiting for you* (1)" in text_of(carol)
     assert buttons(carol) == [(APPROVE_ACTION, "dp-0001"), (REJECT_ACTION, "dp-0001")]
     assert "<@U0BOB> asks to deploy *ft-0004*" in text_of(carol) and "eval loss 1.2500" in text_of(carol)
     # Bob approves too, but his own request does not wait for him
     await open_home(bot, "U0BOB")
     bob = await home_of(slack, "U0BOB")
-    assert "*Deploy requests waiting for you*" in text_of(bob) and buttons(bob) == []
+    assert "*Deploy and budget requests waiting for you*" in text_of(bob) and buttons(bob) == []
 
     # the Messages tab shows no view; someone outside TUNEOPS_ALLOWED_USERS is told why, and nothing else
     calls = len(slack.calls_to("views.publish"))
@@ -317,3 +317,24 @@ def test_the_refresh_interval_is_a_checked_setting(bot_env):
     assert BotSettings.from_env({k: v for k, v in bot_env.items() if k != "TUNEOPS_HOME_REFRESH"}).home_refresh_s == 30
     with pytest.raises(SettingsError, match="TUNEOPS_HOME_REFRESH"):
         BotSettings.from_env({**bot_env, "TUNEOPS_HOME_REFRESH": "0"})
+
+
+def test_a_budget_request_waits_on_the_home_tab_with_the_same_buttons_as_its_card():
+    from slack_sdk.models.blocks import Block
+
+    from bot.blocks import APPROVE_ACTION, approval_buttons, render_budget_card
+    from bot.home_view import request_line
+    from jobs.deploys.approval import RUN_KIND, Approval
+
+    a = Approval(id="dp-0007", run_id="ft-0001", requested_by="U0ALICE", channel="C0TRAIN", target="the line",
+                 backend="local", created_at=0.0, expires_at=2e9, kind=RUN_KIND, reason="run_budget")
+    run = Run(id="ft-0001", requester="U0ALICE", channel="C0TRAIN", model="m", dataset="d",
+              estimate={"seconds": 4800, "usd": 4.9, "profile": "Consumption-GPU-NC24-A100", "run_budget_usd": 2.0},
+              budget_approval={"state": "pending", "reason": "run_budget"})
+    line = request_line(a, run)
+    assert "over budget" in line and "~1 h 20 min, ~$4.90" in line and "asks to deploy" not in line
+    buttons_block = approval_buttons(a, run)
+    Block.parse(buttons_block).validate_json()
+    assert "Let ft-0001 run?" in json.dumps(buttons_block)
+    card_buttons = [b for b in render_budget_card(a, run)["blocks"] if b["type"] == "actions"]
+    assert card_buttons == [buttons_block] and buttons_block["elements"][0]["action_id"] == APPROVE_ACTION
