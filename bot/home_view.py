@@ -16,13 +16,13 @@ from bot.blocks import (
     format_actual,
     format_duration,
     format_estimate,
-    why_held,
     format_loss,
     line_sections,
     progress_bar,
     section,
     slack_date,
     truncate,
+    why_held,
 )
 from bot.words import escape
 from bot.words import person as mention

@@ -288,10 +288,9 @@ def test_the_home_spend_is_the_months_spend_and_a_run_shows_its_estimate_then_it
     run's line shows its estimate, then its actual."""
     from dataclasses import replace
 
-    from jobs.core.settings import JobSettings
-
     from bot.home import month_spend
     from bot.home_view import run_cost, spend_line
+    from jobs.core.settings import JobSettings
     from tests.jobs.test_jobs_cost import ended_run
 
     jobs_settings = JobSettings(redis_url=redis_url, workspace=workspace)
