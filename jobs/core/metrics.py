@@ -26,7 +26,7 @@ COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
 }
 # When each run's current attempt began running: the start of its GPU clock.
 RUNNING_SINCE = store.METRICS_KEY.format("running_since")
-# Every run holds one GPU slot (TUNEOPS_MAX_RUNNING counts runs); a run record does not say more.
+# A run whose record does not say how many GPUs it has (its estimate's `gpus`: the profile's) counts as one.
 GPUS_PER_RUN = 1
 
 
@@ -65,9 +65,17 @@ def count_run_changes(conn: redis.Redis, changed: tuple[Run, list[RunEvent]] | N
                 if since is not None:
                     conn.hdel(RUNNING_SINCE, run.id)
                     end = run.finished_at or event.ts or time.time()
-                    incr(conn, "gpu_seconds", (backend,), max(0.0, end - float(since)) * GPUS_PER_RUN)
+                    incr(conn, "gpu_seconds", (backend,), max(0.0, end - float(since)) * _gpus(run))
     except (redis.RedisError, ValueError, KeyError) as e:
         log.warning("%s: could not count its state change: %s", run.id, e)
+
+
+def _gpus(run: Run) -> int:
+    """The GPUs a run trains on: its profile's (recorded with its estimate: several under torchrun), else one."""
+    try:
+        return max(1, int(run.estimate.get("gpus") or GPUS_PER_RUN))
+    except (TypeError, ValueError):
+        return GPUS_PER_RUN
 
 
 def count_azure_error(code: str) -> None:

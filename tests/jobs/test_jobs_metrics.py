@@ -113,3 +113,12 @@ def test_log_format_setting():
     assert logs.log_format({"TUNEOPS_LOG_FORMAT": " JSON "}) == "json"
     with pytest.raises(ValueError, match="TUNEOPS_LOG_FORMAT='xml'.*'text' or 'json'"):
         logs.log_format({"TUNEOPS_LOG_FORMAT": "xml"})
+
+
+def test_gpu_seconds_count_every_gpu_of_a_run_on_several(settings):
+    conn = store.connect(settings)
+    run = commit(conn, Run("ft-0001", "U1", "C1", "m", "d", estimate={"gpus": 4}), RunState.PREPARING,
+                 RunState.RUNNING)
+    conn.hset(metrics.RUNNING_SINCE, run.id, repr(run.started_at - 100))  # 100 s on 4 GPUs (torchrun, NC96-A100)
+    metrics.count_run_changes(conn, store.update_run(conn, run.id, lambda r: [move(r, RunState.SUCCEEDED)]))
+    assert 400 <= metrics.read_counters(conn)["gpu_seconds"][("aca",)] < 420
