@@ -1,45 +1,153 @@
-"""Training speed of plain padded QLoRA batches against packed ones: `python -m payload.bench [--model PATH]`.
+"""Training speed of tuneops' trainer against plain padded QLoRA and against TRL's SFTTrainer:
+`python -m payload.bench [--model PATH] [--data FILE]`.
 
-Prints tokens/s, padding waste and peak memory per variant, each measured in its own process with the HF Trainer:
-`baseline` (no packing, fp32 compute, gradient checkpointing), `packed` (the trainer's defaults: packing, bf16 on a
-GPU, gradient checkpointing) and `packed-no-gc`. Without --model it builds the tiny model (the CPU case).
+Every variant runs in its own process, the variants take turns (`--repeats` rounds), and each prints the min and
+median of its real (non-pad) tokens/s, its peak memory and its final loss. tuneops' variants use the HF Trainer the way
+`payload.train` does: `baseline` (no packing, fp32 compute, gradient checkpointing), `baseline-bf16` (the same in
+bf16, on a GPU only: packing and dtype measured apart), `packed` (the trainer's defaults, a step's packs in one
+micro-batch), `packed-no-gc`, `packed-ga` and `packed-ga-no-gc` (one pack a micro-batch, gradient accumulation:
+TRL's layout and the trainer's default, micro_batch_size 1).
+The peer, `trl` and `trl-no-gc`, is TRL's SFTTrainer in its best configuration for the hardware
+(`payload.bench_peer`), on the same base, data, tokens, LoRA and compute dtype.
+Without --model it builds the tiny model; without --data it writes 320 synthetic chats of 20-400 words.
 `--demo` instead times the demo-sized run end to end, as `python -m payload.train` does it.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
+import random
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any
 
 RESULT_PREFIX = "BENCH_RESULT "
+LOSS_WINDOW = 5              # the final loss is the mean of the last steps' losses: one step's loss is noisy
 
 VARIANTS: dict[str, dict[str, Any]] = {
-    "baseline": {"packing": False, "compute_dtype": "fp32", "gradient_checkpointing": True},
-    "packed": {"packing": True, "compute_dtype": "auto", "gradient_checkpointing": True},
-    "packed-no-gc": {"packing": True, "compute_dtype": "auto", "gradient_checkpointing": False},
+    "baseline": {"trainer": "tuneops", "packing": False, "compute_dtype": "fp32", "gradient_checkpointing": True},
+    "baseline-bf16": {"trainer": "tuneops", "packing": False, "compute_dtype": "bf16", "gradient_checkpointing": True,
+                      "gpu_only": True},
+    "packed": {"trainer": "tuneops", "packing": True, "compute_dtype": "auto", "gradient_checkpointing": True},
+    "packed-no-gc": {"trainer": "tuneops", "packing": True, "compute_dtype": "auto", "gradient_checkpointing": False},
+    # TRL's layout on the CPU: one pack a micro-batch, the step's packs by gradient accumulation
+    "packed-ga": {"trainer": "tuneops", "packing": True, "compute_dtype": "auto", "gradient_checkpointing": True,
+                  "one_pack_per_micro_batch": True},
+    "packed-ga-no-gc": {"trainer": "tuneops", "packing": True, "compute_dtype": "auto", "gradient_checkpointing": False,
+                        "one_pack_per_micro_batch": True},
+    "trl": {"trainer": "trl", "packing": True, "compute_dtype": "auto", "gradient_checkpointing": True},
+    "trl-no-gc": {"trainer": "trl", "packing": True, "compute_dtype": "auto", "gradient_checkpointing": False},
 }
 
 
-def measure(spec: dict[str, Any]) -> dict[str, Any]:
-    """One variant, in this process: train `warmup + steps` optimizer steps and time the last `steps`."""
-    import torch
-    from transformers import AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
+# ---------------------------------------------------------------------------------------------------------------
+# Pure parts: the synthetic data, the default variants, the summary of the rounds, the table
+# ---------------------------------------------------------------------------------------------------------------
+
+def synthetic_chats(n: int, min_words: int, max_words: int, words: list[str], seed: int = 0) -> list[dict]:
+    """`n` one-turn chats of `min_words`-`max_words` words (a quarter of them the question), drawn from `words`:
+    the long and uneven examples that make packing and attention cost matter, with a vocabulary the tiny model has."""
+    rng = random.Random(seed)
+    chats = []
+    for _ in range(n):
+        total = rng.randint(min_words, max_words)
+        asked = max(1, total // 4)
+        chats.append({"messages": [
+            {"role": "user", "content": " ".join(rng.choice(words) for _ in range(asked))},
+            {"role": "assistant", "content": " ".join(rng.choice(words) for _ in range(max(1, total - asked)))},
+        ]})
+    return chats
+
+
+def default_variants(gpu: bool, trl_installed: bool) -> list[str]:
+    """Every variant the hardware runs: bf16 padding only on a GPU, the peer only when TRL is installed."""
+    return [name for name, v in VARIANTS.items()
+            if (gpu or not v.get("gpu_only")) and (trl_installed or v["trainer"] != "trl")]
+
+
+def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One variant's rounds: its settings (from the first round) with min/median/max tokens/s, the median peak
+    memory and final loss."""
+    speeds = [r["tokens_per_s"] for r in runs]
+    losses = [r["final_loss"] for r in runs if r.get("final_loss") is not None]
+    return {**runs[0], "rounds": len(runs), "tokens_per_s": statistics.median(speeds),
+            "tokens_per_s_min": min(speeds), "tokens_per_s_max": max(speeds),
+            "peak_memory_mb": statistics.median(r["peak_memory_mb"] for r in runs),
+            "final_loss": statistics.median(losses) if losses else None,
+            "all_tokens_per_s": speeds}
+
+
+def _ratio(r: dict[str, Any], ref: dict[str, Any] | None) -> str:
+    return f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}x" if ref else "-"
+
+
+def describe(r: dict[str, Any]) -> str:
+    """A variant's settings in one line: what makes its figures what they are."""
+    rows = (f"micro-batch {r['micro_batch']} x grad accum {r['grad_accum']}" if r["grad_accum"] > 1
+            else f"micro-batch {r['micro_batch']}")
+    return (f"{r['trainer']}: {r['compute_dtype']}, {r['attention']}, {r['collator']}, {rows}"
+            + (f" x pack {r['pack_capacity']} ({r['pack_fill']:.0%} full)" if r["pack_capacity"] else "")
+            + (", grad ckpt" if r["gradient_checkpointing"] else "")
+            + (f", LoRA weights {r['lora_dtype']}" if r.get("lora_dtype") else ""))
+
+
+def format_table(results: list[dict[str, Any]]) -> str:
+    """Medians of the rounds, with the slowest round beside them; speed-ups are ratios of medians."""
+    base = next((r for r in results if r["variant"] == "baseline"), None)
+    peer = next((r for r in results if r["variant"] == "trl"), None)
+    head = (f"{'variant':<15}{'tok/s med':>11}{'tok/s min':>11}{'vs base':>9}{'vs trl':>8}{'padding':>9}"
+            f"{'peak MB':>9}{'final loss':>12}  settings")
+    lines = [head, "-" * len(head)]
+    for r in results:
+        loss = f"{r['final_loss']:.4f}" if r.get("final_loss") is not None else "-"
+        lines.append(f"{r['variant']:<15}{r['tokens_per_s']:>11,.0f}{r['tokens_per_s_min']:>11,.0f}"
+                     f"{_ratio(r, base):>9}{_ratio(r, peer):>8}{r['padding_waste']:>9.1%}{r['peak_memory_mb']:>9,.0f}"
+                     f"{loss:>12}  {describe(r)}")
+    return "\n".join(lines)
+
+
+def comparisons(results: list[dict[str, Any]]) -> list[str]:
+    """The lines that answer the benchmark's questions: packing against padding, tuneops against TRL."""
+    by = {r["variant"]: r for r in results}
+    lines = []
+
+    def line(a: str, b: str) -> None:
+        if a in by and b in by:
+            x, y = by[a], by[b]
+            lines.append(f"{a} vs {b}: {x['tokens_per_s'] / y['tokens_per_s']:.2f}x tokens/s (median; slowest rounds "
+                         f"{x['tokens_per_s_min'] / y['tokens_per_s_min']:.2f}x), padding waste "
+                         f"{x['padding_waste']:.1%} vs {y['padding_waste']:.1%}, peak memory "
+                         f"{x['peak_memory_mb']:,.0f} vs {y['peak_memory_mb']:,.0f} MB "
+                         f"({x['peak_memory_mb'] / y['peak_memory_mb']:.2f}x)")
+
+    line("packed", "baseline")
+    line("baseline-bf16", "baseline")
+    line("packed", "trl")
+    line("packed-ga", "trl")
+    line("packed-no-gc", "trl-no-gc")
+    line("packed-ga-no-gc", "trl-no-gc")
+    line("packed-no-gc", "trl")
+    return lines
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One variant, in a child process
+# ---------------------------------------------------------------------------------------------------------------
+
+def load_examples(spec: dict[str, Any]):
+    """The tokenizer and the trainable examples: what both trainers get, token for token."""
+    from transformers import AutoTokenizer
 
     from payload import data
-    from payload.config import TrainConfig
-    from payload.runtime import cpu_budget, pick_threads
-    from payload.train import add_lora, load_model, make_collator, pick_attention, pick_compute_dtype
 
-    variant = VARIANTS[spec["variant"]]
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    micro_batch = spec["micro_batch_size"]
     tokenizer = AutoTokenizer.from_pretrained(spec["model"])
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -47,77 +155,162 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     if records and records[0].format == "messages":
         data.ensure_chat_template(tokenizer)
     examples = [e for e in data.tokenize_records(records, tokenizer, spec["max_seq_length"]) if e.trainable_tokens]
-    longest = max(len(e.input_ids) for e in examples)
-    # Same token budget per micro-batch: `pack_rows` packs hold what the baseline's fullest padded micro-batch
-    # holds, so activation memory is comparable and the gain is what packing and the compute dtype bring. More,
-    # shorter rows cost less attention with SDPA's dense block-diagonal mask, and a little padding at row ends.
-    rows = spec.get("pack_rows", 1)
-    capacity = max(longest, micro_batch * longest // rows)
-    if variant["packing"]:
-        items, batch_size = data.build_packs(examples, capacity), rows
-    else:
-        items, batch_size = data.single_examples(examples), micro_batch
+    return tokenizer, examples
 
+
+def pack_capacity(spec: dict[str, Any], longest: int) -> int:
+    """Same token budget per optimizer step as the baseline's fullest padded micro-batch: `pack_rows` packs hold
+    what it holds, so activation memory is comparable and the gain is what packing and the compute dtype bring."""
+    return max(longest, spec["micro_batch_size"] * longest // spec.get("pack_rows", 1))
+
+
+class Meter:
+    """What a timed run records, whichever trainer runs it: real tokens and computed positions of the micro-batches
+    the model has run, the clock at each optimizer step's end, and each step's loss."""
+
+    def __init__(self, device: str):
+        self.device = device
+        self.tokens = 0
+        self.positions = 0
+        self.collated: deque[tuple[int, int]] = deque()
+        self.marks: list[tuple[float, int, int]] = []
+        self.losses: list[float] = []
+
+    def wrap(self, collate):
+        """The collator, noting each batch's real tokens and positions. The data loader collates ahead of the
+        training step, so they count only once the model runs the batch (`attach`)."""
+        def counting(features):
+            batch = collate(features)
+            self.collated.append((sum(len(f["input_ids"]) for f in features), batch["input_ids"].numel()))
+            return batch
+        return counting
+
+    def attach(self, model) -> None:
+        def consume(module, args):
+            if module.training and self.collated:
+                tokens, positions = self.collated.popleft()
+                self.tokens += tokens
+                self.positions += positions
+        model.register_forward_pre_hook(consume)
+
+    def callback(self):
+        import torch
+        from transformers import TrainerCallback
+
+        meter = self
+
+        class Clock(TrainerCallback):
+            def on_step_end(self, args, state, control, **kw):
+                if meter.device == "cuda":
+                    torch.cuda.synchronize()
+                meter.marks.append((time.perf_counter(), meter.tokens, meter.positions))
+
+            def on_log(self, args, state, control, logs=None, **kw):
+                if logs and "loss" in logs:
+                    meter.losses.append(float(logs["loss"]))
+
+        return Clock()
+
+    def result(self, warmup: int, steps: int) -> dict[str, Any]:
+        (t0, tok0, pos0), (t1, tok1, pos1) = self.marks[warmup - 1], self.marks[-1]
+        tail = self.losses[-LOSS_WINDOW:]
+        return {"timed_steps": steps, "seconds": round(t1 - t0, 3),
+                "tokens_per_s": round((tok1 - tok0) / (t1 - t0), 1),
+                "padding_waste": round(1 - (tok1 - tok0) / max(pos1 - pos0, 1), 4),
+                "final_loss": round(sum(tail) / len(tail), 5) if tail else None,
+                "first_loss": round(self.losses[0], 5) if self.losses else None}
+
+
+def peak_memory(device: str) -> tuple[float, str]:
+    import torch
+
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20, "cuda_max_allocated"
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process_max_rss"
+
+
+def training_args(spec: dict[str, Any], device: str, dtype_name: str, gradient_checkpointing: bool,
+                  micro_batch: int, grad_accum: int) -> dict[str, Any]:
+    """The TrainingArguments both trainers share: steps, optimizer, clipping, dtype, logging every step."""
+    return dict(output_dir=spec["out"], per_device_train_batch_size=micro_batch,
+                gradient_accumulation_steps=grad_accum, max_steps=spec["warmup"] + spec["steps"],
+                learning_rate=1e-4, max_grad_norm=0.3, lr_scheduler_type="constant", warmup_steps=0,
+                save_strategy="no", logging_steps=1, report_to="none", disable_tqdm=True,
+                gradient_checkpointing=gradient_checkpointing, bf16=dtype_name == "bf16", use_cpu=device == "cpu",
+                seed=0, dataloader_num_workers=0)
+
+
+def measure(spec: dict[str, Any]) -> dict[str, Any]:
+    """One variant, in this process: train `warmup + steps` optimizer steps and time the last `steps`."""
+    import torch
+
+    from payload import data
+    from payload.config import TrainConfig
+    from payload.runtime import cpu_budget, pick_threads
+    from payload.train import (
+        add_lora,
+        load_model,
+        make_collator,
+        pick_attention,
+        pick_compute_dtype,
+    )
+
+    variant = VARIANTS[spec["variant"]]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tokenizer, examples = load_examples(spec)
+    longest = max(len(e.input_ids) for e in examples)
+    rows = spec.get("pack_rows", 1)
+    capacity = pack_capacity(spec, longest)
+    packing = variant["packing"]
+    grad_accum = rows if variant.get("one_pack_per_micro_batch") else 1
     cfg = TrainConfig(base_model=spec["model"], dataset=spec["data"], output_dir=spec["out"],
                       lora_r=spec["lora_r"], lora_alpha=spec["lora_r"], lora_dropout=0.0,
-                      packing=variant["packing"], compute_dtype=variant["compute_dtype"],
-                      gradient_checkpointing=variant["gradient_checkpointing"], micro_batch_size=batch_size,
-                      gradient_accumulation_steps=1, max_seq_length=max(capacity, 16))
+                      packing=packing, compute_dtype=variant["compute_dtype"],
+                      gradient_checkpointing=variant["gradient_checkpointing"],
+                      micro_batch_size=(rows // grad_accum) if packing else spec["micro_batch_size"],
+                      gradient_accumulation_steps=grad_accum, max_seq_length=max(capacity, 16))
     dtype_name, dtype = pick_compute_dtype(cfg, device)
     attention = pick_attention(device)
-    collate = make_collator(cfg, attention, tokenizer.pad_token_id)
-    model = add_lora(cfg, load_model(cfg, spec["model"], True, device, dtype, attention))
-    _, n_params = model.get_nb_trainable_parameters()
+    if variant["trainer"] == "trl" and attention != "flash_attention_2":
+        attention = "sdpa"              # TRL's own choice: tuneops' per-example attention is none of the peer's
+    meter = Meter(device)
+    base = load_model(cfg, spec["model"], True, device, dtype, attention)
+    if variant["trainer"] == "trl":
+        from payload.bench_peer import trl_trainer
+
+        trainer, settings = trl_trainer(spec, cfg, base, tokenizer, examples, meter, device, dtype_name, attention)
+    else:
+        from transformers import Trainer, TrainingArguments
+
+        model = add_lora(cfg, base)
+        collate = make_collator(cfg, attention, tokenizer.pad_token_id)
+        items = data.build_packs(examples, capacity) if packing else data.single_examples(examples)
+        args = TrainingArguments(
+            **training_args(spec, device, dtype_name, cfg.gradient_checkpointing, cfg.micro_batch_size,
+                            grad_accum),
+            gradient_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
+            remove_unused_columns=False, label_names=["labels"])
+        trainer = Trainer(model=model, args=args, train_dataset=items, data_collator=meter.wrap(collate),
+                          callbacks=[meter.callback()])
+        settings = {"collator": type(collate).__name__, "micro_batch": cfg.micro_batch_size,
+                    "grad_accum": grad_accum, "lora_dtype": None}
+    meter.attach(trainer.model)
+    _, n_params = trainer.model.get_nb_trainable_parameters()
     torch.set_num_threads(pick_threads(n_params, cpu_budget(), spec.get("threads", 0)))
-
-    seen = {"tokens": 0, "positions": 0}
-
-    def counting_collator(features):
-        batch = collate(features)
-        seen["tokens"] += sum(len(f["input_ids"]) for f in features)
-        seen["positions"] += batch["input_ids"].numel()
-        return batch
-
-    marks: list[tuple[float, int, int]] = []
-
-    class Clock(TrainerCallback):
-        def on_step_end(self, args, state, control, **kw):
-            if device == "cuda":
-                torch.cuda.synchronize()
-            marks.append((time.perf_counter(), seen["tokens"], seen["positions"]))
-
-    steps = spec["warmup"] + spec["steps"]
-    args = TrainingArguments(
-        output_dir=spec["out"], per_device_train_batch_size=batch_size, gradient_accumulation_steps=1,
-        max_steps=steps, learning_rate=1e-4, max_grad_norm=0.3, save_strategy="no", logging_steps=10**6,
-        report_to="none", disable_tqdm=True, remove_unused_columns=False, label_names=["labels"],
-        gradient_checkpointing=cfg.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
-        bf16=dtype_name == "bf16", use_cpu=device == "cpu", seed=0, dataloader_num_workers=0)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    trainer = Trainer(model=model, args=args, train_dataset=items, data_collator=counting_collator,
-                      callbacks=[Clock()])
     trainer.train()
-
-    (t0, tok0, pos0), (t1, tok1, pos1) = marks[spec["warmup"] - 1], marks[-1]
-    if device == "cuda":
-        peak_mb, peak_kind = torch.cuda.max_memory_allocated() / 2**20, "cuda_max_allocated"
-    else:
-        import resource
-
-        peak_mb, peak_kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process_max_rss"
+    peak_mb, peak_kind = peak_memory(device)
     return {
-        "variant": spec["variant"], "device": device, "device_name": torch.cuda.get_device_name() if device == "cuda"
-        else f"cpu x{torch.get_num_threads()} threads", "compute_dtype": dtype_name, "attention": attention,
-        "collator": type(collate).__name__, "gradient_checkpointing": cfg.gradient_checkpointing,
-        "micro_batch": batch_size, "pack_capacity": capacity if variant["packing"] else None,
-        "pack_rows": rows if variant["packing"] else None,
-        "timed_steps": spec["steps"], "seconds": round(t1 - t0, 3),
-        "tokens_per_s": round((tok1 - tok0) / (t1 - t0), 1),
-        "padding_waste": round(1 - (tok1 - tok0) / max(pos1 - pos0, 1), 4),
+        "variant": spec["variant"], "trainer": variant["trainer"], "device": device,
+        "device_name": torch.cuda.get_device_name() if device == "cuda" else f"cpu x{torch.get_num_threads()} threads",
+        "compute_dtype": dtype_name, "attention": attention, "gradient_checkpointing": cfg.gradient_checkpointing,
+        **settings, **meter.result(spec["warmup"], spec["steps"]),
+        "pack_capacity": capacity if packing else None,
+        "pack_fill": round(data.pack_fill(examples, capacity), 4) if packing else None,
         "peak_memory_mb": round(peak_mb, 1), "peak_memory_kind": peak_kind,
-        "pack_fill": round(data.pack_fill(examples, capacity), 4) if variant["packing"] else None,
         "examples": len(examples), "longest_example": longest,
     }
 
@@ -131,20 +324,6 @@ def run_variant(spec: dict[str, Any]) -> dict[str, Any]:
             return json.loads(line[len(RESULT_PREFIX):])
     tail = (res.stderr.strip().splitlines() or ["no output"])[-1]
     raise RuntimeError(f"variant {spec['variant']} failed (exit {res.returncode}): {tail}")
-
-
-def format_table(results: list[dict[str, Any]]) -> str:
-    base = next((r for r in results if r["variant"] == "baseline"), None)
-    head = f"{'variant':<14}{'tokens/s':>12}{'speed-up':>10}{'padding':>9}{'peak MB':>10}  settings"
-    lines = [head, "-" * len(head)]
-    for r in results:
-        speed = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "-"
-        settings = (f"{r['compute_dtype']}, {r['attention']}, {r['collator']}, micro-batch {r['micro_batch']}"
-                    + (f" x pack {r['pack_capacity']} ({r['pack_fill']:.0%} full)" if r["pack_capacity"] else "")
-                    + (", grad ckpt" if r["gradient_checkpointing"] else ""))
-        lines.append(f"{r['variant']:<14}{r['tokens_per_s']:>12,.0f}{speed:>10}{r['padding_waste']:>9.1%}"
-                     f"{r['peak_memory_mb']:>10,.0f}  {settings}")
-    return "\n".join(lines)
 
 
 def demo(data_path: str, tmp: Path) -> int:
@@ -172,16 +351,47 @@ def demo(data_path: str, tmp: Path) -> int:
     return 0
 
 
+def write_synthetic_data(path: Path, n: int, min_words: int, max_words: int) -> Path:
+    """The benchmark's default data: synthetic chats over the shipped chats' words (so the tiny model knows them)."""
+    from payload.tinymodel import WORD_RE, _texts, example_dataset_path
+
+    words = sorted({w for text in _texts(example_dataset_path()) for w in WORD_RE.findall(text.lower())
+                    if w.isalnum()})
+    chats = synthetic_chats(n, min_words, max_words, words)
+    path.write_text("".join(json.dumps(c) + "\n" for c in chats), encoding="utf-8")
+    return path
+
+
+def _child(spec_json: str) -> int:
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    logging.disable(logging.WARNING)
+    print(RESULT_PREFIX + json.dumps(measure(json.loads(spec_json))), flush=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m payload.bench", description=__doc__.splitlines()[0])
     ap.add_argument("--model", help="local model folder (default: build the tiny model)")
-    ap.add_argument("--data", help="JSONL dataset (default: the shipped example chats)")
-    ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, from: " + ", ".join(VARIANTS))
+    ap.add_argument("--hidden", type=int, default=256, help="the built tiny model's hidden size")
+    ap.add_argument("--layers", type=int, default=4, help="the built tiny model's layers")
+    ap.add_argument("--data", help="JSONL dataset (default: --synthetic chats over the shipped chats' words)")
+    ap.add_argument("--synthetic", type=int, default=320, help="how many synthetic chats without --data")
+    ap.add_argument("--words", default="20-400", help="the synthetic chats' length range, in words")
+    ap.add_argument("--variants", help="comma-separated, from: " + ", ".join(VARIANTS)
+                    + " (default: all the hardware runs; trl* when TRL is installed: pip install '.[bench]')")
     ap.add_argument("--steps", type=int, default=30, help="timed optimizer steps per variant")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     ap.add_argument("--micro-batch-size", type=int, default=8, help="the baseline's micro-batch (examples)")
-    ap.add_argument("--pack-rows", type=int, default=2, help="packs per packed micro-batch (same token budget)")
-    ap.add_argument("--repeats", type=int, default=2, help="runs per variant, interleaved; the fastest counts")
+    ap.add_argument("--pack-rows", type=int, default=2, help="packs per optimizer step (same token budget)")
+    ap.add_argument("--repeats", type=int, default=3, help="rounds; the variants take turns in each")
     ap.add_argument("--max-seq-length", type=int, default=1024)
     ap.add_argument("--lora-r", type=int, default=16)
     ap.add_argument("--threads", type=int, default=0, help="CPU threads (0: the trainer's choice)")
@@ -191,34 +401,44 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     if args.child:
-        import logging
-        import warnings
+        return _child(args.child)
 
-        warnings.filterwarnings("ignore")
-        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-        import transformers
+    trl_installed = importlib.util.find_spec("trl") is not None
+    if args.variants:
+        names = [v.strip() for v in args.variants.split(",") if v.strip()]
+    else:
+        import torch
 
-        transformers.logging.set_verbosity_error()
-        transformers.logging.disable_progress_bar()
-        logging.disable(logging.WARNING)
-        print(RESULT_PREFIX + json.dumps(measure(json.loads(args.child))), flush=True)
-        return 0
-
-    names = [v.strip() for v in args.variants.split(",") if v.strip()]
+        names = default_variants(torch.cuda.is_available(), trl_installed)
     unknown = [v for v in names if v not in VARIANTS]
     if unknown:
         print(f"error: unknown variant(s) {', '.join(unknown)}", file=sys.stderr)
+        return 2
+    if not trl_installed and any(VARIANTS[n]["trainer"] == "trl" for n in names):
+        print("error: the trl variants need TRL: pip install '.[bench]'", file=sys.stderr)
         return 2
     if min(args.steps, args.warmup, args.repeats, args.pack_rows, args.micro_batch_size) < 1:
         print("error: --steps, --warmup, --repeats, --pack-rows and --micro-batch-size must be at least 1",
               file=sys.stderr)
         return 2
-    from payload.tinymodel import example_dataset_path
+    try:
+        lo, hi = (int(x) for x in args.words.split("-"))
+        assert 1 <= lo <= hi
+    except (ValueError, AssertionError):
+        print(f"error: --words '{args.words}': expected MIN-MAX, e.g. 20-400", file=sys.stderr)
+        return 2
+    if not args.variants and not trl_installed:
+        print("note: TRL is not installed (pip install '.[bench]'): measuring without the peer", flush=True)
 
-    data_path = str(Path(args.data or example_dataset_path()).resolve())
     with tempfile.TemporaryDirectory(prefix="tuneops-bench-") as tmp:
         if args.demo:
-            return demo(data_path, Path(tmp))
+            from payload.tinymodel import example_dataset_path
+
+            return demo(str(Path(args.data or example_dataset_path()).resolve()), Path(tmp))
+        if args.data:
+            data_path = str(Path(args.data).resolve())
+        else:
+            data_path = str(write_synthetic_data(Path(tmp) / "synthetic.jsonl", args.synthetic, lo, hi))
         if args.model:
             model = str(Path(args.model).resolve())
             if not (Path(model) / "config.json").is_file():
@@ -227,11 +447,13 @@ def main(argv: list[str] | None = None) -> int:
         else:
             from payload.tinymodel import build_tiny_model
 
-            model = str(build_tiny_model(Path(tmp) / "tiny", [data_path]))
+            model = str(build_tiny_model(Path(tmp) / "tiny", [data_path], hidden_size=args.hidden,
+                                         layers=args.layers))
         print(f"model {model}\ndata {data_path}\n{args.steps} timed steps after {args.warmup} warm-up steps, "
-              f"best of {args.repeats}; baseline micro-batch {args.micro_batch_size}", flush=True)
-        best: dict[str, dict[str, Any]] = {}
-        # Interleaved repeats, fastest run kept: on a shared machine the slow runs measure the neighbours.
+              f"{args.repeats} rounds taking turns; baseline micro-batch {args.micro_batch_size}, "
+              f"{args.pack_rows} packs a step", flush=True)
+        runs: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
+        # Rounds taking turns, each variant in its own process: on a shared machine, a slow stretch hits all alike.
         for _ in range(args.repeats):
             for name in names:
                 spec = {"variant": name, "model": model, "data": data_path, "out": str(Path(tmp) / name),
@@ -239,23 +461,18 @@ def main(argv: list[str] | None = None) -> int:
                         "max_seq_length": args.max_seq_length, "lora_r": args.lora_r, "threads": args.threads,
                         "pack_rows": args.pack_rows}
                 try:
-                    r = run_variant(spec)
+                    runs[name].append(run_variant(spec))
                 except (RuntimeError, subprocess.TimeoutExpired) as e:
                     print(f"error: {e}", file=sys.stderr)
                     return 1
-                if name not in best or r["tokens_per_s"] > best[name]["tokens_per_s"]:
-                    best[name] = r
-        results = [best[n] for n in names]
-        device = results[0]["device_name"]
-        print(f"device {device}\n" + format_table(results))
-        base = next((r for r in results if r["variant"] == "baseline"), None)
-        packed = next((r for r in results if r["variant"] == "packed"), None)
-        if base and packed:
-            print(f"packed vs baseline: {packed['tokens_per_s'] / base['tokens_per_s']:.2f}x tokens/s, padding waste "
-                  f"{packed['padding_waste']:.1%} vs {base['padding_waste']:.1%}, peak memory "
-                  f"{packed['peak_memory_mb']:,.0f} vs {base['peak_memory_mb']:,.0f} MB")
+        results = [summarize(runs[n]) for n in names]
+        print(f"device {results[0]['device_name']}; tokens/s count real (non-pad) tokens; final loss: mean of the "
+              f"last {LOSS_WINDOW} steps; peak memory: {results[0]['peak_memory_kind']}\n" + format_table(results))
+        for line in comparisons(results):
+            print(line)
         if args.json:
-            Path(args.json).write_text(json.dumps({"model": model, "data": data_path, "results": results}, indent=2))
+            Path(args.json).write_text(json.dumps({"model": model, "data": data_path, "results": results,
+                                                   "runs": runs}, indent=2))
     return 0
 
 

@@ -227,11 +227,14 @@ def pick_compute_dtype(cfg: TrainConfig, device: str):
 
 
 def pick_attention(device: str) -> str:
-    """Flash attention's varlen kernels when installed on a GPU (packs cost the sum of their examples' squares),
-    else PyTorch's SDPA."""
-    if device == "cuda" and importlib.util.find_spec("flash_attn") is not None:
-        return "flash_attention_2"
-    return "sdpa"
+    """Flash attention's varlen kernels when installed on a GPU; on the CPU, SDPA on each example of a pack on its own
+    (payload/attention.py): either way a pack costs the sum of its examples' squares, not the square of its length.
+    A GPU without flash_attn keeps SDPA's block-diagonal mask (per-example attention is measured on the CPU only)."""
+    if device == "cuda":
+        return "flash_attention_2" if importlib.util.find_spec("flash_attn") is not None else "sdpa"
+    from payload import attention  # imports transformers: heavy
+
+    return attention.register()
 
 
 def make_collator(cfg: TrainConfig, attention: str, pad_token_id: int | None):

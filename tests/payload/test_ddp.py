@@ -43,9 +43,30 @@ def torchrun(ws: Path, nproc: int = 2) -> list[str]:
             "-m", "payload.train", "--config", f"{RUN}/run.json"]
 
 
-def launch(ws: Path, nproc: int) -> subprocess.CompletedProcess:
+def start(ws: Path, nproc: int) -> subprocess.Popen:
+    """torchrun (or one trainer) in a process group of its own, so that `stop` can end its ranks too."""
     cmd = torchrun(ws, nproc) if nproc > 1 else [sys.executable, "-m", "payload.train", "--config", f"{RUN}/run.json"]
-    return subprocess.run(cmd, cwd=ws, env=env(), capture_output=True, text=True, timeout=240)
+    return subprocess.Popen(cmd, cwd=ws, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """Whatever happened, no rank outlives the test: the whole process group is killed."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    if proc.poll() is None:
+        proc.communicate()
+
+
+def launch(ws: Path, nproc: int) -> subprocess.CompletedProcess:
+    proc = start(ws, nproc)
+    try:
+        out, err = proc.communicate(timeout=240)
+    finally:
+        stop(proc)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def losses(ws: Path) -> dict[int, float]:
@@ -112,8 +133,7 @@ def test_two_ranks_follow_one_process_with_the_same_global_batch(one_process, tw
 def test_sigkill_of_one_rank_ends_the_run_with_an_error_and_two_ranks_resume(tmp_path, tiny_model, example_dataset,
                                                                             two_ranks):
     ws = workspace(tmp_path, tiny_model, example_dataset, gradient_accumulation_steps=1, **SHARED)
-    proc = subprocess.Popen(torchrun(ws), cwd=ws, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    proc = start(ws, 2)
     try:
         for line in proc.stdout:
             ev = parse_line(line)
@@ -128,9 +148,7 @@ def test_sigkill_of_one_rank_ends_the_run_with_an_error_and_two_ranks_resume(tmp
         _, err = proc.communicate(timeout=60)
         ended_in = time.monotonic() - killed
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+        stop(proc)
     assert proc.returncode != 0
     # Rank 0 noticed at once (torchrun's SIGTERM, or its next collective failing); no process-group timeout waited.
     assert ended_in < 20, ended_in
