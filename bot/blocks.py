@@ -563,18 +563,24 @@ def slack_date(ts: float | None, fallback: str = "") -> str:
 
 
 def _decision_line(approval) -> str:
+    """Where a deploy or budget request stands: waiting (for whom, until when), or who decided what and when."""
     state = str(approval.state)
+    budget = getattr(approval, "kind", "deploy") == "run"  # a run over budget (jobs.deploys.approval.RUN_KIND)
     by = f" by {mention(approval.decided_by)}" if approval.decided_by else ""
     at = f" {slack_date(approval.decided_at)}" if approval.decided_at else ""
     if state == "pending":
         return (f":hourglass_flowing_sand: Waiting for an approver other than {mention(approval.requested_by)} "
                 f"(TUNEOPS_APPROVERS); expires {slack_date(approval.expires_at)}.")
     if state == "rejected":
-        return f":no_entry: Rejected{by}{at}. Nothing was deployed."
+        return f":no_entry: Rejected{by}{at}. " + (
+            "The run was cancelled without running." if budget else "Nothing was deployed.")
     if state == "expired":
-        return (f":hourglass: Expired {slack_date(approval.finished_at or approval.expires_at)} with no decision. "
-                f"`/finetune deploy {approval.run_id}` asks again.")
+        return f":hourglass: Expired {slack_date(approval.finished_at or approval.expires_at)} with no decision" + (
+            "; the run did not run. Start it again to ask anew." if budget else
+            f". `/finetune deploy {approval.run_id}` asks again.")
     line = f":white_check_mark: Approved{by}{at}."
+    if budget:
+        return line + " The run joined the line."
     if state == "approved":
         return line + " The deploy is queued."
     if state == "deploying":
@@ -671,21 +677,6 @@ def render_deployments(rows: list, limit: int = DEPLOYMENTS_SHOWN) -> Message:
     return message(text, blocks)
 
 
-def _budget_decision_line(approval) -> str:
-    state = str(approval.state)
-    by = f" by {mention(approval.decided_by)}" if approval.decided_by else ""
-    at = f" {slack_date(approval.decided_at)}" if approval.decided_at else ""
-    if state == "pending":
-        return (f":hourglass_flowing_sand: Waiting for an approver other than {mention(approval.requested_by)} "
-                f"(TUNEOPS_APPROVERS); expires {slack_date(approval.expires_at)}.")
-    if state == "rejected":
-        return f":no_entry: Rejected{by}{at}. The run was cancelled without running."
-    if state == "expired":
-        return (f":hourglass: Expired {slack_date(approval.finished_at or approval.expires_at)} with no decision; the "
-                "run did not run. Start it again to ask anew.")
-    return f":white_check_mark: Approved{by}{at}. The run joined the line."
-
-
 def render_budget_card(approval, run: Run) -> Message:
     """A run over budget, in its thread: what it is estimated to cost, the budget it is over, and the decision (with
     Approve / Reject while it is pending, the same buttons as a deploy request's)."""
@@ -708,7 +699,7 @@ def render_budget_card(approval, run: Run) -> Message:
         ("How", f"{throughput}; " + (f"${price:g} per GPU-hour x {est.get('gpus', 1)} GPU"
                                       if price is not None else "no price known")),
     ]
-    blocks = [section(head), fields(pairs), section(_budget_decision_line(approval))]
+    blocks = [section(head), fields(pairs), section(_decision_line(approval))]
     if str(approval.state) == "pending":
         blocks.append(approval_buttons(approval, run))
     text = f"Budget approval {approval.id} for {run.id}: {approval.state} (asked by {mention(approval.requested_by)})"

@@ -280,7 +280,10 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     if variant["trainer"] == "trl":
         from payload.bench_peer import trl_trainer
 
-        trainer, settings = trl_trainer(spec, cfg, base, tokenizer, examples, meter, device, dtype_name, attention)
+        def shared_args(micro_batch: int, accumulate: int) -> dict[str, Any]:
+            return training_args(spec, device, dtype_name, cfg.gradient_checkpointing, micro_batch, accumulate)
+
+        trainer, settings = trl_trainer(shared_args, cfg, base, tokenizer, examples, meter, dtype_name, attention)
     else:
         from transformers import Trainer, TrainingArguments
 

@@ -9,7 +9,7 @@ each step takes one pack per micro-batch and accumulates gradients over as many 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 
 def trl_layout(attention: str, packs_per_step: int) -> tuple[int, int]:
@@ -19,19 +19,18 @@ def trl_layout(attention: str, packs_per_step: int) -> tuple[int, int]:
     return 1, packs_per_step
 
 
-def trl_trainer(spec: dict[str, Any], cfg, base, tokenizer, examples, meter, device: str, dtype_name: str,
-                attention: str):
+def trl_trainer(shared_args: Callable[[int, int], dict[str, Any]], cfg, base, tokenizer, examples, meter,
+                dtype_name: str, attention: str):
     """The SFTTrainer on `base` (the 4-bit model, no adapter yet) and `examples` (tokenized, with the loss mask as
-    labels), and the settings that describe it. `meter` counts its tokens and times its steps."""
+    labels), and the settings that describe it. `shared_args(micro_batch, grad_accum)` gives the TrainingArguments
+    both trainers share; `meter` counts its tokens and times its steps."""
     from datasets import Dataset
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
 
-    from payload.bench import training_args
-
     micro_batch, grad_accum = trl_layout(attention, cfg.micro_batch_size)
     args = SFTConfig(
-        **training_args(spec, device, dtype_name, cfg.gradient_checkpointing, micro_batch, grad_accum),
+        **shared_args(micro_batch, grad_accum),
         max_length=cfg.max_seq_length, packing=True, packing_strategy="bfd", dataset_num_proc=None)
     # Already tokenized, labels holding the answer-only mask: TRL keeps them and packs as they are.
     dataset = Dataset.from_list([{"input_ids": e.input_ids, "labels": e.labels} for e in examples])

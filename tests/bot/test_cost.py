@@ -13,6 +13,7 @@ from bot.blocks import APPROVE_ACTION, REJECT_ACTION
 from jobs.core import store
 from jobs.core.domain import Run, RunEvent
 from jobs.runs import service
+from tests.bot.test_deploy import answer_of, buttons
 from tests.conftest import ROOT, shown
 
 pytestmark = pytest.mark.timeout(300)
@@ -25,16 +26,6 @@ def costed(request, bot_env):
     """Approvers (the requester among them, for four eyes), the story trainer, and the test's own settings."""
     bot_env.update(TUNEOPS_APPROVERS="U0ALICE,U0BOSS", **STORY, **getattr(request, "param", {}))
     return bot_env
-
-
-def buttons(msg) -> dict[str, str]:
-    return {e["action_id"]: e["value"] for b in msg.blocks if b.get("type") == "actions" for e in b["elements"]}
-
-
-async def answer_of(slack, key: str) -> str:
-    got = await slack.until(lambda: slack.responses[key], 30)
-    assert got, f"no answer on {key}"
-    return json.dumps(got[-1])
 
 
 async def run_of(bot, slack, run_id: str, predicate, timeout: float = 60) -> Run:
