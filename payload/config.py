@@ -63,7 +63,8 @@ class TrainConfig(BaseModel):
     max_steps: int = Field(-1, ge=-1, description="-1: as many as the epochs take")
     micro_batch_size: int = Field(1, ge=1, le=1024)
     gradient_accumulation_steps: int = Field(4, ge=1, le=1024)
-    gradient_checkpointing: bool = True
+    # "auto": only when a measured step of the heaviest micro-batch would not fit in memory without it (payload.memory)
+    gradient_checkpointing: bool | Literal["auto"] = "auto"
     max_grad_norm: float = Field(0.3, gt=0.0)
     max_seq_length: int = Field(1024, ge=16, le=131072)
     packing: bool = True

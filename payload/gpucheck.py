@@ -49,12 +49,14 @@ def make_plan(gpu: bool, trl_installed: bool) -> Plan:
     """What to run: on a GPU the benchmark's questions at a 0.5-1.5B size; on the CPU the same steps, tiny."""
     peer = ("trl",) if trl_installed else ()
     if gpu:
+        # TRL's best on a GPU may be without checkpointing (memory to spare): both are measured, the faster counts.
         return Plan(gpu=True, hidden=2048, layers=16, heads=16, chats=320, words=(20, 400), train_steps=30,
-                    micro_batch=4, bench_variants=("baseline", "baseline-bf16", "packed") + peer, bench_steps=15,
+                    micro_batch=4, bench_variants=("baseline", "baseline-bf16", "packed-ga") + peer
+                    + (("trl-no-gc",) if peer else ()), bench_steps=10,
                     bench_warmup=3, bench_repeats=2, max_tokens=64,
                     timeouts={"train": 120, "serve": 90, "bench": 330})
     return Plan(gpu=False, hidden=64, layers=2, heads=4, chats=16, words=(10, 40), train_steps=2, micro_batch=2,
-                bench_variants=("packed",) + peer, bench_steps=1, bench_warmup=1, bench_repeats=1, max_tokens=8,
+                bench_variants=("packed-ga",) + peer, bench_steps=1, bench_warmup=1, bench_repeats=1, max_tokens=8,
                 timeouts={"train": 120, "serve": 120, "bench": 240})
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import importlib.util
 import json
 import logging
@@ -27,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from payload import checkpoints as ckpts
-from payload import data, distributed
+from payload import data, distributed, loss, memory
 from payload.config import ConfigError, TrainConfig, load_config
 from payload.events import PREFIX, EventWriter, encode, make_event
 from payload.modelpath import ModelNotFound, hub_failure, resolve_model
@@ -93,16 +94,6 @@ def _write_json_atomic(path: Path, obj: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2, default=str), encoding="utf-8")
     os.replace(tmp, path)
-
-
-def _peak_memory(device: str) -> tuple[float, str]:
-    import torch  # heavy
-
-    if device == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**20, "cuda_max_allocated"
-    import resource  # Unix only, and only the CPU figure needs it
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process_max_rss"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -267,7 +258,7 @@ def load_model(cfg: TrainConfig, model_ref: str, local: bool, device: str, dtype
     try:
         model = AutoModelForCausalLM.from_pretrained(model_ref, **kwargs)
     except Exception as e:  # noqa: BLE001
-        if _is_oom(e):
+        if memory.is_oom(e):
             raise
         if not local:
             raise TrainError(str(hub_failure(cfg.base_model, e))) from None
@@ -279,21 +270,36 @@ def load_model(cfg: TrainConfig, model_ref: str, local: bool, device: str, dtype
 
 
 def add_lora(cfg: TrainConfig, model):
+    """The LoRA adapter on the base, with the chunked loss where the model type allows it (payload.loss).
+    Gradient checkpointing is turned on here only when the config says true; "auto" decides later, measured."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training  # heavy
 
     gc_kwargs = {"use_reentrant": False}
+    checkpointing = cfg.gradient_checkpointing is True
     if cfg.load_in_4bit:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing,
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing,
                                                 gradient_checkpointing_kwargs=gc_kwargs)
-    elif cfg.gradient_checkpointing:
+    elif checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
         model.enable_input_require_grads()
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=cfg.target_modules, bias="none", task_type="CAUSAL_LM")
     try:
-        return get_peft_model(model, lora)
+        model = get_peft_model(model, lora)
     except ValueError as e:
         raise TrainError(f"bad value for 'target_modules': {str(e).splitlines()[0][:200]}") from None
+    loss.install(model)
+    return model
+
+
+def decide_checkpointing(cfg: TrainConfig, model, items: list[dict], collator, device: str, dtype_name: str,
+                         gpu: int = 0) -> memory.Decision:
+    """Gradient checkpointing as the config says, or, for "auto", from a measured step of the heaviest micro-batch."""
+    decision = memory.decide(cfg.gradient_checkpointing, model,
+                             lambda: memory.heaviest_batch(items, cfg.micro_batch_size, collator),
+                             device, _autocast(device, dtype_name), gpu)
+    log.info("gradient checkpointing %s: %s", "on" if decision.on else "off", decision.reason)
+    return decision
 
 
 def quantization_summary(model, cfg: TrainConfig, dtype_name: str) -> dict[str, Any]:
@@ -571,18 +577,14 @@ def run(cfg: TrainConfig, events: EventWriter | NoEvents, stop: StopSignal,
     resumed_from = resume.step if resume else 0
     if resume:
         log.info("resuming from %s", resume.path.name)
-    events.emit("start", total_steps=total_steps, run_id=cfg.run_id, base_model=cfg.base_model, device=device,
-                examples=len(prepared.train_records) + len(prepared.eval_records),
-                train_examples=len(prepared.train_examples), eval_examples=len(prepared.eval_examples),
-                sequences=len(prepared.train_items), tokens_per_epoch=prepared.tokens_per_epoch,
-                resumed_from_step=resumed_from, resumed_from=str(resume.path) if resume else None,
-                skipped_checkpoints=[f"{c.path.name}: {c.reason}" for c in skipped], world_size=ranks.world_size)
 
     # 3. Model: 4-bit base + LoRA adapter.
     from transformers import PrinterCallback, Trainer, TrainingArguments, set_seed  # heavy
 
     set_seed(cfg.seed)
     model = load_model(cfg, model_ref, local, device, dtype, attention, gpu=ranks.local_rank)
+    peak_meter = memory.PeakMeter(device, ranks.local_rank)
+    peak_meter.reset()          # the peak of training, from the loaded base on (loading's transients are not training)
     model = add_lora(cfg, model)
     quant = quantization_summary(model, cfg, dtype_name)
     if cfg.load_in_4bit and not quant.get("linear4bit_layers"):
@@ -590,14 +592,26 @@ def run(cfg: TrainConfig, events: EventWriter | NoEvents, stop: StopSignal,
     trainable, total_params = model.get_nb_trainable_parameters()
     threads = pick_threads(total_params, cpu_budget(), configured_threads)
     torch.set_num_threads(threads)
+    collator = make_collator(cfg, attention, tokenizer.pad_token_id)
+    checkpointing = decide_checkpointing(cfg, model, prepared.train_items, collator, device, dtype_name,
+                                         ranks.local_rank)
 
     # 4. Train (under torchrun: once every rank has its model, so that slow loading counts against no timeout).
     if ranks.multi:
         distributed.init(ranks, device)
+        if distributed.any_rank(checkpointing.on, device) and not checkpointing.on:
+            checkpointing = dataclasses.replace(checkpointing, on=True,
+                                                reason=checkpointing.reason + "; another rank needs it")
+    events.emit("start", total_steps=total_steps, run_id=cfg.run_id, base_model=cfg.base_model, device=device,
+                examples=len(prepared.train_records) + len(prepared.eval_records),
+                train_examples=len(prepared.train_examples), eval_examples=len(prepared.eval_examples),
+                sequences=len(prepared.train_items), tokens_per_epoch=prepared.tokens_per_epoch,
+                resumed_from_step=resumed_from, resumed_from=str(resume.path) if resume else None,
+                skipped_checkpoints=[f"{c.path.name}: {c.reason}" for c in skipped], world_size=ranks.world_size,
+                gradient_checkpointing=checkpointing.as_event(), chunked_loss=loss.installed(model))
     wandb_run = start_wandb(cfg) if ranks.main else None
     if wandb_run is not None and not wandb_run.offline and wandb_run.url:
         events.emit("link", name="wandb", url=wandb_run.url)
-    collator = make_collator(cfg, attention, tokenizer.pad_token_id)
     # With several ranks the Trainer's evaluation is wrong on a held-out set that does not split evenly (transformers
     # 5.24 divides each batch by the answer tokens of the topped-up one, then drops the top-up: 3.8 for a true 4.6,
     # measured), so rank 0 evaluates alone, token-weighted as the final evaluation, at the same steps.
@@ -620,8 +634,8 @@ def run(cfg: TrainConfig, events: EventWriter | NoEvents, stop: StopSignal,
         lr_scheduler_type=cfg.lr_scheduler_type,
         warmup_steps=cfg.warmup_ratio,             # a float below 1 is a ratio of the total steps
         max_grad_norm=cfg.max_grad_norm,
-        gradient_checkpointing=cfg.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
+        gradient_checkpointing=checkpointing.on,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if checkpointing.on else None,
         bf16=dtype_name == "bf16",
         fp16=dtype_name == "fp16",
         use_cpu=device == "cpu",
@@ -682,7 +696,7 @@ def run(cfg: TrainConfig, events: EventWriter | NoEvents, stop: StopSignal,
     if evaluation.get("eval_loss") is not None:
         events.emit("eval", step=trainer.state.global_step, eval_loss=round(evaluation["eval_loss"], 5),
                     base_eval_loss=round(evaluation["base_eval_loss"], 5), final=True)
-    peak, peak_kind = _peak_memory(device)
+    peak, peak_kind = peak_meter.peak_mb(), peak_meter.kind
     metrics = {
         "run_id": cfg.run_id,
         "base_model": cfg.base_model,
@@ -719,6 +733,8 @@ def run(cfg: TrainConfig, events: EventWriter | NoEvents, stop: StopSignal,
         "peak_memory_kind": peak_kind,
         "packing": cfg.packing,
         "attention": attention,
+        "gradient_checkpointing": checkpointing.as_event(),
+        "chunked_loss": loss.installed(model),
         "collator": type(collator).__name__,
         "padding_waste": round(prepared.padding_waste, 4),
         "pack_fill": None if prepared.pack_fill is None else round(prepared.pack_fill, 4),
@@ -741,19 +757,6 @@ def run(cfg: TrainConfig, events: EventWriter | NoEvents, stop: StopSignal,
 # ---------------------------------------------------------------------------------------------------------------
 # CLI
 # ---------------------------------------------------------------------------------------------------------------
-
-def _is_oom(err: BaseException) -> bool:
-    try:
-        import torch  # heavy, and may be missing or broken: then the message alone decides
-
-        if isinstance(err, torch.OutOfMemoryError):
-            return True
-    except ImportError:
-        pass
-    text = str(err)
-    return isinstance(err, MemoryError) or (isinstance(err, RuntimeError) and (
-        "out of memory" in text.lower() or "can't allocate memory" in text))
-
 
 def _fallback_output_dir(config_path: str) -> str | None:
     """The output_dir of a config that failed validation, when it can still be read, so the error event lands
@@ -849,7 +852,7 @@ def main(argv: list[str] | None = None) -> int:
             return _fail("interrupted", events, 130, rank=ranks.rank)
         if isinstance(e, SystemExit):
             raise
-        if _is_oom(e):
+        if memory.is_oom(e):
             return _fail(OOM_HINT, events, rank=ranks.rank)
         first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
         if not ranks.main:                      # only rank 0 writes into the run folder

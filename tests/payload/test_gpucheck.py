@@ -20,7 +20,7 @@ GOOD = {"device": "cuda", "steps": 30, "last_loss": 3.2, "attention": "flash_att
 def test_the_gpu_plan_fits_in_ten_minutes_and_measures_packing_dtype_and_the_peer():
     plan = make_plan(gpu=True, trl_installed=True)
     assert sum(plan.timeouts.values()) <= 540      # plus the model build (about a minute): under 10 minutes
-    assert {"baseline", "baseline-bf16", "packed", "trl"} <= set(plan.bench_variants)
+    assert {"baseline", "baseline-bf16", "packed-ga", "trl", "trl-no-gc"} <= set(plan.bench_variants)
     assert plan.hidden >= 2048 and plan.layers >= 16 and plan.hidden // plan.heads <= 256   # ~0.7B, flash-attn heads
     assert "trl" not in make_plan(gpu=True, trl_installed=False).bench_variants
 

@@ -42,9 +42,11 @@ def workspace(tmp_path: Path, tiny_model: Path, example_dataset: Path, **overrid
     return ws
 
 
-def train(ws: Path, config: str = f"{RUN}/run.json", preexec=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "payload.train", "--config", config], cwd=ws, env=env(),
-                          capture_output=True, text=True, timeout=240, preexec_fn=preexec)
+def train(ws: Path, config: str = f"{RUN}/run.json", preexec=None,
+          extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "payload.train", "--config", config], cwd=ws,
+                          env={**env(), **(extra_env or {})}, capture_output=True, text=True, timeout=240,
+                          preexec_fn=preexec)
 
 
 def start(ws: Path) -> subprocess.Popen:
