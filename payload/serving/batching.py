@@ -19,16 +19,39 @@ import queue
 import random
 import threading
 import time
-from typing import Any, AsyncIterator, Iterator
+from typing import Any, AsyncIterator, Iterator, Protocol
 
 from payload.serving.openai_schema import APIError
 
 from payload.serving.sampling import SamplingParams, StopScanner
 
-# The engine and the model a request asked for (payload.serving.engine), which imports this module: named loosely
-# here so that the two modules do not import each other.
-Engine = Any
-ServedModel = Any
+
+# What the scheduler needs of the engine and of the model a request asked for (payload.serving.engine implements
+# both, and imports this module): described here, so that the two modules do not import each other.
+class ServedModel(Protocol):
+    id: str
+    adapter: str | None          # the adapter's name in the PEFT model; None: the base
+    tokenizer: Any
+
+
+class Engine(Protocol):
+    device: Any                  # torch.device
+    eos_ids: set[int]
+    pad_token_id: int
+    tokenizer_lock: threading.Lock
+
+    def release(self, served: ServedModel) -> None:
+        """A request of `served` has ended (an unloaded adapter leaves memory after its last one)."""
+
+    def disarm(self) -> None:
+        """Take the per-row adapter hooks off (at the end of a batch)."""
+
+    def new_cache(self) -> Any:
+        """An empty KV cache for a new batch."""
+
+    def forward(self, ids, mask, positions, cache, adapters: list[str | None]):
+        """One forward pass of a batch, each row through its own adapter (a name, or None for the base); returns
+        the last position's logits and extends `cache`."""
 
 log = logging.getLogger("payload.serve")  # the server's one logger name, as its operators know it from the log
 

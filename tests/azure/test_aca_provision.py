@@ -266,6 +266,37 @@ def test_deploy_and_a_new_secret_reference_keep_plain_secrets_as_they_are(aca, s
         assert [s["name"] for s in secrets if s.get("keyVaultUrl")] == ["hf-token"]
 
 
+def test_a_new_secret_reference_reaches_the_apps_of_every_base_model(aca, settings):
+    """A secret set after deploys on two base models: the job, ACA_APP_NAME and the other base's app all reference
+    it, each app still serving its own adapter list."""
+    provision_finetune(aca.clients)
+    conn = store.connect(settings)
+    aca_endpoints.serve_adapter(aca.clients, conn, adapter_on_share(aca, "ft-0001"),
+                                core_endpoints.new_entry("ft-0001", "", "dp-1", "U1"))
+    other = adapter_on_share(aca, "ft-0002", base="Qwen/Qwen2.5-0.5B-Instruct")
+    derived = aca_endpoints.serve_adapter(aca.clients, conn, other,
+                                          core_endpoints.new_entry("ft-0002", "", "dp-2", "U1")).app
+    commands = {n: aca.standin.apps[n]["properties"]["template"]["containers"][0]["command"]
+                for n in ("tuneops-infer", derived)}
+    assert [name for name, _ in aca_endpoints.derived_apps(aca.clients)] == [derived]
+
+    op_id = ops.enqueue_secret_reference(settings, "HF_TOKEN", "U1", "C1")
+    run_worker_burst(settings)
+    done = op_events(settings, op_id)[-1]
+    assert done.kind == "succeeded"
+    assert done.data["text"].startswith(f"The inference app of other base models ({derived}) now references HF_TOKEN.")
+    for r in (aca.standin.jobs["tuneops-ft"], *(aca.standin.apps[n] for n in commands)):
+        secrets = r["properties"]["configuration"]["secrets"]
+        assert [x["name"] for x in secrets if x.get("keyVaultUrl")] == ["hf-token"]
+        assert {"name": "HF_TOKEN", "secretRef": "hf-token"} in r["properties"]["template"]["containers"][0]["env"]
+    for name, command in commands.items():
+        assert aca.standin.apps[name]["properties"]["template"]["containers"][0]["command"] == command
+    # Once there, setting it again changes nothing anywhere.
+    puts = len(aca.standin.requests_to("arm", "PUT"))
+    assert aca_endpoints.ensure_secret_on_derived_apps(aca.clients, "HF_TOKEN") == []
+    assert len(aca.standin.requests_to("arm", "PUT")) == puts
+
+
 # ---- as RQ jobs, reporting in the thread's event stream ------------------------------------------------------------
 
 def op_events(settings, op_id):

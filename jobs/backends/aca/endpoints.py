@@ -30,6 +30,7 @@ from jobs.backends.aca.provision import (
     get_app,
     put_app,
     record_endpoint,
+    vault_refs_of,
     wanted_app,
 )
 from jobs.backends.aca.resources import served_manifest
@@ -57,8 +58,40 @@ class ServedOn:
 
 def derived_app_name(app_name: str, model: str) -> str:
     """The app of a base model other than the one ACA_APP_NAME serves: a stable name within Container Apps' rules."""
-    digest = hashlib.sha1(endpoints.endpoint_name(model).encode()).hexdigest()[:8]
+    return _derived(app_name, endpoints.endpoint_name(model))
+
+
+def _derived(app_name: str, folder: str) -> str:
+    digest = hashlib.sha1(folder.encode()).hexdigest()[:8]
     return f"{app_name[:APP_NAME_MAX - 9].rstrip('-')}-{digest}"
+
+
+def derived_apps(clients: AzureClients) -> list[tuple[str, dict]]:
+    """The inference apps of base models other than ACA_APP_NAME's, as they are now: one per adapter list on the
+    share whose derived app exists and follows it."""
+    with azure_call(f"list {endpoints.ROOT}/ on the share"):
+        folders = sharefs.list_dirs(clients.share, endpoints.ROOT)
+    apps = []
+    for folder in sorted(folders):
+        name = _derived(clients.cfg.app_name, folder)
+        app = get_app(clients, name) if name != clients.cfg.app_name else None
+        if app is not None and served_manifest(app) == f"{endpoints.ROOT}/{folder}/{endpoints.MANIFEST}":
+            apps.append((name, app))
+    return apps
+
+
+def ensure_secret_on_derived_apps(clients: AzureClients, env_name: str, notice: Notice = _quiet) -> list[str]:
+    """Make every derived inference app reference the Key Vault secret for `env_name` too (what
+    provision.ensure_secret_reference does for the job and ACA_APP_NAME); returns the apps it updated."""
+    updated: list[str] = []
+    for name, app in derived_apps(clients):
+        have = vault_refs_of(app)
+        if env_name in have:
+            continue
+        body = wanted_app(clients, name, app, notice, secret_envs=sorted(set(have) | {env_name}))
+        put_app(clients, name, body, app, ProvisionResult("secret", name), notice)
+        updated.append(name)
+    return updated
 
 
 def app_for(clients: AzureClients, model: str) -> tuple[str, dict | None]:

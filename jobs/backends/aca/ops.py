@@ -200,6 +200,12 @@ def _run(op: Op, clients: AzureClients, settings, notice: Callable[[str], None],
         result = provision.provision_inference(clients, notice)
     elif op.kind == "secret":
         result = provision.ensure_secret_reference(clients, op.target, notice)
+        if clients.cfg.app_name:        # the apps of other base models (deploys made them) reference it too
+            updated = aca_endpoints.ensure_secret_on_derived_apps(clients, op.target, notice)
+            if updated:
+                result.notes.append(f"The inference app{'s' if len(updated) > 1 else ''} of other base models "
+                                    f"({', '.join(updated)}) now reference{'' if len(updated) > 1 else 's'} "
+                                    f"{op.target}.")
     elif op.kind == "deploy":
         conn = store.connect(settings)
         run = store.load_run(conn, op.target)

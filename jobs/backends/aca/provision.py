@@ -329,10 +329,11 @@ def provision_inference(clients: AzureClients, notice: Notice = _quiet,
     return result
 
 
-def wanted_app(clients: AzureClients, name: str, existing: dict | None, notice: Notice, **serve: str) -> dict:
-    """The body of inference app `name` serving `serve` (base_model and manifest: resources.app_body), with the Key
-    Vault references it has (a new app: the vault's)."""
-    envs = vault_refs_of(existing) if existing is not None else None
+def wanted_app(clients: AzureClients, name: str, existing: dict | None, notice: Notice,
+               secret_envs: Iterable[str] | None = None, **serve: str) -> dict:
+    """The body of inference app `name` serving `serve` (base_model and manifest: resources.app_body; none: what it
+    serves now), with the Key Vault references given, else those it has (a new app: the vault's)."""
+    envs = secret_envs if secret_envs is not None else vault_refs_of(existing) if existing is not None else None
     return _wanted(clients, "app", existing, clients.cfg.app_workload_profile, envs, notice,
                    functools.partial(app_body, name=name, **serve))
 
