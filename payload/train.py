@@ -734,6 +734,9 @@ def run(cfg: TrainConfig, events: EventWriter | NoEvents, stop: StopSignal,
         "packing": cfg.packing,
         "attention": attention,
         "gradient_checkpointing": checkpointing.as_event(),
+        # what the model really ran with: a decoder layer's flag, set by the Trainer when the decision says on
+        "gradient_checkpointing_applied": any(getattr(m, "gradient_checkpointing", False) is True
+                                              for m in model.modules()),
         "chunked_loss": loss.installed(model),
         "collator": type(collator).__name__,
         "padding_waste": round(prepared.padding_waste, 4),

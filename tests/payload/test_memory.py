@@ -134,5 +134,6 @@ def test_a_run_says_what_it_decided_and_auto_off_trains_as_false_does(tmp_path, 
                                                "limit_mb": None,
                                                "reason": "gradient_checkpointing is false in the config"}
     assert [s["loss"] for s in auto_steps] == [s["loss"] for s in false_steps]
+    assert auto_m["gradient_checkpointing_applied"] is False and tight_m["gradient_checkpointing_applied"] is True
     assert tight["gradient_checkpointing"]["on"] is True and tight["gradient_checkpointing"]["limit_mb"] == 1.0
     assert "over 80% of 1 MB" in tight_m["gradient_checkpointing"]["reason"]
