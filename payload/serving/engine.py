@@ -11,7 +11,6 @@ from __future__ import annotations
 import inspect
 import json
 import logging
-import re
 import threading
 import time
 from collections import Counter
@@ -19,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from payload.lorashapes import adapter_mismatch
 from payload.runtime import cpu_budget, env_threads, pick_threads, torch_problem
 from payload.serving.openai_schema import APIError
 from payload.serving.sampling import SamplingParams, StopScanner  # noqa: F401 (re-exported)
@@ -59,31 +59,6 @@ def check_adapter(adapter: Path) -> dict[str, Any]:
     if not isinstance(config, dict):
         raise StartupError(f"{config_file} is not a JSON object; the adapter folder is damaged")
     return config
-
-
-LORA_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<part>[AB])\.weight$")
-
-
-def adapter_mismatch(adapter_shapes: dict[str, tuple[int, ...]],
-                     base_linears: dict[str, tuple[int, int]]) -> str | None:
-    """Say why LoRA weights (key -> shape) do not fit a base's linear layers (name -> (in, out)); None when they do.
-
-    lora_A is (r, in_features) and lora_B is (out_features, r) of the layer they adapt.
-    """
-    for key in sorted(adapter_shapes):
-        m = LORA_KEY.match(key)
-        if m is None:
-            continue
-        module, part = m["module"], m["part"]
-        if module not in base_linears:
-            return f"the adapter changes layer {module}, which the base model does not have"
-        in_features, out_features = base_linears[module]
-        shape = adapter_shapes[key]
-        got, expected = (shape[1], in_features) if part == "A" else (shape[0], out_features)
-        side = "inputs" if part == "A" else "outputs"
-        if got != expected:
-            return f"layer {module} has {expected} {side} in the base model but {got} in the adapter"
-    return None
 
 
 def default_model_id(base: Path, adapter: Path | None) -> str:

@@ -237,6 +237,41 @@ def test_a_deploy_of_an_adapter_that_is_not_there_or_for_another_base_is_refused
     assert [e["name"] for e in share_manifest(aca, "model-cache/tiny")] == ["ft-0001"]
 
 
+def test_an_adapter_whose_shapes_do_not_fit_its_base_is_refused_in_one_line(aca, settings, tiny_model, tmp_path):
+    """The base in the model cache on the share (sharded, as large models are), a real adapter of it, and one of a
+    wider model whose adapter_config.json names the same base: only the safetensors headers tell them apart."""
+    import re
+
+    from transformers import AutoModelForCausalLM
+
+    from payload.tinymodel import build_tiny_adapter, build_tiny_model
+
+    share = aca.standin.share_dir(aca.cfg.file_share)
+    AutoModelForCausalLM.from_pretrained(tiny_model).save_pretrained(share / "model-cache/tiny", max_shard_size="100KB")
+    assert (share / "model-cache/tiny/model.safetensors.index.json").is_file()
+    build_tiny_adapter(tiny_model, share / "runs/ft-0001/adapter")
+    wider = build_tiny_model(tmp_path / "wider", hidden_size=96)
+    misfit = share / "runs/ft-0002/adapter"
+    build_tiny_adapter(wider, misfit)
+    for adapter in (share / "runs/ft-0001/adapter", misfit):      # as the job names the base it loaded
+        config = json.loads((adapter / "adapter_config.json").read_text())
+        (adapter / "adapter_config.json").write_text(json.dumps({**config,
+                                                                 "base_model_name_or_path": "/mount/model-cache/tiny"}))
+    runs = [Run(id=f"ft-000{i}", requester="U0ALICE", channel="C0TRAIN", model="model-cache/tiny",
+                dataset="datasets/chat.jsonl", adapter_path=f"runs/ft-000{i}/adapter") for i in (1, 2)]
+    conn = store.connect(settings)
+
+    aca_endpoints.serve_adapter(aca.clients, conn, runs[0], core_endpoints.new_entry("ft-0001", "", "dp-1", "U1"))
+    puts = len(aca.standin.requests_to("arm", "PUT"))
+    with pytest.raises(BackendError) as refused:
+        aca_endpoints.serve_adapter(aca.clients, conn, runs[1], core_endpoints.new_entry("ft-0002", "", "dp-2", "U1"))
+    assert re.fullmatch(r"the adapter of ft-0002 does not fit model-cache/tiny \(layer model\.layers\.0\.\S+ has "
+                        r"(64|128) (inputs|outputs) in the base model but (96|192) in the adapter\): it was trained for "
+                        r"another base model; deploy it on that one", str(refused.value)), str(refused.value)
+    assert [e["name"] for e in share_manifest(aca, "model-cache/tiny")] == ["ft-0001"]
+    assert len(aca.standin.requests_to("arm", "PUT")) == puts
+
+
 def test_a_deploy_whose_app_cannot_be_made_takes_its_entry_back_out(aca, settings):
     conn = store.connect(settings)
     run = adapter_on_share(aca, "ft-0001")

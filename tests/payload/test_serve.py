@@ -18,12 +18,12 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from payload.lorashapes import adapter_mismatch
 from payload.serving.app import build_app
 from payload.serving.engine import (
     SamplingParams,
     StartupError,
     StopScanner,
-    adapter_mismatch,
     default_model_id,
     load_engine,
 )

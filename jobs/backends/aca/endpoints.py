@@ -18,6 +18,7 @@ between the two finds no JSON, keeps what it has loaded and reads again at its n
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -37,6 +38,10 @@ from jobs.backends.aca.resources import served_manifest
 from jobs.core import endpoints, store
 from jobs.core.domain import Run
 from jobs.core.errors import BackendError
+from payload import lorashapes
+from payload.modelpath import HUB_ID, MODEL_CACHE
+
+log = logging.getLogger(__name__)
 
 MANIFEST_LOCK_S = 120
 APP_NAME_MAX = 32  # Container App names: 2-32 lower-case letters, digits and '-' (ContainerApps.json, the name's pattern)
@@ -139,7 +144,55 @@ def _check_adapter(clients: AzureClients, run: Run) -> str:
     if trained_on and not _same_base(trained_on, run.model):
         raise BackendError(f"the adapter of {run.id} was trained on {trained_on}, not on {run.model}; it cannot be "
                            f"served on the endpoint of {run.model}")
+    with azure_call(f"read the weights' headers of {run.id}'s adapter and of {run.model} on the share"):
+        problem = _shape_problem(clients, adapter, run.model)
+    if problem:
+        raise BackendError(f"the adapter of {run.id} does not fit {run.model} ({problem}): it was trained for "
+                           "another base model; deploy it on that one")
     return adapter
+
+
+def _weight_shapes(clients: AzureClients, path: str) -> dict[str, tuple[int, ...]] | None:
+    """Tensor name -> shape from a safetensors file's header on the share (a few KB read, not the weights); None
+    when the file is not there or is not safetensors."""
+    first = sharefs.read_range(clients.share, path, 0, lorashapes.HEADER_LENGTH_BYTES)
+    if not first:
+        return None
+    try:
+        n = lorashapes.header_length(first)
+        return lorashapes.header_shapes(sharefs.read_range(clients.share, path, lorashapes.HEADER_LENGTH_BYTES, n))
+    except lorashapes.HeaderError as e:
+        log.warning("%s on the share: %s; its shapes are left to the server to check", path, e)
+        return None
+
+
+def _base_folder(clients: AzureClients, model: str) -> str | None:
+    """Where the job finds the base on the share, as payload.modelpath.resolve_model looks: the folder given, else a
+    hub id's copy in model-cache/; None when neither holds a config.json (the job downloads it from the hub)."""
+    model = model.strip("/")
+    candidates = [model] + ([f"{MODEL_CACHE}/{model}"] if HUB_ID.match(model) else [])
+    return next((c for c in candidates if sharefs.exists(clients.share, f"{c}/config.json")), None)
+
+
+def _shape_problem(clients: AzureClients, adapter: str, model: str) -> str | None:
+    """Why the adapter's LoRA weights do not fit the base's layers (payload.lorashapes), from the safetensors
+    headers on the share; None when they fit or when either is not there to read (a base the job downloads from the
+    hub, an older .bin adapter): the inference server checks again when it loads the adapter."""
+    lora = _weight_shapes(clients, f"{adapter}/adapter_model.safetensors")
+    if lora is None:
+        return None
+    folder = _base_folder(clients, model)
+    if folder is None:
+        return None
+    files = lorashapes.shard_files(sharefs.read_json(clients.share, f"{folder}/model.safetensors.index.json")) \
+        or ["model.safetensors"]
+    base: dict[str, tuple[int, ...]] = {}
+    for name in files:
+        shapes = _weight_shapes(clients, f"{folder}/{name}")
+        if shapes is None:
+            return None
+        base.update(shapes)
+    return lorashapes.adapter_mismatch(lora, lorashapes.linear_layers(base))
 
 
 def _same_base(trained_on: str, model: str) -> bool:
