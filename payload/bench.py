@@ -289,7 +289,9 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     meter = Meter(device)
     base = load_model(cfg, spec["model"], True, device, dtype, attention)
     peak = memory.PeakMeter(device)
-    peak.reset()                # both trainers' peak from the loaded base on: LoRA, data, any measured step, training
+    # Both trainers' peak from the loaded base on (LoRA, data, training); a measured step ("auto") resets the
+    # high-water mark again, so tuneops' then counts from that step, which adding LoRA before it stays far below.
+    peak.reset()
     checkpointing = memory.Decision(on=bool(cfg.gradient_checkpointing), setting="config", reason="the variant's")
     if variant["trainer"] == "trl":
         from payload.bench_peer import trl_trainer

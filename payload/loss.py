@@ -60,18 +60,22 @@ def supports(model) -> bool:
         and hasattr(model, "model") and not getattr(config, "final_logit_softcapping", None)
 
 
+def _inner(model):
+    """The causal LM itself, inside a PEFT model or not."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def installed(model) -> bool:
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return bool(getattr(inner, "_tuneops_chunked_loss", False))
+    return bool(getattr(_inner(model), "_tuneops_chunked_loss", False))
 
 
 def install(model) -> bool:
     """Give `model` (a causal LM, or a PEFT model around one) the chunked loss for calls with labels. Returns whether
     it was installed (False: the model type is not one whose logits are plain `lm_head(hidden)`)."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = _inner(model)
     if not supports(inner):
         return False
-    if getattr(inner, "_tuneops_chunked_loss", False):
+    if installed(inner):
         return True
     own_forward = inner.forward
 

@@ -584,7 +584,9 @@ def run(cfg: TrainConfig, events: EventWriter | NoEvents, stop: StopSignal,
     set_seed(cfg.seed)
     model = load_model(cfg, model_ref, local, device, dtype, attention, gpu=ranks.local_rank)
     peak_meter = memory.PeakMeter(device, ranks.local_rank)
-    peak_meter.reset()          # the peak of training, from the loaded base on (loading's transients are not training)
+    # The peak of training, from the loaded base on (loading's transients are not training); with "auto" the measured
+    # step resets it again and it counts from there: adding LoRA before it allocates little.
+    peak_meter.reset()
     model = add_lora(cfg, model)
     quant = quantization_summary(model, cfg, dtype_name)
     if cfg.load_in_4bit and not quant.get("linear4bit_layers"):
